@@ -1,0 +1,208 @@
+"""One TimerPO step, as the functions the README's numbered algorithm names, in order:
+
+    1. rollout            sample G completions per prompt                         (rollout.py does the sampling)
+    2. score_outcomes     outcome reward R = 0.1 R_fmt + 0.2 R_cls + 0.7 R_loc   (reward.py)
+    3. forward_old        one no-grad forward: old log-probs + completion hidden states → W by OT (ot.py),
+                          and the reference log-probs for the KL when β > 0
+    4. compute_advantages Â_main, Â_TsR, projection, fused A                      (advantage.py)
+    5. update_policy      clipped surrogate − β KL + c_H H, token-mean, micro-batched, one AdamW step
+
+Episodes (one completion each) are the only thing passed between steps; each step fills its fields.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import ot
+from timerpo.advantage import timerpo_advantage
+from timerpo.objective import timerpo_objective
+from timerpo.policy import EncodedPrompt, Policy, encode_text
+from timerpo.prompt import Parsed, parse_completion
+from timerpo.reward import RewardParts, outcome_reward
+from timerpo.rollout import collate, completion_forward, completion_seed, sample_completions, text_hidden_states
+
+
+@dataclass
+class Prompt:
+    """A training prompt: one data row, its encoded (image, text) input and its OT target text."""
+
+    index: int  # row index in the data file: with the step, it seeds the row's completions
+    sample: object  # data_gen.Sample
+    encoded: EncodedPrompt
+    target_text: str  # ExpCoT (or GenCoT for the ablation): what the completion states are aligned to
+
+
+@dataclass
+class Episode:
+    """One completion of one prompt. Episodes of a group are adjacent in every list."""
+
+    prompt: Prompt
+    group: int  # which prompt of the step, 0..P-1
+    completion_ids: list[int]  # up to and including the first end token
+    sample_logprobs: list[float]  # log π at sampling time (equal to old_logprobs up to float noise)
+    text: str
+    finished: bool  # ended with an end token (False: cut at max_new_tokens)
+    parsed: Parsed | None = None
+    reward: RewardParts | None = None
+    old_logprobs: torch.Tensor | None = None  # [C_i]
+    ref_logprobs: torch.Tensor | None = None  # [C_i]
+    grounding: float | None = None  # W_i (OT cost) or the cosine similarity, by --grounding
+    advantage: float | None = None
+
+
+def chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# -- 1 ---------------------------------------------------------------------------------------------
+
+def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, seed: int,
+            max_new_tokens: int, batch_size: int, temperature: float = 1.0) -> list[Episode]:
+    """Step 1: G completions per prompt, sampled in batches; completion k of a prompt is seeded by
+    (seed, step, prompt.index, k), so its text does not depend on the batch it was sampled in."""
+    jobs = [(g, p, k) for g, p in enumerate(prompts) for k in range(group_size)]
+    episodes = []
+    policy.model.eval()
+    for chunk in chunks(jobs, batch_size):
+        seeds = [completion_seed(seed, step, p.index, k) for _, p, k in chunk]
+        outs = sample_completions(policy, [p.encoded for _, p, _ in chunk], seeds, max_new_tokens, temperature)
+        for (g, p, _), (ids, logps) in zip(chunk, outs):
+            text = policy.tokenizer.decode(ids, skip_special_tokens=True)
+            episodes.append(Episode(prompt=p, group=g, completion_ids=ids, sample_logprobs=logps, text=text,
+                                    finished=ids[-1] in policy.end_ids))
+    return episodes
+
+
+# -- 2 ---------------------------------------------------------------------------------------------
+
+def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
+    """Step 2: parse each completion and score it against ITS OWN sample (section 3 reward)."""
+    for ep in episodes:
+        s = ep.prompt.sample
+        ep.parsed = parse_completion(ep.text, s.length)
+        ep.reward = outcome_reward(ep.parsed, s.intervals, s.label, s.length, loc_mode=loc_mode)
+
+
+# -- 3 ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def target_states(policy: Policy, prompts: list[Prompt], max_tokens: int):
+    """Hidden states of each prompt's OT target text under the CURRENT policy (text-only forward).
+
+    Once per prompt, not per completion: the G completions of a group share their target.
+    Returns ([P, T, D], [P, T]).
+    """
+    tokens = [encode_text(policy, p.target_text, max_tokens) for p in prompts]
+    return text_hidden_states(policy, tokens)
+
+
+def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, n_iter: int) -> torch.Tensor:
+    """W_i = <T*, C> by entropic OT (mode "ot"), or mean-pooled cosine similarity (mode "cosine"). [b]"""
+    if mode == "ot":
+        return ot.ot_distance(hidden, mask, targets, target_mask, eps=eps, n_iter=n_iter)
+    if mode == "cosine":
+        return ot.mean_pooled_cosine(hidden, mask, targets, target_mask)
+    raise ValueError(f"unknown grounding mode {mode!r} (expected 'ot' or 'cosine')")
+
+
+@torch.no_grad()
+def forward_old(policy: Policy, episodes: list[Episode], micro_batch: int, targets=None,
+                grounding: str = "ot", ot_eps: float = 0.08, ot_iters: int = 50, timer=None) -> None:
+    """Step 3: ONE no-grad forward per micro-batch gives the old log-probs and, when targets are given,
+    the completion hidden states that the OT compares with the target's (no gradient flows through W)."""
+    policy.model.eval()
+    for chunk in chunks(episodes, micro_batch):
+        batch = collate(policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
+        logprobs, hidden, _ = completion_forward(policy, batch, with_hidden=targets is not None)  # [b, C]
+        for ep, row in zip(chunk, logprobs):
+            ep.old_logprobs = row[:len(ep.completion_ids)].cpu()
+        if targets is None:
+            continue
+        with timer("grounding") if timer else _null():
+            states, state_mask = targets
+            rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
+            values = grounding_values(hidden, batch.completion_mask, states[rows], state_mask[rows],
+                                      grounding, ot_eps, ot_iters)  # [b]
+            for ep, v in zip(chunk, values.tolist()):
+                ep.grounding = v
+
+
+@torch.no_grad()
+def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
+    """Step 3b: log π_ref of every completion token, for the KL term (only when β > 0)."""
+    ref_policy.model.eval()
+    for chunk in chunks(episodes, micro_batch):
+        batch = collate(ref_policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
+        logprobs, _, _ = completion_forward(ref_policy, batch)  # [b, C]
+        for ep, row in zip(chunk, logprobs):
+            ep.ref_logprobs = row[:len(ep.completion_ids)].cpu()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- 4 ---------------------------------------------------------------------------------------------
+
+def compute_advantages(episodes: list[Episode], group_size: int, mode: str, alpha: float, norm: str,
+                       tau: float, grounding: str):
+    """Step 4: Â_main from the outcome rewards, Â_TsR from W, projected and fused (advantage.py)."""
+    rewards = torch.tensor([ep.reward.total for ep in episodes], dtype=torch.float64)  # [N]
+    have_grounding = all(ep.grounding is not None for ep in episodes)  # False in grpo mode (never computed)
+    ground = torch.tensor([ep.grounding for ep in episodes], dtype=torch.float64) if have_grounding else None  # [N]
+    result = timerpo_advantage(rewards, ground, group_size, mode=mode, alpha=alpha, norm=norm, tau=tau,
+                               grounding=grounding)
+    for ep, a in zip(episodes, result.advantages.tolist()):
+        ep.advantage = a
+    return result
+
+
+# -- 5 ---------------------------------------------------------------------------------------------
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Right-pad 1-D tensors with zeros to [len(rows), width]."""
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], micro_batch: int,
+                  clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float) -> dict:
+    """Step 5: the section-7 objective over all episodes, accumulated over micro-batches, then one
+    AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats)."""
+    policy.model.train()
+    optimizer.zero_grad(set_to_none=True)
+    n_tokens = sum(len(ep.completion_ids) for ep in episodes)
+    sums = dict(loss=0.0, surrogate=0.0, kl=0.0, entropy=0.0, clipped=0.0)
+    for chunk in chunks(episodes, micro_batch):
+        batch = collate(policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
+        C = batch.completion_mask.shape[1]
+        logprobs, _, entropy = completion_forward(policy, batch, with_entropy=entropy_coef != 0)  # [b, C]
+        old = pad_rows([ep.old_logprobs for ep in chunk], C).to(logprobs.device)  # [b, C]
+        ref = pad_rows([ep.ref_logprobs for ep in chunk], C).to(logprobs.device) if beta else None  # [b, C]
+        adv = torch.tensor([ep.advantage for ep in chunk], dtype=torch.float32, device=logprobs.device)  # [b]
+        terms = timerpo_objective(logprobs, old, ref, entropy, adv, batch.completion_mask, n_tokens,
+                                  clip_eps=clip_eps, beta=beta, entropy_coef=entropy_coef)
+        terms.loss.backward()
+        sums["loss"] += float(terms.loss.detach())
+        for key in ("surrogate", "kl", "entropy", "clipped"):
+            sums[key] += getattr(terms, key)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    skipped = not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    stats = {k: v / max(n_tokens, 1) for k, v in sums.items() if k != "loss"}
+    stats.update(loss=sums["loss"], grad_norm=grad_norm, skipped=skipped, clip_frac=stats.pop("clipped"))
+    return stats

@@ -1,0 +1,92 @@
+"""Held-out evaluation of a policy: one completion per sample, parsed and scored with the same metric
+code as the reward (timerpo/metrics.py). Used by train.py every --eval-every steps and by eval.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from timerpo.algorithm import Prompt, chunks
+from timerpo.metrics import PAPER_GROUPS, LocScores, class_accuracy, group_of, localization_scores
+from timerpo.policy import Policy
+from timerpo.prompt import Parsed, parse_completion
+from timerpo.reward import RewardParts, outcome_reward
+from timerpo.rollout import completion_seed, sample_completions
+
+# Evaluation draws live in their own seed space, apart from every training step's. Not -1: SeedSequence
+# accepts only non-negative entries; 2**32 - 1 is a step no run reaches.
+EVAL_STEP = 2**32 - 1
+
+
+@dataclass
+class Prediction:
+    """One evaluated sample: what the model wrote, what the parser read, how it scored."""
+
+    sample: object  # data_gen.Sample
+    text: str
+    parsed: Parsed
+    reward: RewardParts
+    loc: LocScores
+
+
+def score_prediction(sample, text: str, loc_mode: str = "six-mean") -> Prediction:
+    """Parse and score one completion against its sample. Never raises on the text."""
+    parsed = parse_completion(text, sample.length)
+    reward = outcome_reward(parsed, sample.intervals, sample.label, sample.length, loc_mode=loc_mode)
+    pred = parsed.intervals if parsed.intervals is not None else None
+    # An unparsable answer scores 0 everywhere, like an answer on the wrong side of the wrapper rules.
+    loc = localization_scores(pred, sample.intervals, sample.length) if pred is not None else LocScores(0, 0, 0, 0, 0, 0)
+    return Prediction(sample=sample, text=text, parsed=parsed, reward=reward, loc=loc)
+
+
+def predict(policy: Policy, prompts: list[Prompt], max_new_tokens: int, temperature: float = 0.0,
+            batch_size: int = 16, seed: int = 0, loc_mode: str = "six-mean", progress: bool = False) -> list[Prediction]:
+    """Generate one completion per prompt (greedy at temperature 0) and score it."""
+    policy.model.eval()
+    out = []
+    bar = tqdm(total=len(prompts), desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
+    for chunk in chunks(prompts, batch_size):
+        seeds = [completion_seed(seed, EVAL_STEP, p.index, 0) for p in chunk]
+        completions = sample_completions(policy, [p.encoded for p in chunk], seeds, max_new_tokens, temperature)
+        for p, (ids, _) in zip(chunk, completions):
+            out.append(score_prediction(p.sample, policy.tokenizer.decode(ids, skip_special_tokens=True), loc_mode))
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize(predictions: list[Prediction]) -> dict:
+    """Mean reward, class accuracy, affiliation F1 overall, per paper group (+ their plain mean), per family."""
+    by_family: dict[str, list[Prediction]] = {}
+    for p in predictions:
+        by_family.setdefault(p.sample.family, []).append(p)
+    groups = {}
+    for group in PAPER_GROUPS:
+        members = [p for p in predictions if group_of(p.sample.family) == group]
+        if members:
+            groups[group] = mean(p.loc.aff_f1 for p in members)
+    return {
+        "n": len(predictions),
+        "reward": mean(p.reward.total for p in predictions),
+        "reward_fmt": mean(p.reward.fmt for p in predictions),
+        "reward_cls": mean(p.reward.cls for p in predictions),
+        "reward_loc": mean(p.reward.loc for p in predictions),
+        "cls_acc": class_accuracy([p.parsed.label for p in predictions], [true_label(p.sample) for p in predictions]),
+        "aff_f1": mean(p.loc.aff_f1 for p in predictions),
+        "unparsable": sum(p.parsed.intervals is None for p in predictions),
+        "groups": groups,
+        "avg_group_f1": mean(groups.values()),
+        "families": {f: {"n": len(ps), "aff_f1": mean(p.loc.aff_f1 for p in ps),
+                         "cls_acc": mean(p.reward.cls for p in ps)} for f, ps in sorted(by_family.items())},
+    }
+
+
+def true_label(sample) -> str:
+    return sample.label if sample.intervals else "normal"

@@ -1,0 +1,182 @@
+"""The policy: loading Qwen2.5-VL (real or the embedded tiny one), saving it, and encoding prompts.
+
+Everything model-specific lives here, so the rollout and the objective only see token ids, masks and
+pixel blocks. We do not use `Qwen2_5_VLProcessor`: without torchvision its constructor fails
+(QWEN_VL_NOTES.md), and the chat layout is three lines of string formatting anyway.
+
+Chat layout of one prompt (the Qwen2.5-VL template, one image, N = image tokens):
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\n<|vision_start|><|image_pad|> x N<|vision_end|>PROMPT<|im_end|>\\n
+    <|im_start|>assistant\\n
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+HUB_IDS = {
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
+SYSTEM_PROMPT = "You are a helpful assistant."
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# A sampled vision token would make the next forward look for an image that is not there.
+FORBIDDEN_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+IMAGE_TOKEN = "<|image_pad|>"
+# Qwen2.5-VL: 14 px patches merged 2 x 2, so one visual token covers 28 x 28 px.
+PIXELS_PER_TOKEN_SIDE = 28
+MIN_PIXELS = 4 * 28 * 28
+MAX_PIXELS = 1280 * 28 * 28
+
+
+class ModelNotFound(Exception):
+    """The requested weights are not on this machine; the message says how to get them."""
+
+
+@dataclass
+class Policy:
+    """A Qwen2.5-VL model with the tokenizer and image processor that go with it."""
+
+    model: Qwen2_5_VLForConditionalGeneration
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Qwen2VLImageProcessorPil
+    name: str
+
+    def token_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    @property
+    def end_ids(self) -> list[int]:
+        return [self.token_id(t) for t in END_TOKENS]
+
+    @property
+    def forbidden_ids(self) -> list[int]:
+        return [self.token_id(t) for t in FORBIDDEN_TOKENS]
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_id("<|endoftext|>")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class EncodedPrompt:
+    """One (image, prompt) pair, tokenized and unpadded. Shared by the G episodes of its group."""
+
+    input_ids: list[int]  # chat-formatted prompt, image tokens expanded
+    pixel_values: torch.Tensor  # [n_patches, 3*2*14*14]: this image's patch rows
+    image_grid_thw: torch.Tensor  # [3]: (t, h, w) in 14 px patches
+
+
+def make_image_processor() -> Qwen2VLImageProcessorPil:
+    """The PIL image processor with pixel limits that keep our renders at their native size."""
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+def visual_tokens(width: int, height: int) -> int:
+    """Visual tokens Qwen2.5-VL spends on a width x height image (sides already multiples of 28)."""
+    return (width // PIXELS_PER_TOKEN_SIDE) * (height // PIXELS_PER_TOKEN_SIDE)
+
+
+def chat_text(prompt: str, n_image_tokens: int) -> str:
+    """The Qwen2.5-VL chat layout for one user turn holding one image, ready for the assistant."""
+    return (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>user\n<|vision_start|>{IMAGE_TOKEN * n_image_tokens}<|vision_end|>"
+        f"{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def encode_prompt(policy: Policy, image: Image.Image, prompt: str) -> EncodedPrompt:
+    """Tokenize one (image, prompt) pair in the chat layout, with as many image tokens as patches allow."""
+    pix = policy.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+    grid = pix["image_grid_thw"][0]  # [3]
+    merge = policy.image_processor.merge_size
+    n_image_tokens = int(grid.prod()) // (merge * merge)
+    ids = policy.tokenizer(chat_text(prompt, n_image_tokens), add_special_tokens=False)["input_ids"]
+    assert ids.count(policy.token_id(IMAGE_TOKEN)) == n_image_tokens, "image tokens were merged by the tokenizer"
+    return EncodedPrompt(input_ids=ids, pixel_values=pix["pixel_values"], image_grid_thw=grid)
+
+
+def encode_text(policy: Policy, text: str, max_tokens: int) -> list[int]:
+    """Plain text (no chat layout, no image) as token ids, cut to max_tokens. Used for the ExpCoT."""
+    return policy.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading and saving
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a short name to its hub id; anything else is a hub id or a local folder as given."""
+    return HUB_IDS.get(name, name)
+
+
+def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Policy:
+    """Load `tiny` (built here, no download), a short name, a hub id from the local cache, or a folder.
+
+    Never touches the network: hub ids must already be in the local Hugging Face cache. When they are
+    not, raise ModelNotFound with one sentence that says how to get them.
+    """
+    if name == "tiny":
+        from timerpo.tiny import build_tiny_policy
+
+        return _to(build_tiny_policy(seed=seed), dtype, device)
+    path = resolve_model_path(name)
+    looks_local = os.path.sep in name or name.startswith(".") or os.path.isdir(name)
+    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelNotFound(f"No model folder at '{path}' (expected a config.json from save_pretrained there).")
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if looks_local:
+            raise ModelNotFound(f"Could not load the model folder '{path}': {err}") from None
+        raise ModelNotFound(
+            f"The weights of '{path}' are not on this machine; fetch them once with "
+            f"`huggingface-cli download {path}` (or pass --model /path/to/a/local/folder)."
+        ) from None
+    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(), name=name)
+    return _to(policy, dtype, device)
+
+
+def _to(policy: Policy, dtype: torch.dtype, device: str) -> Policy:
+    policy.model.to(device=device, dtype=dtype)
+    return policy
+
+
+def save_policy(policy: Policy, out_dir: str) -> None:
+    """Save in the hub's format (`from_pretrained` loads it back), atomically: write beside, then rename."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        policy.model.save_pretrained(tmp)
+        policy.tokenizer.save_pretrained(tmp)
+        policy.image_processor.save_pretrained(tmp)
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Put folder src at dst. A crash at any point leaves either the old dst or the new one in place."""
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)

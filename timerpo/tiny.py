@@ -1,0 +1,97 @@
+"""The embedded default policy: a tiny Qwen2.5-VL with random weights and a small offline tokenizer.
+
+Why a small tokenizer and not Qwen's 151,936-token one: on CPU the tiny model's sampling time is
+dominated by the full-vocabulary softmax (QWEN_VL_NOTES.md), so a ~1k-token byte-level BPE trained in a
+fraction of a second on the project's own text makes every rollout several times cheaper. It keeps the
+Qwen chat and vision special tokens, so every code path (chat layout, image tokens, 3-D positions, end
+tokens, forbidden tokens) is the one the real checkpoints use. BPE training is deterministic, so the same
+seed gives the same tokenizer and the same model.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from timerpo.policy import Policy, make_image_processor
+
+# Same strings as Qwen2.5-VL; the ids differ (they are the first entries of the small vocabulary).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)
+TINY_VOCAB = 1024
+TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2)
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1])
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: prompts, answers in every class, and ExpCoT/GenCoT traces."""
+    import data_gen
+    from expert_cot import expert_cot, generic_cot
+    from timerpo.prompt import LABELS, build_prompt, format_completion
+
+    lines = [build_prompt(length) for length in (400, 1000)]
+    lines += [f"{i}" for i in range(0, 1001)]
+    for suite, families in (("anomllm", data_gen.ANOMLLM_FAMILIES), ("tods", data_gen.TODS_TYPES)):
+        for family in families:
+            for index in range(1):
+                series, intervals = data_gen.make_series(suite, family, index, seed=0)
+                label = data_gen.FAMILY_LABEL[family] if intervals else "normal"
+                lines.append(expert_cot(series, intervals, label))
+                lines.append(generic_cot(label, intervals))
+                lines.append(format_completion("", intervals, label))
+    lines += [format_completion("", [], label) for label in LABELS]
+    return lines
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with one token per digit (as Qwen does), plus the Qwen special tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:2] + SPECIAL_TOKENS[3:]),
+    )
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config of the real architecture at toy width and depth."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = TINY_TEXT["hidden_size"] // TINY_TEXT["num_attention_heads"]
+    # mrope splits the head_dim/2 rotary frequencies into (temporal, height, width) in the 3B's
+    # proportions 16:24:24 of 64; for head_dim 32 that is [4, 6, 6].
+    half = head_dim // 2
+    spatial = half * 3 // 8
+    mrope_section = [half - 2 * spatial, spatial, spatial]
+    text = dict(
+        TINY_TEXT, vocab_size=len(tokenizer), max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"])
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def build_tiny_policy(seed: int = 0) -> Policy:
+    """The default `--model tiny`: built on the spot, no files, no network, same seed → same weights."""
+    tokenizer = build_tiny_tokenizer(tiny_corpus())
+    config = tiny_config(tokenizer)
+    devices = []  # fork_rng needs an explicit list on CPU-only machines to stay quiet
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(), name="tiny")

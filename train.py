@@ -1,0 +1,389 @@
+"""TimerPO training: `python train.py` (tiny model, CPU, minutes) or `python train.py --model qwen2.5-vl-3b`.
+
+Reads top to bottom: configuration → data → policy → (tiny only) supervised format warm-up → RL loop.
+Each RL step is the five functions of timerpo/algorithm.py:
+    rollout → score_outcomes → forward_old (+ OT grounding, + reference) → compute_advantages → update_policy
+Outputs go to runs/<name>/: metrics.jsonl (one line per step), eval.jsonl (one line per held-out eval),
+curves.png, and atomic checkpoints ckpt-<step>/ (hub format model + optimizer/RNG) named by `latest`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data_gen
+from timerpo.advantage import timerpo_advantage  # noqa: F401  (the README's paper ↔ code map points here)
+from timerpo.algorithm import (Prompt, compute_advantages, forward_old, reference_logprobs, rollout,
+                               score_outcomes, target_states, update_policy)
+from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, save_checkpoint,
+                                set_rng_state, write_atomic)
+from timerpo.evaluate import predict, summarize
+from timerpo.plots import line_chart
+from timerpo.policy import ModelNotFound, Policy, encode_prompt, load_policy, save_policy
+from timerpo.prompt import build_prompt
+from timerpo.reward import LOC_MODES
+from timerpo.warmup import supervised_warmup
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: paper values for the Qwen models (PAPER.md section 7), small ones for the tiny model.
+# Every value can be overridden by the flag of the same name.
+
+PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,
+             warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
+             eval_temperature=0.4)
+TINY = dict(steps=60, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=2e-5, warmup_steps=150,
+            warmup_lr=2e-3, eval_every=20, eval_samples=64, save_every=20, micro_batch=20, rollout_batch=20,
+            eval_temperature=0.4)
+SHARED = dict(alpha=0.3, beta=0.001, entropy_coef=0.001, clip_eps=0.2, tau=0.5, ot_eps=0.08, ot_iters=50,
+              weight_decay=0.01, max_grad_norm=1.0, expcot_max_tokens=512, adv_norm="std",
+              loc_reward="six-mean")
+
+HELP = {
+    "model": "tiny (embedded, built locally, CPU) | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a local folder",
+    "data": "training data folder (generated on first use: anomllm suite, 400 per family, seed 3407)",
+    "eval_data": "held-out data folder (generated on first use: anomllm suite, seed 42)",
+    "out": "parent folder of run folders",
+    "name": "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)",
+    "steps": "RL steps (paper: 250 = 10 epochs of 3,200 prompts at 128 per step; tiny: 60)",
+    "prompts_per_step": "distinct prompts per step (paper: 128; tiny: 4)",
+    "group_size": "completions per prompt, G (paper: 5)",
+    "max_new_tokens": "completion length cap (paper: 1024; tiny: 72)",
+    "lr": "AdamW learning rate, constant (paper: 1e-6; tiny: 2e-5)",
+    "alpha": "weight α of the projected grounded advantage (paper: 0.3)",
+    "advantage": "timerpo (A = Â_main + α·Â⊥_TsR) | grpo (α = 0) | no-projection (A = Â_main + α·Â_TsR)",
+    "cot": "OT target text: expcot (expert chain of thought) | gencot (generic, the 'w/o ExpCoT' ablation)",
+    "grounding": "ot (entropic OT cost W, s = exp(−W/τ)) | cosine (mean-pooled cosine similarity)",
+    "seed": "seed of the run (prompt order, sampling streams, tiny weights)",
+    "resume": "continue runs/<name> from its latest checkpoint",
+    "eval_every": "held-out evaluation every N steps, and once before RL (paper: 25; tiny: 20)",
+    "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 64)",
+    "eval_temperature": "sampling temperature of held-out evaluation (paper validation: 0.4)",
+    "save_every": "checkpoint every N steps (and at the end)",
+    "warmup_steps": "supervised format warm-up steps before RL (tiny: 150; Qwen Instruct: 0, they follow the format)",
+    "warmup_lr": "learning rate of the supervised warm-up (tiny: 2e-3)",
+    "beta": "KL coefficient β, k3 estimator (paper: 0.001; 0 skips loading the reference)",
+    "entropy_coef": "entropy bonus coefficient (paper: 0.001)",
+    "clip_eps": "PPO clip ϵ (paper: 0.2)",
+    "tau": "temperature τ of the grounded reward s = exp(−W/τ) (paper: 0.5)",
+    "ot_eps": "Sinkhorn entropic regularization ε (paper: 0.08)",
+    "ot_iters": "Sinkhorn iterations (paper: 50)",
+    "adv_norm": "group normalization: std (paper text: (R − mean)/(std + δ)) | mean (public code: R − mean)",
+    "loc_reward": "localization reward: six-mean (public release) | aff-f1 (affiliation F1 alone)",
+    "weight_decay": "AdamW weight decay (paper: 0.01)",
+    "max_grad_norm": "gradient-norm clip (paper: 1.0)",
+    "expcot_max_tokens": "ExpCoT tokens kept for the OT (paper: 512)",
+    "micro_batch": "completions per forward/backward; gradients accumulate exactly (Qwen: 4; tiny: 20)",
+    "rollout_batch": "completions sampled together (Qwen: 64; tiny: 20)",
+    "device": "cpu | cuda (default: cuda when available)",
+    "no_progress": "no progress bars",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help=HELP["model"])
+    p.add_argument("--data", default="data/train", help=HELP["data"])
+    p.add_argument("--eval-data", default="data/test", help=HELP["eval_data"])
+    p.add_argument("--out", default="runs", help=HELP["out"])
+    p.add_argument("--name", default=None, help=HELP["name"])
+    p.add_argument("--advantage", default="timerpo", choices=("timerpo", "grpo", "no-projection"),
+                   help=HELP["advantage"])
+    p.add_argument("--cot", default="expcot", choices=("expcot", "gencot"), help=HELP["cot"])
+    p.add_argument("--grounding", default="ot", choices=("ot", "cosine"), help=HELP["grounding"])
+    p.add_argument("--adv-norm", default=SHARED["adv_norm"], choices=("std", "mean"), help=HELP["adv_norm"])
+    p.add_argument("--loc-reward", default=SHARED["loc_reward"], choices=LOC_MODES, help=HELP["loc_reward"])
+    p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
+    p.add_argument("--resume", action="store_true", help=HELP["resume"])
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
+    p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
+    for key in list(PAPER) + [k for k in SHARED if k not in ("adv_norm", "loc_reward")]:
+        kind = int if isinstance(TINY.get(key, SHARED.get(key)), int) else float
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=HELP[key] + " [default by model]"
+                       if key in PAPER else HELP[key] + f" [default {SHARED[key]}]")
+    args = p.parse_args(argv)
+    preset = TINY if args.model == "tiny" else PAPER
+    for key, value in {**SHARED, **preset}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.advantage == "grpo":
+        args.alpha = 0.0
+    check_args(p, args)
+    args.name = args.name or f"{os.path.basename(args.model.rstrip('/'))}-{args.advantage}-{args.cot}-" \
+                             f"{args.grounding}-s{args.seed}"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values that would fail later with a less clear message."""
+    positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_every", "eval_samples",
+                "save_every", "micro_batch", "rollout_batch", "ot_iters", "expcot_max_tokens")
+    for key in positive:
+        if getattr(args, key) <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    for key in ("lr", "tau", "ot_eps"):
+        if not getattr(args, key) > 0:
+            parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    for key in ("warmup_steps", "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
+        if getattr(args, key) < 0:
+            parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    if args.group_size < 2:
+        parser.error("--group-size must be at least 2: group-relative advantages need a group")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data and prompts
+
+
+def ensure_data(folder: str, seed: int, progress: bool):
+    """Load a data folder; generate the anomllm suite there first when it does not exist yet."""
+    if not os.path.exists(os.path.join(folder, "samples.jsonl")):
+        print(f"[data] {folder} not found: generating the anomllm suite (400 per family, seed {seed})")
+        data_gen.generate(folder, "anomllm", 400, seed, progress=progress)
+    return data_gen.load_samples(folder)
+
+
+def balanced_subset(samples: list, n: int) -> list[int]:
+    """Indices of n samples spread evenly over families (round-robin in file order): a fixed eval set."""
+    by_family: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_family.setdefault(s.family, []).append(i)
+    picked, queues = [], [list(v) for v in by_family.values()]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return sorted(picked)
+
+
+def make_prompt(policy: Policy, folder: str, samples: list, index: int, cot: str) -> Prompt:
+    sample = samples[index]
+    with Image.open(os.path.join(folder, sample.image)) as img:
+        encoded = encode_prompt(policy, img, build_prompt(sample.length))
+    target = sample.expcot if cot == "expcot" else sample.gencot
+    return Prompt(index=index, sample=sample, encoded=encoded, target_text=target)
+
+
+def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Prompts of a step: consecutive slices of per-epoch permutations seeded by (seed, epoch).
+
+    A pure function of (step, seed), so a resumed run sees exactly the prompts it would have seen.
+    """
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n_samples)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_samples)[pos]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging helpers
+
+
+class Timer:
+    """Accumulates wall seconds per named phase: `with timer("rollout"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def step_metrics(step, episodes, adv, update, timer, group_size) -> dict:
+    rewards = np.array([ep.reward.total for ep in episodes])
+    lengths = np.array([len(ep.completion_ids) for ep in episodes])
+    grounding = [ep.grounding for ep in episodes if ep.grounding is not None]
+    sec = timer.seconds
+    forward = sec.get("forward", 0.0) - sec.get("grounding", 0.0)
+    return {
+        "step": step,
+        "reward": float(rewards.mean()),
+        "reward_fmt": float(np.mean([ep.reward.fmt for ep in episodes])),
+        "reward_cls": float(np.mean([ep.reward.cls for ep in episodes])),
+        "reward_loc": float(np.mean([ep.reward.loc for ep in episodes])),
+        "reward_std_in_group": float(rewards.reshape(-1, group_size).std(axis=1).mean()),
+        "zero_std_frac": float(adv.zero_std_frac),
+        "adv_mean": float(adv.advantages.mean()),
+        "adv_std": float(adv.advantages.std()),
+        "adv_main_absmean": float(adv.main.abs().mean()),
+        "adv_grounded_absmean": float(adv.projected.abs().mean()) if adv.projected is not None else None,
+        "proj_coef": float(adv.coef.mean()) if adv.coef is not None else None,
+        "grounding_mean": float(np.mean(grounding)) if grounding else None,
+        "kl": update["kl"], "entropy": update["entropy"], "clip_frac": update["clip_frac"],
+        "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
+        "completion_len": float(lengths.mean()),
+        "truncated_frac": float(np.mean([not ep.finished for ep in episodes])),
+        "time_rollout": sec.get("rollout", 0.0), "time_forward": forward,
+        "time_grounding": sec.get("grounding", 0.0), "time_update": sec.get("update", 0.0),
+        "time_step": sum(v for k, v in sec.items() if k != "grounding"),
+        "tokens_per_s": float(lengths.sum() / max(sec.get("rollout", 1e-9), 1e-9)),
+    }
+
+
+def trim_log(path: str, last_step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    write_atomic(path, "".join(rows))
+
+
+def draw_curves(run_dir: str) -> None:
+    """runs/<name>/curves.png: training reward per step and held-out reward per evaluation."""
+    def read(name):
+        path = os.path.join(run_dir, name)
+        return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
+    train, held = read("metrics.jsonl"), read("eval.jsonl")
+    line_chart({"train reward (rollouts)": ([r["step"] for r in train], [r["reward"] for r in train]),
+                "held-out reward": ([r["step"] for r in held], [r["reward"] for r in held]),
+                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held])},
+               os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
+
+
+def run_eval(policy, step, eval_prompts, args, run_dir, tag="rl") -> dict:
+    preds = predict(policy, eval_prompts, args.max_new_tokens, args.eval_temperature, batch_size=args.rollout_batch,
+                    seed=args.seed, loc_mode=args.loc_reward, progress=not args.no_progress)
+    summary = summarize(preds)
+    row = {"step": step, "phase": tag, "reward": summary["reward"], "aff_f1": summary["aff_f1"],
+           "cls_acc": summary["cls_acc"], "avg_group_f1": summary["avg_group_f1"], "groups": summary["groups"],
+           "unparsable": summary["unparsable"], "n": summary["n"]}
+    append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    run_dir = os.path.join(args.out, args.name)
+    os.makedirs(run_dir, exist_ok=True)
+    progress = not args.no_progress
+
+    # -- data -------------------------------------------------------------------------------------
+    try:
+        train_samples = ensure_data(args.data, 3407, progress)
+        eval_samples = ensure_data(args.eval_data, 42, progress)
+    except data_gen.DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # -- policy -----------------------------------------------------------------------------------
+    ckpt = latest_checkpoint(run_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        print(f"[resume] no checkpoint in {run_dir}: starting from scratch")
+    try:
+        policy = load_policy(os.path.join(ckpt, "model") if ckpt else args.model, device=args.device, seed=args.seed)
+    except ModelNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    eval_prompts = [make_prompt(policy, args.eval_data, eval_samples, i, args.cot)
+                    for i in balanced_subset(eval_samples, args.eval_samples)]
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+    # -- supervised format warm-up (tiny only; its result is also the KL reference) ----------------
+    start_step = 0
+    reference_dir = os.path.join(run_dir, "reference")
+    if ckpt is None:
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            trim_log(os.path.join(run_dir, log), -1)
+        if args.warmup_steps > 0:
+            warm = [make_prompt(policy, args.data, train_samples, i, args.cot)
+                    for i in step_prompt_indices(len(train_samples), 256, 0, args.seed + 1)]
+            supervised_warmup(policy, warm, args.warmup_steps, batch_size=8, lr=args.warmup_lr, seed=args.seed,
+                              progress=progress)
+        if args.beta > 0 and args.warmup_steps > 0:
+            save_policy(policy, reference_dir)
+    else:
+        state = load_trainer_state(ckpt)
+        start_step = state["step"]
+        set_rng_state(state["rng"])
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            trim_log(os.path.join(run_dir, log), start_step)
+        print(f"[resume] {ckpt}: continuing after step {start_step}")
+
+    ref_policy = None
+    if args.beta > 0:
+        ref_source = reference_dir if os.path.isdir(reference_dir) else args.model
+        ref_policy = copy.copy(policy)
+        ref_policy.model = load_policy(ref_source, device=args.device, seed=args.seed).model.eval()
+        ref_policy.model.requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                  weight_decay=args.weight_decay)
+    if ckpt is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        row = run_eval(policy, 0, eval_prompts, args, run_dir, tag="start")
+        print(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
+              f"cls acc {row['cls_acc']:.3f}")
+
+    # -- RL loop ----------------------------------------------------------------------------------
+    use_grounding = args.advantage != "grpo"
+    bar = tqdm(range(start_step, args.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
+               initial=start_step, total=args.steps)
+    for step in bar:
+        timer = Timer()
+        prompts = [make_prompt(policy, args.data, train_samples, i, args.cot)
+                   for i in step_prompt_indices(len(train_samples), args.prompts_per_step, step, args.seed)]
+        with timer("rollout"):
+            episodes = rollout(policy, prompts, args.group_size, step, args.seed, args.max_new_tokens,
+                               args.rollout_batch)
+        score_outcomes(episodes, args.loc_reward)
+        with timer("forward"):
+            targets = None
+            if use_grounding:
+                with timer("grounding"):
+                    targets = target_states(policy, prompts, args.expcot_max_tokens)
+            forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps, args.ot_iters,
+                        timer=timer)
+            if ref_policy is not None:
+                reference_logprobs(ref_policy, episodes, args.micro_batch)
+        adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
+                                 args.grounding)
+        with timer("update"):
+            update = update_policy(policy, optimizer, episodes, args.micro_batch, args.clip_eps, args.beta,
+                                   args.entropy_coef, args.max_grad_norm)
+        metrics = step_metrics(step + 1, episodes, adv, update, timer, args.group_size)
+        append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+        if update["skipped"]:
+            tqdm.write(f"[step {step + 1}] non-finite loss or gradient: update skipped")
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                        s_step=f"{metrics['time_step']:.1f}")
+
+        done = step + 1
+        if done % args.eval_every == 0 or done == args.steps:
+            row = run_eval(policy, done, eval_prompts, args, run_dir)
+            tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
+                       f"cls acc {row['cls_acc']:.3f}")
+            draw_curves(run_dir)
+        if done % args.save_every == 0 or done == args.steps:
+            save_checkpoint(run_dir, done, policy, optimizer, extra={"args": vars(args)})
+    bar.close()
+    draw_curves(run_dir)
+    print(f"[done] {run_dir}: metrics.jsonl, eval.jsonl, curves.png, {os.path.basename(latest_checkpoint(run_dir) or '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
