@@ -1,0 +1,173 @@
+"""TimerPO advantages (PAPER.md section 7): GRPO outcome advantage plus an OT-grounded term projected
+orthogonally to it, per group of G completions of one prompt.
+
+Completions of one prompt are contiguous: a flat tensor [N] with N = (number of prompts) * G is viewed as
+[N / G, G]. Everything is computed in float64 and returned as float64 [N] (or [N / G] per-group values).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("timerpo", "grpo", "no-projection")
+GROUNDINGS = ("ot", "cosine")
+NORMS = ("std", "mean")
+
+
+def _grouped(values, group_size: int, name: str) -> torch.Tensor:
+    """View a flat [N] tensor as [N / G, G] float64, with clear errors for bad shapes or values."""
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    t = torch.as_tensor(values).detach().to(torch.float64)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a flat [N] tensor, got shape {tuple(t.shape)}")
+    if t.numel() == 0 or t.numel() % group_size:
+        raise ValueError(f"{name} has {t.numel()} values, not a positive multiple of group_size={group_size}")
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {t[i].item()!r}; need finite values")
+    return t.view(-1, group_size)  # [N / G, G]
+
+
+def _check_norm(norm: str, group_size: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "std" and group_size < 2:
+        raise ValueError("norm='std' needs group_size >= 2 (sample std of one value is undefined)")
+
+
+def _centre_and_scale(groups: torch.Tensor, norm: str, delta: float) -> torch.Tensor:
+    """(x - mean_G x) / (std_G x + delta) for norm="std", x - mean_G x for "mean"; groups [K, G] -> [K, G].
+
+    std_G is the sample standard deviation (Bessel-corrected, ddof = 1), as torch.std and common GRPO code use.
+    A group whose values are all equal gets exactly 0 (not rounding noise divided by delta).
+    """
+    centred = groups - groups.mean(dim=1, keepdim=True)  # [K, G]
+    if norm == "std":
+        centred = centred / (groups.std(dim=1, correction=1, keepdim=True) + delta)  # [K, G]
+    flat = groups.amax(dim=1) == groups.amin(dim=1)  # [K]
+    return torch.where(flat[:, None], 0.0, centred)
+
+
+def group_advantage(rewards, group_size: int, norm: str = "std", delta: float = 1e-6) -> torch.Tensor:
+    """PAPER.md sec. 7, main advantage: A_main,i = (R_i - mean_G R) / (std_G R + delta), [N] -> [N].
+
+    norm="std" uses the sample std (ddof = 1); norm="mean" only subtracts the group mean (the public code).
+    A group whose rewards are all equal gets A_main = 0 exactly.
+    Example (G = 5, norm="std"): R = [1, 0, 0, 0, 0] has mean 0.2 and sample std sqrt(0.2) = 0.4472, so
+    A_main = [1.7889, -0.4472, -0.4472, -0.4472, -0.4472] (up to delta).
+    """
+    _check_norm(norm, group_size)
+    return _centre_and_scale(_grouped(rewards, group_size, "rewards"), norm, delta).reshape(-1)
+
+
+def grounded_reward(W, tau: float = 0.5) -> torch.Tensor:
+    """PAPER.md sec. 7, grounded reward: s_i = exp(-W_i / tau), [N] -> [N] float64.
+
+    Example: tau = 0.5, W = [0, 0.5, 1] gives s = [1, e^-1, e^-2] = [1, 0.3679, 0.1353] (W = 1 is an empty side).
+    """
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    w = _grouped(W, 1, "W").reshape(-1)  # [N]
+    return torch.exp(-w / tau)
+
+
+def projection_coefficient(aux, main, group_size: int, eps: float = 1e-8) -> torch.Tensor:
+    """Per-group coefficient of the orthogonal projection: c_g = <aux, main>_g / (||main||_g^2 + eps), [N / G].
+
+    Example: aux = [1, -1], main = [2, -2] (one group) gives c = 4 / (8 + eps) ~= 0.5.
+    """
+    a = _grouped(aux, group_size, "aux")  # [K, G]
+    m = _grouped(main, group_size, "main")  # [K, G]
+    return (a * m).sum(dim=1) / ((m * m).sum(dim=1) + eps)  # [K]
+
+
+def orthogonal_projection(aux, main, group_size: int, eps: float = 1e-8, return_coef: bool = False):
+    """PAPER.md sec. 7, orthogonal projection per group: aux_perp = aux - c_g * main, with c_g from
+    `projection_coefficient`. [N], [N] -> [N] (and c [N / G] when return_coef).
+
+    The residual overlap is <aux_perp, main>_g = <aux, main>_g * eps / (||main||_g^2 + eps): orthogonal up to
+    eps / ||main||^2, which is negligible for std-normalised advantages (||main||^2 = G - 1) and exactly 0 when
+    main is all zero (then aux passes through unchanged). Zero-mean aux and main give a zero-mean result.
+    Example: aux = [1, 0, -1], main = [1, -1, 0] gives c = 1/2 and aux_perp = [0.5, 0.5, -1].
+    """
+    a = _grouped(aux, group_size, "aux")  # [K, G]
+    m = _grouped(main, group_size, "main")  # [K, G]
+    if a.shape != m.shape:
+        raise ValueError(f"aux and main must have the same length, got {a.numel()} and {m.numel()}")
+    coef = projection_coefficient(aux, main, group_size, eps)  # [K]
+    projected = (a - coef[:, None] * m).reshape(-1)  # [N]
+    return (projected, coef) if return_coef else projected
+
+
+@dataclass(frozen=True)
+class AdvantageResult:
+    """Output of `timerpo_advantage`; all tensors float64.
+
+    advantages: [N] final A_i, broadcast to every completion token by the caller.
+    main: [N] A_main (outcome, GRPO).
+    grounded_reward: [N] s_i (exp(-W/tau) for OT grounding, the similarity itself for cosine), or None.
+    grounded: [N] A_TsR = s - mean_G s (optionally / std), or None.
+    projected: [N] A_TsR made orthogonal to A_main per group, or None.
+    coef: [N / G] projection coefficient per group, or None.
+    zero_std_frac: fraction of groups whose outcome rewards are all equal (A_main = 0 there).
+    The optional fields are None only in mode "grpo" called with W=None.
+    """
+
+    advantages: torch.Tensor
+    main: torch.Tensor
+    grounded_reward: torch.Tensor | None
+    grounded: torch.Tensor | None
+    projected: torch.Tensor | None
+    coef: torch.Tensor | None
+    zero_std_frac: float
+
+
+def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha: float = 0.3, norm: str = "std",
+                      tau: float = 0.5, grounding: str = "ot", delta: float = 1e-6,
+                      eps: float = 1e-8) -> AdvantageResult:
+    """PAPER.md sec. 7, final advantage, per group of G completions:
+
+        timerpo:        A = A_main + alpha * A_perp_TsR
+        no-projection:  A = A_main + alpha * A_TsR
+        grpo:           A = A_main (alpha is ignored; W may be None)
+    with A_main = group_advantage(rewards, G, norm, delta), A_TsR = centre (and for norm="std" scale) of s the
+    same way, A_perp_TsR = orthogonal_projection(A_TsR, A_main, G, eps), and the grounded reward
+        grounding="ot":     W is the OT distance [N], s = exp(-W / tau);
+        grounding="cosine": W is the mean-pooled cosine similarity [N] (ot.mean_pooled_cosine), s = W as is
+                            (larger = closer, like exp(-W/tau); centring makes any offset irrelevant).
+    No gradient flows: inputs are detached. alpha = 0 in mode "timerpo" returns exactly A_main (as "grpo").
+    Example (G = 2, norm="mean", tau = 0.5): R = [1, 0], W = [0, 0] gives A_main = [0.5, -0.5], s = [1, 1],
+    A_TsR = [0, 0], so A = A_main in every mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if grounding not in GROUNDINGS:
+        raise ValueError(f"grounding must be one of {GROUNDINGS}, got {grounding!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    _check_norm(norm, group_size)
+    r = _grouped(rewards, group_size, "rewards")  # [K, G]
+    main = _centre_and_scale(r, norm, delta).reshape(-1)  # [N]
+    zero_std_frac = float((r.amax(dim=1) == r.amin(dim=1)).to(torch.float64).mean())
+    if W is None:
+        if mode != "grpo":
+            raise ValueError(f"mode {mode!r} needs W (OT distances or cosine similarities), got None")
+        return AdvantageResult(main, main, None, None, None, None, zero_std_frac)
+
+    s = grounded_reward(W, tau) if grounding == "ot" else _grouped(W, 1, "W (similarity)").reshape(-1)  # [N]
+    if s.numel() != main.numel():
+        raise ValueError(f"W has {s.numel()} values but rewards has {main.numel()}")
+    grounded = _centre_and_scale(s.view(-1, group_size), norm, delta).reshape(-1)  # [N]
+    projected, coef = orthogonal_projection(grounded, main, group_size, eps, return_coef=True)
+    if mode == "grpo":
+        advantages = main
+    elif mode == "no-projection":
+        advantages = main + alpha * grounded
+    else:
+        advantages = main + alpha * projected
+    return AdvantageResult(advantages, main, s, grounded, projected, coef, zero_std_frac)
