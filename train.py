@@ -5,11 +5,15 @@ Each RL step is the five functions of timerpo/algorithm.py:
     rollout → score_outcomes → forward_old (+ OT grounding, + reference) → compute_advantages → update_policy
 Outputs go to runs/<name>/: metrics.jsonl (one line per step), eval.jsonl (one line per held-out eval),
 curves.png, and atomic checkpoints ckpt-<step>/ (hub format model + optimizer/RNG) named by `latest`.
+
+Several processes: `torchrun --nproc_per_node=N train.py --dist ddp|fsdp ...` (timerpo/distributed.py).
+--prompts-per-step stays the GLOBAL batch (split evenly over ranks, whole groups per rank); --micro-batch and
+--rollout-batch are per rank. The update equals the 1-process one on the same global batch; rank 0 logs.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import os
 import sys
@@ -25,8 +29,10 @@ import data_gen
 from timerpo.advantage import timerpo_advantage  # noqa: F401  (the README's paper ↔ code map points here)
 from timerpo.algorithm import (Prompt, compute_advantages, forward_old, reference_logprobs, rollout,
                                score_outcomes, target_states, update_policy)
-from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, save_checkpoint,
-                                set_rng_state, write_atomic)
+from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, restore_optimizer,
+                                save_checkpoint, set_rng_state, write_atomic)
+from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast, full_params, init_distributed,
+                                 maybe_inject_failure, prepare_policy, rank_slice)
 from timerpo.evaluate import predict, summarize
 from timerpo.plots import line_chart
 from timerpo.policy import ModelNotFound, Policy, encode_prompt, load_policy, save_policy
@@ -41,8 +47,8 @@ from timerpo.warmup import supervised_warmup
 PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,
              warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
              eval_temperature=0.4)
-TINY = dict(steps=60, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=2e-5, warmup_steps=150,
-            warmup_lr=2e-3, eval_every=20, eval_samples=64, save_every=20, micro_batch=20, rollout_batch=20,
+TINY = dict(steps=200, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=150,
+            warmup_lr=2e-3, eval_every=50, eval_samples=128, save_every=50, micro_batch=20, rollout_batch=20,
             eval_temperature=0.4)
 SHARED = dict(alpha=0.3, beta=0.001, entropy_coef=0.001, clip_eps=0.2, tau=0.5, ot_eps=0.08, ot_iters=50,
               weight_decay=0.01, max_grad_norm=1.0, expcot_max_tokens=512, adv_norm="std",
@@ -54,19 +60,19 @@ HELP = {
     "eval_data": "held-out data folder (generated on first use: anomllm suite, seed 42)",
     "out": "parent folder of run folders",
     "name": "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)",
-    "steps": "RL steps (paper: 250 = 10 epochs of 3,200 prompts at 128 per step; tiny: 60)",
+    "steps": "RL steps (paper: 250 = 10 epochs of 3,200 prompts at 128 per step; tiny: 200)",
     "prompts_per_step": "distinct prompts per step (paper: 128; tiny: 4)",
     "group_size": "completions per prompt, G (paper: 5)",
     "max_new_tokens": "completion length cap (paper: 1024; tiny: 72)",
-    "lr": "AdamW learning rate, constant (paper: 1e-6; tiny: 2e-5)",
+    "lr": "AdamW learning rate, constant (paper: 1e-6; tiny: 1e-4)",
     "alpha": "weight α of the projected grounded advantage (paper: 0.3)",
     "advantage": "timerpo (A = Â_main + α·Â⊥_TsR) | grpo (α = 0) | no-projection (A = Â_main + α·Â_TsR)",
     "cot": "OT target text: expcot (expert chain of thought) | gencot (generic, the 'w/o ExpCoT' ablation)",
     "grounding": "ot (entropic OT cost W, s = exp(−W/τ)) | cosine (mean-pooled cosine similarity)",
     "seed": "seed of the run (prompt order, sampling streams, tiny weights)",
     "resume": "continue runs/<name> from its latest checkpoint",
-    "eval_every": "held-out evaluation every N steps, and once before RL (paper: 25; tiny: 20)",
-    "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 64)",
+    "eval_every": "held-out evaluation every N steps, and once before RL (paper: 25; tiny: 50)",
+    "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 128)",
     "eval_temperature": "sampling temperature of held-out evaluation (paper validation: 0.4)",
     "save_every": "checkpoint every N steps (and at the end)",
     "warmup_steps": "supervised format warm-up steps before RL (tiny: 150; Qwen Instruct: 0, they follow the format)",
@@ -86,6 +92,11 @@ HELP = {
     "rollout_batch": "completions sampled together (Qwen: 64; tiny: 20)",
     "device": "cpu | cuda (default: cuda when available)",
     "no_progress": "no progress bars",
+    "dist": "none (one process) | ddp (full model per rank) | fsdp (FSDP2-sharded); under torchrun with "
+            "WORLD_SIZE > 1, none means ddp",
+    "dist_timeout": "seconds any collective may wait for the other ranks before the job fails",
+    "grad_checkpointing": "recompute activations in the backward (less memory, ~1/3 more update time)",
+    "freeze_vision": "do not train the vision tower (requires_grad False on model.model.visual)",
 }
 
 
@@ -107,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help=HELP["resume"])
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
     p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
+    p.add_argument("--dist", default="none", choices=DIST_MODES, help=HELP["dist"])
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help=HELP["dist_timeout"])
+    p.add_argument("--grad-checkpointing", action="store_true", help=HELP["grad_checkpointing"])
+    p.add_argument("--freeze-vision", action="store_true", help=HELP["freeze_vision"])
     for key in list(PAPER) + [k for k in SHARED if k not in ("adv_norm", "loc_reward")]:
         kind = int if isinstance(TINY.get(key, SHARED.get(key)), int) else float
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=HELP[key] + " [default by model]"
@@ -140,6 +155,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if args.group_size < 2:
         parser.error("--group-size must be at least 2: group-relative advantages need a group")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if args.prompts_per_step % world:
+        parser.error(f"--prompts-per-step ({args.prompts_per_step}) is the global batch and must be divisible by "
+                     f"the number of ranks ({world}), so that every rank gets whole groups")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,33 +225,59 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def step_metrics(step, episodes, adv, update, timer, group_size) -> dict:
-    rewards = np.array([ep.reward.total for ep in episodes])
-    lengths = np.array([len(ep.completion_ids) for ep in episodes])
-    grounding = [ep.grounding for ep in episodes if ep.grounding is not None]
+def step_columns(episodes, adv) -> dict[str, np.ndarray]:
+    """The per-episode (and per-group) numbers behind the step metrics. Under torchrun the ranks' columns
+    are concatenated in rank order, which is the 1-process episode order, before step_metrics runs."""
+    n_groups = len({ep.group for ep in episodes})
+    return {
+        "reward": np.array([ep.reward.total for ep in episodes]),
+        "fmt": np.array([ep.reward.fmt for ep in episodes]),
+        "cls": np.array([ep.reward.cls for ep in episodes]),
+        "loc": np.array([ep.reward.loc for ep in episodes]),
+        "length": np.array([len(ep.completion_ids) for ep in episodes]),
+        "finished": np.array([ep.finished for ep in episodes], dtype=float),
+        "grounding": np.array([ep.grounding for ep in episodes if ep.grounding is not None]),
+        "advantage": adv.advantages.numpy(),
+        "main": adv.main.numpy(),
+        "projected": adv.projected.numpy() if adv.projected is not None else np.zeros(0),
+        "coef": adv.coef.numpy() if adv.coef is not None else np.zeros(0),  # one per group
+        "zero_std_groups": np.array([round(adv.zero_std_frac * n_groups)]),  # a count, so ranks can add it
+        "groups": np.array([n_groups]),
+    }
+
+
+def concat_columns(tables: list[dict]) -> dict[str, np.ndarray]:
+    """The ranks' step columns joined in rank order."""
+    return {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+
+
+def step_metrics(step, cols, update, timer, group_size) -> dict:
+    """One metrics.jsonl row from the (gathered) step columns; the times are this process's (rank 0's)."""
+    rewards, lengths, grounding = cols["reward"], cols["length"], cols["grounding"]
     sec = timer.seconds
     forward = sec.get("forward", 0.0) - sec.get("grounding", 0.0)
     return {
         "step": step,
         "reward": float(rewards.mean()),
-        "reward_fmt": float(np.mean([ep.reward.fmt for ep in episodes])),
-        "reward_cls": float(np.mean([ep.reward.cls for ep in episodes])),
-        "reward_loc": float(np.mean([ep.reward.loc for ep in episodes])),
+        "reward_fmt": float(cols["fmt"].mean()),
+        "reward_cls": float(cols["cls"].mean()),
+        "reward_loc": float(cols["loc"].mean()),
         "reward_std_in_group": float(rewards.reshape(-1, group_size).std(axis=1).mean()),
-        "zero_std_frac": float(adv.zero_std_frac),
-        "adv_mean": float(adv.advantages.mean()),
-        "adv_std": float(adv.advantages.std()),
-        "adv_main_absmean": float(adv.main.abs().mean()),
-        "adv_grounded_absmean": float(adv.projected.abs().mean()) if adv.projected is not None else None,
-        "proj_coef": float(adv.coef.mean()) if adv.coef is not None else None,
-        "grounding_mean": float(np.mean(grounding)) if grounding else None,
+        "zero_std_frac": float(cols["zero_std_groups"].sum() / cols["groups"].sum()),
+        "adv_mean": float(cols["advantage"].mean()),
+        "adv_std": float(cols["advantage"].std()),
+        "adv_main_absmean": float(np.abs(cols["main"]).mean()),
+        "adv_grounded_absmean": float(np.abs(cols["projected"]).mean()) if len(cols["projected"]) else None,
+        "proj_coef": float(cols["coef"].mean()) if len(cols["coef"]) else None,
+        "grounding_mean": float(grounding.mean()) if len(grounding) else None,
         "kl": update["kl"], "entropy": update["entropy"], "clip_frac": update["clip_frac"],
         "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
         "completion_len": float(lengths.mean()),
-        "truncated_frac": float(np.mean([not ep.finished for ep in episodes])),
+        "truncated_frac": float(1.0 - cols["finished"].mean()),
         "time_rollout": sec.get("rollout", 0.0), "time_forward": forward,
         "time_grounding": sec.get("grounding", 0.0), "time_update": sec.get("update", 0.0),
         "time_step": sum(v for k, v in sec.items() if k != "grounding"),
+        # the whole job's sampled tokens over rank 0's rollout time (ranks sample at the same time)
         "tokens_per_s": float(lengths.sum() / max(sec.get("rollout", 1e-9), 1e-9)),
     }
 
@@ -258,9 +303,17 @@ def draw_curves(run_dir: str) -> None:
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
-def run_eval(policy, step, eval_prompts, args, run_dir, tag="rl") -> dict:
-    preds = predict(policy, eval_prompts, args.max_new_tokens, args.eval_temperature, batch_size=args.rollout_batch,
-                    seed=args.seed, loc_mode=args.loc_reward, progress=not args.no_progress)
+def run_eval(policy, step, eval_prompts, args, run_dir, tag="rl", dist: Dist = SINGLE) -> dict | None:
+    """Held-out evaluation. Under torchrun each rank samples a contiguous share and rank 0 scores them all;
+    completion seeds depend on the sample, not the rank, so the result equals the 1-process one.
+    Returns the eval.jsonl row on rank 0, None on the other ranks."""
+    mine = rank_slice(eval_prompts, dist, even=False)
+    with full_params(policy, dist):
+        preds = predict(policy, mine, args.max_new_tokens, args.eval_temperature, batch_size=args.rollout_batch,
+                        seed=args.seed, loc_mode=args.loc_reward, progress=not args.no_progress and dist.is_main)
+    preds = [p for share in dist.gather(preds) for p in share]
+    if not dist.is_main:
+        return None
     summary = summarize(preds)
     row = {"step": step, "phase": tag, "reward": summary["reward"], "aff_f1": summary["aff_f1"],
            "cls_acc": summary["cls_acc"], "avg_group_f1": summary["avg_group_f1"], "groups": summary["groups"],
@@ -274,15 +327,38 @@ def run_eval(policy, step, eval_prompts, args, run_dir, tag="rl") -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        dist = init_distributed(args.dist, args.device, args.dist_timeout)
+    except DistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.device = dist.device
+    if not dist.initialized:
+        return train(args, dist)
+    with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
+        code = train(args, dist)
+        dist.close()
+    return code
+
+
+def train(args: argparse.Namespace, dist: Dist) -> int:
+    """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints)."""
     torch.manual_seed(args.seed)
     run_dir = os.path.join(args.out, args.name)
     os.makedirs(run_dir, exist_ok=True)
-    progress = not args.no_progress
+    progress = not args.no_progress and dist.is_main
+    say = print if dist.is_main else (lambda *a, **k: None)
 
     # -- data -------------------------------------------------------------------------------------
+    def load_data():
+        return ensure_data(args.data, 3407, progress), ensure_data(args.eval_data, 42, progress)
+
     try:
-        train_samples = ensure_data(args.data, 3407, progress)
-        eval_samples = ensure_data(args.eval_data, 42, progress)
+        if dist.is_main:
+            train_samples, eval_samples = load_data()
+        dist.barrier()  # a missing data folder is generated once, by rank 0, before the others read it
+        if not dist.is_main:
+            train_samples, eval_samples = load_data()
     except data_gen.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -290,7 +366,7 @@ def main(argv=None) -> int:
     # -- policy -----------------------------------------------------------------------------------
     ckpt = latest_checkpoint(run_dir) if args.resume else None
     if args.resume and ckpt is None:
-        print(f"[resume] no checkpoint in {run_dir}: starting from scratch")
+        say(f"[resume] no checkpoint in {run_dir}: starting from scratch")
     try:
         policy = load_policy(os.path.join(ckpt, "model") if ckpt else args.model, device=args.device, seed=args.seed)
     except ModelNotFound as err:
@@ -298,90 +374,115 @@ def main(argv=None) -> int:
         return 2
     eval_prompts = [make_prompt(policy, args.eval_data, eval_samples, i, args.cot)
                     for i in balanced_subset(eval_samples, args.eval_samples)]
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if dist.is_main:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     # -- supervised format warm-up (tiny only; its result is also the KL reference) ----------------
     start_step = 0
     reference_dir = os.path.join(run_dir, "reference")
     if ckpt is None:
-        for log in ("metrics.jsonl", "eval.jsonl"):
-            trim_log(os.path.join(run_dir, log), -1)
+        if dist.is_main:
+            for log in ("metrics.jsonl", "eval.jsonl"):
+                trim_log(os.path.join(run_dir, log), -1)
         if args.warmup_steps > 0:
+            # Every rank runs the same (deterministic) warm-up; DDP/FSDP then start all ranks from rank 0's.
             warm = [make_prompt(policy, args.data, train_samples, i, args.cot)
                     for i in step_prompt_indices(len(train_samples), 256, 0, args.seed + 1)]
-            supervised_warmup(policy, warm, args.warmup_steps, batch_size=8, lr=args.warmup_lr, seed=args.seed,
-                              progress=progress)
-        if args.beta > 0 and args.warmup_steps > 0:
+            t0 = time.time()
+            losses = supervised_warmup(policy, warm, args.warmup_steps, batch_size=8, lr=args.warmup_lr,
+                                       seed=args.seed, progress=progress)
+            say(f"[warm-up] {args.warmup_steps} steps in {time.time() - t0:.0f} s, final loss {losses[-1]:.3f}")
+        if args.beta > 0 and args.warmup_steps > 0 and dist.is_main:
             save_policy(policy, reference_dir)
+        dist.barrier()  # the reference folder is complete before any rank reads it
     else:
         state = load_trainer_state(ckpt)
         start_step = state["step"]
         set_rng_state(state["rng"])
-        for log in ("metrics.jsonl", "eval.jsonl"):
-            trim_log(os.path.join(run_dir, log), start_step)
-        print(f"[resume] {ckpt}: continuing after step {start_step}")
+        if dist.is_main:
+            for log in ("metrics.jsonl", "eval.jsonl"):
+                trim_log(os.path.join(run_dir, log), start_step)
+        say(f"[resume] {ckpt}: continuing after step {start_step}")
 
     ref_policy = None
     if args.beta > 0:
         ref_source = reference_dir if os.path.isdir(reference_dir) else args.model
-        ref_policy = copy.copy(policy)
-        ref_policy.model = load_policy(ref_source, device=args.device, seed=args.seed).model.eval()
+        ref_model = load_policy(ref_source, device=args.device, seed=args.seed).model.eval()
+        ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None)
         ref_policy.model.requires_grad_(False)
+        prepare_policy(ref_policy, dist, trainable=False)
+    prepare_policy(policy, dist, args.grad_checkpointing, args.freeze_vision)
 
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
     if ckpt is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            restore_optimizer(ckpt, state, policy, optimizer, dist)
+        except DistError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     else:
-        row = run_eval(policy, 0, eval_prompts, args, run_dir, tag="start")
-        print(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-              f"cls acc {row['cls_acc']:.3f}")
+        t0 = time.time()
+        row = run_eval(policy, 0, eval_prompts, args, run_dir, tag="start", dist=dist)
+        if dist.is_main:
+            say(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
+                f"cls acc {row['cls_acc']:.3f}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
     use_grounding = args.advantage != "grpo"
     bar = tqdm(range(start_step, args.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
                initial=start_step, total=args.steps)
     for step in bar:
+        maybe_inject_failure(dist)
         timer = Timer()
-        prompts = [make_prompt(policy, args.data, train_samples, i, args.cot)
-                   for i in step_prompt_indices(len(train_samples), args.prompts_per_step, step, args.seed)]
-        with timer("rollout"):
+        # This rank's contiguous share of the step's global prompt list (whole groups).
+        indices = rank_slice(step_prompt_indices(len(train_samples), args.prompts_per_step, step, args.seed), dist)
+        prompts = [make_prompt(policy, args.data, train_samples, i, args.cot) for i in indices]
+        with timer("rollout"), full_params(policy, dist):
             episodes = rollout(policy, prompts, args.group_size, step, args.seed, args.max_new_tokens,
                                args.rollout_batch)
         score_outcomes(episodes, args.loc_reward)
         with timer("forward"):
-            targets = None
-            if use_grounding:
-                with timer("grounding"):
-                    targets = target_states(policy, prompts, args.expcot_max_tokens)
-            forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps, args.ot_iters,
-                        timer=timer)
+            with full_params(policy, dist):
+                targets = None
+                if use_grounding:
+                    with timer("grounding"):
+                        targets = target_states(policy, prompts, args.expcot_max_tokens)
+                forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps,
+                            args.ot_iters, timer=timer)
             if ref_policy is not None:
-                reference_logprobs(ref_policy, episodes, args.micro_batch)
+                with full_params(ref_policy, dist):
+                    reference_logprobs(ref_policy, episodes, args.micro_batch)
         adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
                                  args.grounding)
         with timer("update"):
+            # with `dist`, the token-mean divides by the token count of ALL ranks' completions
             update = update_policy(policy, optimizer, episodes, args.micro_batch, args.clip_eps, args.beta,
-                                   args.entropy_coef, args.max_grad_norm)
-        metrics = step_metrics(step + 1, episodes, adv, update, timer, args.group_size)
-        append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
-        if update["skipped"]:
-            tqdm.write(f"[step {step + 1}] non-finite loss or gradient: update skipped")
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                        s_step=f"{metrics['time_step']:.1f}")
+                                   args.entropy_coef, args.max_grad_norm, dist=dist)
+        columns = concat_columns(dist.gather(step_columns(episodes, adv)))
+        if dist.is_main:
+            metrics = step_metrics(step + 1, columns, update, timer, args.group_size)
+            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+            if update["skipped"]:
+                tqdm.write(f"[step {step + 1}] non-finite loss or gradient: update skipped")
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            s_step=f"{metrics['time_step']:.1f}")
 
         done = step + 1
         if done % args.eval_every == 0 or done == args.steps:
-            row = run_eval(policy, done, eval_prompts, args, run_dir)
-            tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                       f"cls acc {row['cls_acc']:.3f}")
-            draw_curves(run_dir)
+            row = run_eval(policy, done, eval_prompts, args, run_dir, dist=dist)
+            if dist.is_main:
+                tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
+                           f"cls acc {row['cls_acc']:.3f}")
+                draw_curves(run_dir)
         if done % args.save_every == 0 or done == args.steps:
-            save_checkpoint(run_dir, done, policy, optimizer, extra={"args": vars(args)})
+            save_checkpoint(run_dir, done, policy, optimizer, extra={"args": vars(args)}, dist=dist)
     bar.close()
-    draw_curves(run_dir)
-    print(f"[done] {run_dir}: metrics.jsonl, eval.jsonl, curves.png, {os.path.basename(latest_checkpoint(run_dir) or '')}")
+    if dist.is_main:
+        draw_curves(run_dir)
+        print(f"[done] {run_dir}: metrics.jsonl, eval.jsonl, curves.png, "
+              f"{os.path.basename(latest_checkpoint(run_dir) or '')}")
     return 0
 
 

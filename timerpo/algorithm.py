@@ -18,6 +18,7 @@ import torch
 
 import ot
 from timerpo.advantage import timerpo_advantage
+from timerpo.distributed import SINGLE, Dist, as_float, grad_scale, grad_sync
 from timerpo.objective import timerpo_objective
 from timerpo.policy import EncodedPrompt, Policy, encode_text
 from timerpo.prompt import Parsed, parse_completion
@@ -176,33 +177,46 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
 
 
 def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], micro_batch: int,
-                  clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float) -> dict:
+                  clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float,
+                  n_tokens_total: int | None = None, dist: Dist | None = None) -> dict:
     """Step 5: the section-7 objective over all episodes, accumulated over micro-batches, then one
-    AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats)."""
+    AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats).
+
+    Under torchrun (`dist` given) each rank passes its own episodes; the token-mean divides by the GLOBAL
+    completion token count (`n_tokens_total`, all-reduced here when not given), the ranks' gradients add
+    up (see distributed.grad_scale) and the returned stats are those of the whole global batch.
+    """
+    dist = dist or SINGLE
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
     n_tokens = sum(len(ep.completion_ids) for ep in episodes)
+    if n_tokens_total is None:
+        n_tokens_total = round(dist.sum([n_tokens])[0])
+    scale = grad_scale(dist)
     sums = dict(loss=0.0, surrogate=0.0, kl=0.0, entropy=0.0, clipped=0.0)
-    for chunk in chunks(episodes, micro_batch):
+    micro_batches = list(chunks(episodes, micro_batch))
+    for k, chunk in enumerate(micro_batches):
         batch = collate(policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
         C = batch.completion_mask.shape[1]
-        logprobs, _, entropy = completion_forward(policy, batch, with_entropy=entropy_coef != 0)  # [b, C]
-        old = pad_rows([ep.old_logprobs for ep in chunk], C).to(logprobs.device)  # [b, C]
-        ref = pad_rows([ep.ref_logprobs for ep in chunk], C).to(logprobs.device) if beta else None  # [b, C]
-        adv = torch.tensor([ep.advantage for ep in chunk], dtype=torch.float32, device=logprobs.device)  # [b]
-        terms = timerpo_objective(logprobs, old, ref, entropy, adv, batch.completion_mask, n_tokens,
-                                  clip_eps=clip_eps, beta=beta, entropy_coef=entropy_coef)
-        terms.loss.backward()
+        with grad_sync(policy, dist, last=k == len(micro_batches) - 1):
+            logprobs, _, entropy = completion_forward(policy, batch, with_entropy=entropy_coef != 0)  # [b, C]
+            old = pad_rows([ep.old_logprobs for ep in chunk], C).to(logprobs.device)  # [b, C]
+            ref = pad_rows([ep.ref_logprobs for ep in chunk], C).to(logprobs.device) if beta else None  # [b, C]
+            adv = torch.tensor([ep.advantage for ep in chunk], dtype=torch.float32, device=logprobs.device)  # [b]
+            terms = timerpo_objective(logprobs, old, ref, entropy, adv, batch.completion_mask, n_tokens_total,
+                                      clip_eps=clip_eps, beta=beta, entropy_coef=entropy_coef)
+            (terms.loss * scale).backward()  # scale 1 in one process (exact)
         sums["loss"] += float(terms.loss.detach())
         for key in ("surrogate", "kl", "entropy", "clipped"):
             sums[key] += getattr(terms, key)
+    sums = dict(zip(sums, dist.sum(list(sums.values()))))  # whole-batch sums: every rank decides alike below
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grad_norm = as_float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     skipped = not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm))
     if skipped:
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-    stats = {k: v / max(n_tokens, 1) for k, v in sums.items() if k != "loss"}
+    stats = {k: v / max(n_tokens_total, 1) for k, v in sums.items() if k != "loss"}
     stats.update(loss=sums["loss"], grad_norm=grad_norm, skipped=skipped, clip_frac=stats.pop("clipped"))
     return stats

