@@ -664,6 +664,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def balanced_indices(samples: list, n) -> list[int]:
+    """Indices of n samples spread evenly over families (round-robin in file order), in file order.
+
+    Example: families [a, a, a, b] and n = 3 -> [0, 1, 3]. n None -> all.
+    """
+    if n is None or n >= len(samples):
+        return list(range(len(samples)))
+    queues: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        queues.setdefault(s.family, []).append(i)
+    picked, lists = [], [q[::-1] for q in queues.values()]  # reversed: pop() takes the earliest
+    while len(picked) < n:
+        for q in lists:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     families = None if args.families is None else [f.strip() for f in args.families.split(",") if f.strip()]

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import data_gen
 from timerpo.checkpoint import latest_checkpoint, write_atomic
-from timerpo.evaluate import Prediction, predict, score_prediction, summarize, true_label
+from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
 from timerpo.metrics import PAPER_GROUPS, group_of, to_events
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
@@ -167,24 +167,6 @@ def read_suite(data_dir: str, samples: list) -> str:
     families = {s.family for s in samples}
     only_tods = families - set(data_gen.ANOMLLM_FAMILIES)
     return "tods" if only_tods and families <= set(data_gen.TODS_TYPES) else "anomllm"
-
-
-def balanced_indices(samples: list, n) -> list[int]:
-    """Indices of n samples spread evenly over families (round-robin in file order), in file order.
-
-    Example: families [a, a, a, b] and n = 3 -> [0, 1, 3]. n None -> all.
-    """
-    if n is None or n >= len(samples):
-        return list(range(len(samples)))
-    queues: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        queues.setdefault(s.family, []).append(i)
-    picked, lists = [], [q[::-1] for q in queues.values()]  # reversed: pop() takes the earliest
-    while len(picked) < n:
-        for q in lists:
-            if q and len(picked) < n:
-                picked.append(q.pop())
-    return sorted(picked)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,11 +296,6 @@ def model_predictions(policy, data_dir: str, all_samples: list, indices: list[in
 
 # ---------------------------------------------------------------------------------------------------
 # Tables
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
 
 
 def pct(x) -> str:
@@ -596,7 +573,7 @@ def main(argv=None) -> int:
     if not all_samples:
         print(f"error: {os.path.join(args.data, 'samples.jsonl')} holds no samples", file=sys.stderr)
         return 2
-    indices = balanced_indices(all_samples, args.limit)
+    indices = data_gen.balanced_indices(all_samples, args.limit)
     samples = [all_samples[i] for i in indices]
     suite = read_suite(args.data, samples)
 

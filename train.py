@@ -173,19 +173,6 @@ def ensure_data(folder: str, seed: int, progress: bool):
     return data_gen.load_samples(folder)
 
 
-def balanced_subset(samples: list, n: int) -> list[int]:
-    """Indices of n samples spread evenly over families (round-robin in file order): a fixed eval set."""
-    by_family: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_family.setdefault(s.family, []).append(i)
-    picked, queues = [], [list(v) for v in by_family.values()]
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return sorted(picked)
-
-
 def make_prompt(policy: Policy, folder: str, samples: list, index: int, cot: str) -> Prompt:
     sample = samples[index]
     with Image.open(os.path.join(folder, sample.image)) as img:
@@ -373,7 +360,7 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     eval_prompts = [make_prompt(policy, args.eval_data, eval_samples, i, args.cot)
-                    for i in balanced_subset(eval_samples, args.eval_samples)]
+                    for i in data_gen.balanced_indices(eval_samples, args.eval_samples)]
     if dist.is_main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=1)

@@ -78,7 +78,7 @@ def test_balanced_indices_round_robin_against_brute_force():
     for s, f in zip(samples, families):
         s.family = f
     for n in range(1, len(families) + 1):
-        got = ev.balanced_indices(samples, n)
+        got = data_gen.balanced_indices(samples, n)
         counts = Counter(families[i] for i in got)
         assert len(got) == n == len(set(got))
         # Brute force: each family gets min(size, level) where the level is the smallest that reaches n.
