@@ -284,7 +284,10 @@ def draw_curves(run_dir: str) -> None:
         path = os.path.join(run_dir, name)
         return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
     train, held = read("metrics.jsonl"), read("eval.jsonl")
-    line_chart({"train reward (rollouts)": ([r["step"] for r in train], [r["reward"] for r in train]),
+    # Rollout rewards of a few prompts per step are noisy: draw their trailing 10-step mean.
+    rewards = [r["reward"] for r in train]
+    smoothed = [float(np.mean(rewards[max(0, k - 9):k + 1])) for k in range(len(rewards))]
+    line_chart({"train reward (10-step mean)": ([r["step"] for r in train], smoothed),
                 "held-out reward": ([r["step"] for r in held], [r["reward"] for r in held]),
                 "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held])},
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))

@@ -14,9 +14,9 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str, ti
     font = ImageFont.load_default()
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 56, width - 16, 28, height - 36
+    left, right, top, bottom = 56, width - 16, 36, height - 36
     points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((left, 4), title, fill="black", font=font)
     if not points:
         img.save(path)
         return
@@ -49,5 +49,5 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str, ti
             draw.line(pts, fill=color, width=2)
         for p in pts if len(pts) < 40 else []:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-        draw.text((right - 150, top + 6 + 12 * k), f"— {name}", fill=color, font=font)
+        draw.text((left + 200 * k, 18), f"-- {name}", fill=color, font=font)  # legend above the frame
     img.save(path)
