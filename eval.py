@@ -265,11 +265,8 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
 
 def resolve_model(model: str) -> str:
     """A train.py run folder means its latest checkpoint's model; anything else is passed on as given."""
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-        ckpt = latest_checkpoint(model)
-        if ckpt is not None:
-            return os.path.join(ckpt, "model")
-    return model
+    ckpt = latest_checkpoint(model) if os.path.isdir(model) else None  # a run folder has a `latest` pointer
+    return os.path.join(ckpt, "model") if ckpt is not None else model
 
 
 def model_predictions(policy, data_dir: str, all_samples: list, indices: list[int], args) -> list[Prediction]:
