@@ -26,7 +26,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import data_gen
-from timerpo.advantage import timerpo_advantage  # noqa: F401  (the README's paper ↔ code map points here)
 from timerpo.algorithm import (Prompt, compute_advantages, forward_old, reference_logprobs, rollout,
                                score_outcomes, target_states, update_policy)
 from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, restore_optimizer,

@@ -12,6 +12,7 @@ Episodes (one completion each) are the only thing passed between steps; each ste
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,7 @@ def forward_old(policy: Policy, episodes: list[Episode], micro_batch: int, targe
             ep.old_logprobs = row[:len(ep.completion_ids)].cpu()
         if targets is None:
             continue
-        with timer("grounding") if timer else _null():
+        with timer("grounding") if timer else nullcontext():
             states, state_mask = targets
             rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
             values = grounding_values(hidden, batch.completion_mask, states[rows], state_mask[rows],
@@ -141,14 +142,6 @@ def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch:
         logprobs, _, _ = completion_forward(ref_policy, batch)  # [b, C]
         for ep, row in zip(chunk, logprobs):
             ep.ref_logprobs = row[:len(ep.completion_ids)].cpu()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- 4 ---------------------------------------------------------------------------------------------
