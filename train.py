@@ -268,6 +268,59 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
     }
 
 
+def format_warmup(policy: Policy, args, train_samples: list, progress: bool) -> list[float]:
+    """The supervised format warm-up (tiny only) on 256 fixed training prompts; returns the losses."""
+    warm = [make_prompt(policy, args.data, train_samples, i, args.cot)
+            for i in step_prompt_indices(len(train_samples), 256, 0, args.seed + 1)]
+    return supervised_warmup(policy, warm, args.warmup_steps, batch_size=8, lr=args.warmup_lr, seed=args.seed,
+                             progress=progress)
+
+
+def make_reference(policy: Policy, source: str, args, dist: Dist = SINGLE) -> Policy:
+    """The frozen KL reference π_ref, loaded from `source`; it shares the policy's tokenizer."""
+    ref_model = load_policy(source, device=args.device, seed=args.seed).model.eval()
+    ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None)
+    ref_policy.model.requires_grad_(False)
+    prepare_policy(ref_policy, dist, trainable=False)
+    return ref_policy
+
+
+def make_optimizer(policy: Policy, args) -> torch.optim.Optimizer:
+    """AdamW with a constant learning rate (the paper uses no schedule)."""
+    return torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                             weight_decay=args.weight_decay)
+
+
+def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, args, dist: Dist = SINGLE):
+    """One RL step on this rank's prompts, README algorithm steps 1-6 in order: rollout, score_outcomes,
+    forward_old (+ target_states and the grounding W for TimerPO), reference_logprobs (beta > 0),
+    compute_advantages, update_policy. Returns (episodes, advantages, update stats, per-phase timer)."""
+    timer = Timer()
+    use_grounding = args.advantage != "grpo"
+    with timer("rollout"), full_params(policy, dist):
+        episodes = rollout(policy, prompts, args.group_size, step, args.seed, args.max_new_tokens,
+                           args.rollout_batch)
+    score_outcomes(episodes, args.loc_reward)
+    with timer("forward"):
+        with full_params(policy, dist):
+            targets = None
+            if use_grounding:
+                with timer("grounding"):
+                    targets = target_states(policy, prompts, args.expcot_max_tokens)
+            forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps,
+                        args.ot_iters, timer=timer)
+        if ref_policy is not None:
+            with full_params(ref_policy, dist):
+                reference_logprobs(ref_policy, episodes, args.micro_batch)
+    adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
+                             args.grounding)
+    with timer("update"):
+        # with `dist`, the token-mean divides by the token count of ALL ranks' completions
+        update = update_policy(policy, optimizer, episodes, args.micro_batch, args.clip_eps, args.beta,
+                               args.entropy_coef, args.max_grad_norm, dist=dist)
+    return episodes, adv, update, timer
+
+
 def trim_log(path: str, last_step: int) -> None:
     """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
     if not os.path.exists(path):
@@ -376,11 +429,8 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
                 trim_log(os.path.join(run_dir, log), -1)
         if args.warmup_steps > 0:
             # Every rank runs the same (deterministic) warm-up; DDP/FSDP then start all ranks from rank 0's.
-            warm = [make_prompt(policy, args.data, train_samples, i, args.cot)
-                    for i in step_prompt_indices(len(train_samples), 256, 0, args.seed + 1)]
             t0 = time.time()
-            losses = supervised_warmup(policy, warm, args.warmup_steps, batch_size=8, lr=args.warmup_lr,
-                                       seed=args.seed, progress=progress)
+            losses = format_warmup(policy, args, train_samples, progress)
             say(f"[warm-up] {args.warmup_steps} steps in {time.time() - t0:.0f} s, final loss {losses[-1]:.3f}")
         if args.beta > 0 and args.warmup_steps > 0 and dist.is_main:
             save_policy(policy, reference_dir)
@@ -394,17 +444,10 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
                 trim_log(os.path.join(run_dir, log), start_step)
         say(f"[resume] {ckpt}: continuing after step {start_step}")
 
-    ref_policy = None
-    if args.beta > 0:
-        ref_source = reference_dir if os.path.isdir(reference_dir) else args.model
-        ref_model = load_policy(ref_source, device=args.device, seed=args.seed).model.eval()
-        ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None)
-        ref_policy.model.requires_grad_(False)
-        prepare_policy(ref_policy, dist, trainable=False)
+    ref_source = reference_dir if os.path.isdir(reference_dir) else args.model
+    ref_policy = make_reference(policy, ref_source, args, dist) if args.beta > 0 else None
     prepare_policy(policy, dist, args.grad_checkpointing, args.freeze_vision)
-
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                                  weight_decay=args.weight_decay)
+    optimizer = make_optimizer(policy, args)
     if ckpt is not None:
         try:
             restore_optimizer(ckpt, state, policy, optimizer, dist)
@@ -419,36 +462,14 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
                 f"cls acc {row['cls_acc']:.3f}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
-    use_grounding = args.advantage != "grpo"
     bar = tqdm(range(start_step, args.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
                initial=start_step, total=args.steps)
     for step in bar:
         maybe_inject_failure(dist)
-        timer = Timer()
         # This rank's contiguous share of the step's global prompt list (whole groups).
         indices = rank_slice(step_prompt_indices(len(train_samples), args.prompts_per_step, step, args.seed), dist)
         prompts = [make_prompt(policy, args.data, train_samples, i, args.cot) for i in indices]
-        with timer("rollout"), full_params(policy, dist):
-            episodes = rollout(policy, prompts, args.group_size, step, args.seed, args.max_new_tokens,
-                               args.rollout_batch)
-        score_outcomes(episodes, args.loc_reward)
-        with timer("forward"):
-            with full_params(policy, dist):
-                targets = None
-                if use_grounding:
-                    with timer("grounding"):
-                        targets = target_states(policy, prompts, args.expcot_max_tokens)
-                forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps,
-                            args.ot_iters, timer=timer)
-            if ref_policy is not None:
-                with full_params(ref_policy, dist):
-                    reference_logprobs(ref_policy, episodes, args.micro_batch)
-        adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
-                                 args.grounding)
-        with timer("update"):
-            # with `dist`, the token-mean divides by the token count of ALL ranks' completions
-            update = update_policy(policy, optimizer, episodes, args.micro_batch, args.clip_eps, args.beta,
-                                   args.entropy_coef, args.max_grad_norm, dist=dist)
+        episodes, adv, update, timer = rl_step(policy, ref_policy, optimizer, prompts, step, args, dist)
         columns = concat_columns(dist.gather(step_columns(episodes, adv)))
         if dist.is_main:
             metrics = step_metrics(step + 1, columns, update, timer, args.group_size)

@@ -5,9 +5,13 @@ post-warm-up model in runs/<arm>/reference/; the other three arms start RL from 
 arms of a seed share one warm-up and differ only in the advantage / OT target. Every arm gets the same
 number of RL steps. Each final checkpoint is then scored by eval.py on a held-out anomllm subset.
 
-    python bench/ablation.py --seeds 0 1 2 --steps 150
+    python bench/ablation.py --seeds 0 1 2 --jobs 2
 Prints one markdown table (mean ± std over seeds) and writes bench/results/ablation.json and
 bench/results/ablation_curves.png (training reward per step, mean over seeds, smoothed).
+
+Killed half-way? Run the same command again: finished arms (an eval results.json exists) are read back,
+unfinished ones continue from their latest checkpoint (train.py --resume).
+With --jobs 2 two runs share the machine, one torch thread each (OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
+from bench.common import tiny_flags  # noqa: E402
+from timerpo.checkpoint import write_atomic  # noqa: E402
 from timerpo.plots import line_chart  # noqa: E402
 
 ARMS = {  # arm -> train.py flags
@@ -35,39 +43,36 @@ ARMS = {  # arm -> train.py flags
 GROUPS = ("Frequency", "Trend", "Range", "Point")
 
 
-def tiny_flags() -> list[str]:
-    """The tiny preset spelled out, for arms that start from a folder (which would get the paper preset)."""
-    out = []
-    for key, value in train.TINY.items():
-        if key in ("warmup_steps",):
-            continue
-        out += ["--" + key.replace("_", "-"), str(value)]
-    return out
-
-
-def run(cmd: list[str], log: str) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+def run(cmd: list[str], log: str, threads: int | None) -> None:
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    with open(log, "a") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
 def train_arm(arm: str, seed: int, args, out: str) -> str:
     name = f"{arm}-s{seed}"
-    base = [sys.executable, "train.py", "--data", args.data, "--eval-data", args.eval_data, "--out", out,
-            "--name", name, "--seed", str(seed), "--steps", str(args.steps), "--no-progress", *ARMS[arm]]
+    cmd = [sys.executable, "train.py", "--data", args.data, "--eval-data", args.eval_data, "--out", out,
+           "--name", name, "--seed", str(seed), "--steps", str(args.steps), "--no-progress", "--resume", *ARMS[arm]]
+    if arm != "timerpo":  # start from this seed's post-warm-up model, with the tiny preset spelled out
+        cmd += tiny_flags() + ["--model", os.path.join(out, f"timerpo-s{seed}", "reference"),
+                               "--steps", str(args.steps)]
+    cmd += args.train_args.split()
     if arm != "timerpo":
-        warm = os.path.join(out, f"timerpo-s{seed}", "reference")
-        base += tiny_flags() + ["--model", warm, "--warmup-steps", "0", "--steps", str(args.steps)]
-    run(base, os.path.join(out, name + ".log"))
+        cmd += ["--warmup-steps", "0"]  # the warm-up is the shared starting point, never redone
+    run(cmd, os.path.join(out, name + ".log"), args.threads)
     return os.path.join(out, name)
 
 
 def eval_arm(run_dir: str, args) -> dict:
     out = run_dir + "-eval"
+    if os.path.exists(os.path.join(out, "results.json")):  # finished before: read it back
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)
     run([sys.executable, "eval.py", "--model", run_dir, "--data", args.eval_data, "--limit", str(args.eval_limit),
          "--temperature", "0", "--max-new-tokens", str(train.TINY["max_new_tokens"]), "--out", out, "--no-progress"],
-        run_dir + "-eval.log")
+        run_dir + "-eval.log", args.threads)
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -90,20 +95,35 @@ def main() -> int:
     p.add_argument("--eval-data", default="data/test", help="held-out data folder (anomllm, seed 42)")
     p.add_argument("--eval-limit", type=int, default=400, help="held-out samples scored per final model")
     p.add_argument("--out", default="runs/ablation", help="folder for the runs")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every arm, e.g. '--eval-samples 16'")
+    p.add_argument("--jobs", type=int, default=1, help="runs at the same time (2 on a 2-core machine)")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="where the json/png go")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
     arms = ["timerpo"] + [a for a in args.arms if a != "timerpo"]  # timerpo first: it makes the warm-up
-    rows, curves, started = {}, {}, time.time()
-    for arm in arms:  # arm-major: every seed's timerpo run (and its warm-up) comes first
-        for seed in args.seeds:
-            t0 = time.time()
-            run_dir = train_arm(arm, seed, args, args.out)
-            res = eval_arm(run_dir, args)
-            rows.setdefault(arm, []).append(res["summary"])
-            curves.setdefault(arm, []).append(curve(run_dir))
-            print(f"[{arm} seed {seed}] {time.time() - t0:.0f} s  aff-F1 {res['summary']['aff_f1']:.3f}", flush=True)
+    args.threads = 1 if args.jobs > 1 else None
+    started, lock = time.time(), threading.Lock()
+    tasks = [(arm, seed) for arm in arms for seed in args.seeds]  # arm-major: warm-ups come first
+    futures = {}
+
+    def one_arm(arm: str, seed: int) -> tuple[dict, list[float]]:
+        if arm != "timerpo" and ("timerpo", seed) in futures:
+            futures[("timerpo", seed)].result()  # this seed's warm-up must exist first
+        t0 = time.time()
+        run_dir = train_arm(arm, seed, args, args.out)
+        res = eval_arm(run_dir, args)
+        with lock:
+            print(f"[{arm} seed {seed}] {time.time() - t0:.0f} s  Avg F1 {res['summary']['avg_group_f1']:.3f}",
+                  flush=True)
+        return res["summary"], curve(run_dir)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for task in tasks:
+            futures[task] = pool.submit(one_arm, *task)
+        done = {task: fut.result() for task, fut in futures.items()}
+    rows = {arm: [done[(arm, s)][0] for s in args.seeds] for arm in arms}
+    curves = {arm: [done[(arm, s)][1] for s in args.seeds] for arm in arms}
 
     table = ["| arm | Cls Acc | " + " | ".join(GROUPS) + " | Avg F1 | reward |", "|---" * (len(GROUPS) + 4) + "|"]
     report = {}
@@ -123,9 +143,9 @@ def main() -> int:
         series[arm] = (list(range(1, len(mean) + 1)), mean.tolist())
     line_chart(series, os.path.join(args.results, "ablation_curves.png"),
                title=f"training reward (mean of {len(args.seeds)} seeds, 10-step moving average)")
-    with open(os.path.join(args.results, "ablation.json"), "w") as f:
-        json.dump({"args": vars(args), "table": table, "arms": report,
-                   "wall_s": time.time() - started}, f, indent=1)
+    write_atomic(os.path.join(args.results, "ablation.json"),
+                 json.dumps({"args": vars(args), "table": table, "arms": report,
+                             "wall_s": time.time() - started}, indent=1))
     return 0
 
 

@@ -22,6 +22,7 @@ Run from the repository root:  python bench/bench_sinkhorn.py   (writes bench/re
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -185,6 +186,14 @@ THREADS = torch.get_num_threads()
 
 
 def main() -> None:
+    global GROUPS, PER_GROUP, N_COMP, N_EXP, DIM, RESULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (1 x 2 problems of 16 x 8, D = 32): a quick check")
+    p.add_argument("--results", default=RESULTS, help="where the json goes")
+    args = p.parse_args()
+    RESULTS = args.results
+    if args.smoke:
+        GROUPS, PER_GROUP, N_COMP, N_EXP, DIM = 1, 2, 16, 8, 32
     pot = import_pot()
     tot = load_project_ot()
     load_before = os.getloadavg()
@@ -193,7 +202,7 @@ def main() -> None:
         rows.append(bench_family(kind, tot, pot))
         r = rows[-1]
         print(f"[{kind}] done: ours {r['ours_s']:.2f}s, POT {r['pot_s']:.2f}s", flush=True)
-    print(f"\n25 problems of {N_COMP}x{N_EXP}, D={DIM}, eps={EPS}, {N_ITER} iterations; torch threads={THREADS}, "
+    print(f"\n{GROUPS * PER_GROUP} problems of {N_COMP}x{N_EXP}, D={DIM}, eps={EPS}, {N_ITER} iterations; torch threads={THREADS}, "
           f"cpu cores={os.cpu_count()}")
     head = ("states", "ours s", "ours 1thr s", "POT s", "speedup", "spd 1thr", "max|dW|", "marg err 50",
             "|W50-Wconv|", "it to 1e-6")

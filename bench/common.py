@@ -1,0 +1,90 @@
+"""Shared pieces of the step benchmarks: a warmed-up tiny model and our RL loop driven step by step.
+
+Both bench_step.py and bench_trl.py start from the same model: the embedded tiny Qwen2.5-VL after the
+supervised format warm-up that `python train.py` runs first (so completions look like answers and the
+reward is not zero everywhere). It is built once and kept in runs/bench/warm-tiny-s<seed>/.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from timerpo.policy import load_policy, save_policy  # noqa: E402
+
+
+@dataclass
+class StepRecord:
+    """One RL step as a benchmark sees it: wall seconds (everything from picking the prompts to the
+    optimizer step), mean outcome reward, completion tokens sampled over `completions` completions, and per-phase seconds when known."""
+    wall: float
+    reward: float
+    tokens: int
+    completions: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def tiny_flags() -> list[str]:
+    """train.py's tiny preset spelled out as flags, warm-up excluded: a model folder alone would get the
+    paper preset."""
+    return [f for key, value in train.TINY.items() if key != "warmup_steps"
+            for f in ("--" + key.replace("_", "-"), str(value))]
+
+
+def tiny_args(model_dir: str, data: str, seed: int, extra: list[str] = ()) -> "train.argparse.Namespace":
+    """train.py's arguments for the tiny preset on a model folder, without warm-up. `extra` are further
+    train.py flags, e.g. ["--advantage", "grpo"]."""
+    flags = ["--model", model_dir, "--data", data, "--seed", str(seed), "--warmup-steps", "0"]
+    return train.parse_args(flags + tiny_flags() + list(extra))
+
+
+def warm_tiny(data: str, seed: int, warmup_steps: int, cache: str = os.path.join(ROOT, "runs", "bench")) -> str:
+    """The tiny model after `warmup_steps` of format warm-up (train.py's), saved once and reused."""
+    folder = os.path.join(cache, f"warm-tiny-s{seed}-w{warmup_steps}")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    args = train.parse_args(["--data", data, "--seed", str(seed), "--warmup-steps", str(warmup_steps)])
+    samples = train.ensure_data(data, 3407, progress=True)
+    policy = load_policy("tiny", seed=seed)
+    t0 = time.time()
+    train.format_warmup(policy, args, samples, progress=True)
+    print(f"[warm-up] {warmup_steps} steps in {time.time() - t0:.0f} s -> {folder}", flush=True)
+    save_policy(policy, folder)
+    return folder
+
+
+class OurLoop:
+    """Our RL loop (train.py's rl_step) on a fresh copy of `model_dir`, advanced one step at a time."""
+
+    def __init__(self, model_dir: str, data: str, seed: int, extra: list[str] = ()):
+        self.args = tiny_args(model_dir, data, seed, extra)
+        self.samples = train.ensure_data(data, 3407, progress=False)
+        self.policy = load_policy(model_dir, seed=seed)
+        self.ref = train.make_reference(self.policy, model_dir, self.args) if self.args.beta > 0 else None
+        self.optimizer = train.make_optimizer(self.policy, self.args)
+        self.step = 0
+
+    def run_step(self) -> StepRecord:
+        a, t0 = self.args, time.perf_counter()
+        indices = train.step_prompt_indices(len(self.samples), a.prompts_per_step, self.step, a.seed)
+        prompts = [train.make_prompt(self.policy, a.data, self.samples, i, a.cot) for i in indices]
+        episodes, _, _, timer = train.rl_step(self.policy, self.ref, self.optimizer, prompts, self.step, a)
+        wall = time.perf_counter() - t0
+        self.step += 1
+        phases = dict(timer.seconds)
+        phases["forward"] = phases.get("forward", 0.0) - phases.get("grounding", 0.0)  # grounding on its own
+        phases["other"] = wall - sum(phases.values())  # prompt building, scoring, advantages
+        return StepRecord(wall=wall, reward=sum(ep.reward.total for ep in episodes) / len(episodes),
+                          tokens=sum(len(ep.completion_ids) for ep in episodes), completions=len(episodes),
+                          phases=phases)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
