@@ -293,7 +293,7 @@ def make_optimizer(policy: Policy, args) -> torch.optim.Optimizer:
 
 def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, args, dist: Dist = SINGLE):
     """One RL step on this rank's prompts, README algorithm steps 1-6 in order: rollout, score_outcomes,
-    forward_old (+ target_states and the grounding W for TimerPO), reference_logprobs (beta > 0),
+    forward_old with target_states and the grounding W (TimerPO only), reference_logprobs (beta > 0),
     compute_advantages, update_policy. Returns (episodes, advantages, update stats, per-phase timer)."""
     timer = Timer()
     use_grounding = args.advantage != "grpo"
@@ -302,13 +302,12 @@ def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, arg
                            args.rollout_batch)
     score_outcomes(episodes, args.loc_reward)
     with timer("forward"):
-        with full_params(policy, dist):
-            targets = None
-            if use_grounding:
+        if use_grounding:  # GRPO skips this forward: update_policy then uses its own detached log-probs
+            with full_params(policy, dist):
                 with timer("grounding"):
                     targets = target_states(policy, prompts, args.expcot_max_tokens)
-            forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps,
-                        args.ot_iters, timer=timer)
+                forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps,
+                            args.ot_iters, timer=timer)
         if ref_policy is not None:
             with full_params(ref_policy, dist):
                 reference_logprobs(ref_policy, episodes, args.micro_batch)

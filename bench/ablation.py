@@ -111,7 +111,9 @@ def main() -> int:
         if arm != "timerpo" and ("timerpo", seed) in futures:
             futures[("timerpo", seed)].result()  # this seed's warm-up must exist first
         t0 = time.time()
-        run_dir = train_arm(arm, seed, args, args.out)
+        run_dir = os.path.join(args.out, f"{arm}-s{seed}")
+        if not os.path.exists(os.path.join(run_dir + "-eval", "results.json")):  # else: finished before
+            train_arm(arm, seed, args, args.out)
         res = eval_arm(run_dir, args)
         with lock:
             print(f"[{arm} seed {seed}] {time.time() - t0:.0f} s  Avg F1 {res['summary']['avg_group_f1']:.3f}",

@@ -65,6 +65,30 @@ def test_accumulation_equals_one_big_batch(tiny_policy, prompts):
     assert torch.allclose(params[1], params[2], atol=1e-6, rtol=0)
 
 
+def test_update_without_old_forward_equals_update_with_it(tiny_policy, prompts):
+    """GRPO mode skips forward_old: the update's detached log-probs stand in for π_old. Same step either way."""
+    eps = rollout(tiny_policy, prompts, group_size=2, step=4, seed=5, max_new_tokens=10, batch_size=6)
+    reference_logprobs(tiny_policy, eps, micro_batch=6)
+    for k, ep in enumerate(eps):
+        ep.advantage = [0.9, -0.9, 0.4, -0.4, 1.3, -1.3][k]
+        ep.ref_logprobs = ep.ref_logprobs + 0.03 * k  # a non-trivial KL term
+    results = []
+    for with_old in (False, True):
+        for ep in eps:
+            ep.old_logprobs = None
+        if with_old:
+            forward_old(tiny_policy, eps, micro_batch=6)
+        pol = fresh(tiny_policy)
+        stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=1.0), eps, 4, clip_eps=0.2,
+                              beta=0.1, entropy_coef=0.01, max_grad_norm=1e9)
+        results.append((stats, torch.cat([p.detach().flatten() for p in pol.model.parameters()])))
+    (s_none, p_none), (s_old, p_old) = results
+    before = torch.cat([p.detach().flatten() for p in tiny_policy.model.parameters()])
+    assert (p_old - before).abs().max() > 1e-4  # the step did move the weights
+    assert torch.allclose(p_none, p_old, atol=1e-6, rtol=0)
+    assert abs(s_none["loss"] - s_old["loss"]) < 1e-6 and s_none["clip_frac"] == s_old["clip_frac"] == 0.0
+
+
 def test_non_finite_step_is_skipped(tiny_policy, prompts):
     eps = rollout(tiny_policy, prompts[:1], group_size=2, step=1, seed=3, max_new_tokens=6, batch_size=2)
     forward_old(tiny_policy, eps, micro_batch=2)

@@ -2,7 +2,8 @@
 
     1. rollout            sample G completions per prompt                         (rollout.py does the sampling)
     2. score_outcomes     outcome reward R = 0.1 R_fmt + 0.2 R_cls + 0.7 R_loc   (reward.py)
-    3. forward_old        one no-grad forward: old log-probs + completion hidden states → W by OT (ot.py),
+    3. forward_old        one no-grad forward: old log-probs + completion hidden states → W by OT (ot.py)
+                          (TimerPO only: GRPO needs no old forward, see update_policy),
                           and the reference log-probs for the KL when β > 0
     4. compute_advantages Â_main, Â_TsR, projection, fused A                      (advantage.py)
     5. update_policy      clipped surrogate − β KL + c_H H, token-mean, micro-batched, one AdamW step
@@ -175,6 +176,11 @@ def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: li
     """Step 5: the section-7 objective over all episodes, accumulated over micro-batches, then one
     AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats).
 
+    Without old log-probs (no forward_old ran: GRPO mode) the ratio uses the update forward's own log-probs,
+    detached. That is exact here, not an approximation: there is one update per rollout, so π_old IS the
+    current policy; ρ = exp(log π − sg(log π)) = 1 with ∇ρ = ∇log π, the same loss and gradient as with
+    a separate old forward, one forward cheaper (a test compares both).
+
     Under torchrun (`dist` given) each rank passes its own episodes; the token-mean divides by the GLOBAL
     completion token count (`n_tokens_total`, all-reduced here when not given), the ranks' gradients add
     up (see distributed.grad_scale) and the returned stats are those of the whole global batch.
@@ -193,7 +199,10 @@ def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: li
         C = batch.completion_mask.shape[1]
         with grad_sync(policy, dist, last=k == len(micro_batches) - 1):
             logprobs, _, entropy = completion_forward(policy, batch, with_entropy=entropy_coef != 0)  # [b, C]
-            old = pad_rows([ep.old_logprobs for ep in chunk], C).to(logprobs.device)  # [b, C]
+            if all(ep.old_logprobs is None for ep in chunk):
+                old = logprobs.detach()  # [b, C]  π_old = π_θ at the single update (see the docstring)
+            else:
+                old = pad_rows([ep.old_logprobs for ep in chunk], C).to(logprobs.device)  # [b, C]
             ref = pad_rows([ep.ref_logprobs for ep in chunk], C).to(logprobs.device) if beta else None  # [b, C]
             adv = torch.tensor([ep.advantage for ep in chunk], dtype=torch.float32, device=logprobs.device)  # [b]
             terms = timerpo_objective(logprobs, old, ref, entropy, adv, batch.completion_mask, n_tokens_total,
