@@ -84,3 +84,15 @@ def test_bench_data_gen_smoke():
     # exit 1 means "a share is outside its tolerance", expected with 2 series per family
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     assert "range" in proc.stdout and "noisy-trend" in proc.stdout
+
+
+def test_answer_figure_smoke(tiny_data, tmp_path):
+    evald = tmp_path / "eval"
+    run_script(["eval.py", "--model", "baseline:full", "--data", tiny_data, "--out", str(evald), "--no-progress"])
+    png = tmp_path / "answer.png"
+    stdout = run_script(["bench/answer_figure.py", "--eval-dir", str(evald), "--data", tiny_data,
+                         "--family", "range", "--out", str(png)])
+    assert "-range-" in stdout  # a sample of the asked family
+    from PIL import Image
+    with Image.open(png) as img:
+        assert img.size[0] >= 1000  # the whole plot, not a thumbnail
