@@ -1,12 +1,12 @@
 """Step profile of our loop on the tiny model with train.py's defaults: where a step's wall time goes.
 
     python bench/bench_step.py                    # 3 repetitions x 10 steps per mode, alternating
-    python bench/bench_step.py --reps 1 --steps 1 --warmup-steps 1   # smoke run
+    python bench/bench_step.py --reps 1 --steps 2 --warmup-steps 1   # smoke run
 
 Runs TimerPO (the default) and `--advantage grpo` on the same warmed-up tiny model (bench/common.py),
 alternating repetitions so that both see the same machine. Phases per step: rollout (sampling with the
-KV cache), forward (the no-grad forward for old log-probs and hidden states, plus the reference
-forward for the KL), grounding (ExpCoT states of the current policy + Sinkhorn; TimerPO only), update
+KV cache), forward (the no-grad forward for old log-probs and hidden states, TimerPO only, plus the
+reference forward for the KL), grounding (ExpCoT states of the current policy + Sinkhorn; TimerPO only), update
 (forward + backward + AdamW), other (building prompts, parsing and scoring, advantages). The first step of
 each repetition is left out. Prints one table and writes bench/results/step_profile.json.
 """

@@ -1,14 +1,14 @@
 """Our loop (`--advantage grpo`) against TRL's GRPOTrainer: same model, data, reward, sizes and optimizer.
 
     python bench/bench_trl.py                     # 3 repetitions x 10 steps per side, alternating
-    python bench/bench_trl.py --reps 1 --steps 1 --warmup-steps 1   # smoke run
+    python bench/bench_trl.py --reps 1 --steps 2 --warmup-steps 1   # smoke run
 
 Both sides start each repetition from the same warmed-up tiny Qwen2.5-VL (bench/common.py) and use
 G = 5 completions for 4 prompts per step, at most 72 new tokens, temperature 1 with no top-k/top-p,
 vision tokens banned from sampling, one policy update per rollout (μ = 1), clipped ratio ε = 0.2,
 k3 KL to the start model with β = 0.001, entropy bonus 0.001, a token mean over the whole batch
-(TRL's loss_type "dapo"), group advantages (r − mean)/(std + δ), AdamW lr 1e-4, weight decay 0.01,
-gradient clip 1.0, fp32 on CPU, no gradient checkpointing (TRL turns it on by default: we turn it off).
+(TRL's loss_type "dapo"), group advantages (r − mean)/(std + δ) (δ: ours 1e-6, TRL 1e-4), AdamW lr 1e-4,
+weight decay 0.01, gradient clip 1.0, fp32 on CPU, no gradient checkpointing (TRL turns it on by default: we turn it off).
 The reward is timerpo.reward.score_completion on the same samples. The prompts TRL builds with its
 processor are checked token for token against ours before anything is timed.
 
