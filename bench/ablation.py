@@ -77,9 +77,15 @@ def eval_arm(run_dir: str, args) -> dict:
         return json.load(f)
 
 
-def curve(run_dir: str) -> list[float]:
+def training_log(run_dir: str) -> list[dict]:
+    """The run's metrics.jsonl rows, one per RL step."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["reward"] for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single seed)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def smooth(values: np.ndarray, k: int = 10) -> np.ndarray:
@@ -118,30 +124,37 @@ def main() -> int:
         with lock:
             print(f"[{arm} seed {seed}] {time.time() - t0:.0f} s  Avg F1 {res['summary']['avg_group_f1']:.3f}",
                   flush=True)
-        return res["summary"], curve(run_dir)
+        return res["summary"], training_log(run_dir)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for task in tasks:
             futures[task] = pool.submit(one_arm, *task)
         done = {task: fut.result() for task, fut in futures.items()}
     rows = {arm: [done[(arm, s)][0] for s in args.seeds] for arm in arms}
-    curves = {arm: [done[(arm, s)][1] for s in args.seeds] for arm in arms}
+    logs = {arm: [done[(arm, s)][1] for s in args.seeds] for arm in arms}
 
-    table = ["| arm | Cls Acc | " + " | ".join(GROUPS) + " | Avg F1 | reward |", "|---" * (len(GROUPS) + 4) + "|"]
+    # held-out: Cls Acc, the four groups, Avg F1 (%), outcome reward; training: the last 50 steps' mean
+    # reward and share of groups whose G rewards were all equal (no learning signal from Â_main)
+    table = ["| arm | Cls Acc | " + " | ".join(GROUPS) + " | Avg F1 | held-out reward | train reward, last 50 "
+             "| zero-std groups, last 50 |", "|---" * (len(GROUPS) + 6) + "|"]
     report = {}
     for arm in arms:
         summ = rows[arm]
         cells = {"Cls Acc": [s["cls_acc"] for s in summ], "Avg F1": [s["avg_group_f1"] for s in summ],
-                 "reward": [s["reward"] for s in summ]}
+                 "reward": [s["reward"] for s in summ],
+                 "train reward last 50": [float(np.mean([r["reward"] for r in log[-50:]])) for log in logs[arm]],
+                 "zero-std last 50": [float(np.mean([r["zero_std_frac"] for r in log[-50:]])) for log in logs[arm]]}
         cells.update({g: [s["groups"].get(g, float("nan")) for s in summ] for g in GROUPS})
-        report[arm] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for k, v in cells.items()}
-        fmt = lambda k: f"{100 * np.mean(cells[k]):.1f} ± {100 * np.std(cells[k]):.1f}"  # noqa: E731
-        table.append(f"| {arm} | {fmt('Cls Acc')} | " + " | ".join(fmt(g) for g in GROUPS)
-                     + f" | {fmt('Avg F1')} | {np.mean(cells['reward']):.3f} ± {np.std(cells['reward']):.3f} |")
+        report[arm] = {k: dict(zip(("mean", "std"), spread(v)), values=v) for k, v in cells.items()}
+        pct = lambda k: "{:.1f} ± {:.1f}".format(*(100 * x for x in spread(cells[k])))  # noqa: E731
+        raw = lambda k: "{:.3f} ± {:.3f}".format(*spread(cells[k]))  # noqa: E731
+        table.append(f"| {arm} | {pct('Cls Acc')} | " + " | ".join(pct(g) for g in GROUPS)
+                     + f" | {pct('Avg F1')} | {raw('reward')} | {raw('train reward last 50')} "
+                       f"| {raw('zero-std last 50')} |")
     print("\n".join(table))
     series = {}
-    for arm, cs in curves.items():
-        mean = smooth(np.mean(np.array(cs), axis=0))
+    for arm, arm_logs in logs.items():
+        mean = smooth(np.mean(np.array([[r["reward"] for r in log] for log in arm_logs]), axis=0))
         series[arm] = (list(range(1, len(mean) + 1)), mean.tolist())
     line_chart(series, os.path.join(args.results, "ablation_curves.png"),
                title=f"training reward (mean of {len(args.seeds)} seeds, 10-step moving average)")
