@@ -2,7 +2,8 @@
 
 Reads top to bottom: configuration → data → policy → (tiny only) supervised format warm-up → RL loop.
 Each RL step is the five functions of timerpo/algorithm.py:
-    rollout → score_outcomes → forward_old (+ OT grounding, + reference) → compute_advantages → update_policy
+    rollout → score_outcomes → ground_completions (TimerPO) + reference_logprobs (β > 0) → compute_advantages
+    → update_policy
 Outputs go to runs/<name>/: metrics.jsonl (one line per step), eval.jsonl (one line per held-out eval),
 curves.png, and atomic checkpoints ckpt-<step>/ (hub format model + optimizer/RNG) named by `latest`.
 
@@ -26,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data_gen
-from timerpo.algorithm import (Prompt, compute_advantages, forward_old, reference_logprobs, rollout,
+from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, reference_logprobs, rollout,
                                score_outcomes, target_states, update_policy)
 from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, restore_optimizer,
                                 save_checkpoint, set_rng_state, write_atomic)
@@ -241,7 +242,6 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
     """One metrics.jsonl row from the (gathered) step columns; the times are this process's (rank 0's)."""
     rewards, lengths, grounding = cols["reward"], cols["length"], cols["grounding"]
     sec = timer.seconds
-    forward = sec.get("forward", 0.0) - sec.get("grounding", 0.0)
     return {
         "step": step,
         "reward": float(rewards.mean()),
@@ -260,9 +260,9 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
         "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
         "completion_len": float(lengths.mean()),
         "truncated_frac": float(1.0 - cols["finished"].mean()),
-        "time_rollout": sec.get("rollout", 0.0), "time_forward": forward,
+        "time_rollout": sec.get("rollout", 0.0), "time_forward": sec.get("forward", 0.0),
         "time_grounding": sec.get("grounding", 0.0), "time_update": sec.get("update", 0.0),
-        "time_step": sum(v for k, v in sec.items() if k != "grounding"),
+        "time_step": sum(sec.values()),
         # the whole job's sampled tokens over rank 0's rollout time (ranks sample at the same time)
         "tokens_per_s": float(lengths.sum() / max(sec.get("rollout", 1e-9), 1e-9)),
     }
@@ -292,25 +292,22 @@ def make_optimizer(policy: Policy, args) -> torch.optim.Optimizer:
 
 
 def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, args, dist: Dist = SINGLE):
-    """One RL step on this rank's prompts, README algorithm steps 1-6 in order: rollout, score_outcomes,
-    forward_old with target_states and the grounding W (TimerPO only), reference_logprobs (beta > 0),
-    compute_advantages, update_policy. Returns (episodes, advantages, update stats, per-phase timer)."""
+    """One RL step on this rank's prompts, README algorithm steps 1-5 in order: rollout, score_outcomes,
+    ground_completions (TimerPO: target_states + W), reference_logprobs (beta > 0), compute_advantages,
+    update_policy. Returns (episodes, advantages, update stats, per-phase timer)."""
     timer = Timer()
     use_grounding = args.advantage != "grpo"
     with timer("rollout"), full_params(policy, dist):
         episodes = rollout(policy, prompts, args.group_size, step, args.seed, args.max_new_tokens,
-                           args.rollout_batch)
+                           args.rollout_batch, keep_states=use_grounding)
     score_outcomes(episodes, args.loc_reward)
-    with timer("forward"):
-        if use_grounding:  # GRPO skips this forward: update_policy then uses its own detached log-probs
-            with full_params(policy, dist):
-                with timer("grounding"):
-                    targets = target_states(policy, prompts, args.expcot_max_tokens)
-                forward_old(policy, episodes, args.micro_batch, targets, args.grounding, args.ot_eps,
-                            args.ot_iters, timer=timer)
-        if ref_policy is not None:
-            with full_params(ref_policy, dist):
-                reference_logprobs(ref_policy, episodes, args.micro_batch)
+    if use_grounding:
+        with timer("grounding"), full_params(policy, dist):
+            targets = target_states(policy, prompts, args.expcot_max_tokens)
+            ground_completions(episodes, targets, args.micro_batch, args.grounding, args.ot_eps, args.ot_iters)
+    if ref_policy is not None:
+        with timer("forward"), full_params(ref_policy, dist):
+            reference_logprobs(ref_policy, episodes, args.micro_batch)
     adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
                              args.grounding)
     with timer("update"):

@@ -78,7 +78,6 @@ class OurLoop:
         wall = time.perf_counter() - t0
         self.step += 1
         phases = dict(timer.seconds)
-        phases["forward"] = phases.get("forward", 0.0) - phases.get("grounding", 0.0)  # grounding on its own
         phases["other"] = wall - sum(phases.values())  # prompt building, scoring, advantages
         return StepRecord(wall=wall, reward=sum(ep.reward.total for ep in episodes) / len(episodes),
                           tokens=sum(len(ep.completion_ids) for ep in episodes), completions=len(episodes),

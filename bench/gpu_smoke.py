@@ -38,7 +38,7 @@ for path in (ROOT, HERE):
 
 import data_gen  # noqa: E402
 from memory_table import qwen25vl_config  # noqa: E402
-from timerpo.algorithm import (compute_advantages, forward_old, rollout, score_outcomes, target_states,  # noqa: E402
+from timerpo.algorithm import (compute_advantages, ground_completions, rollout, score_outcomes, target_states,  # noqa: E402
                                update_policy)
 from timerpo.distributed import full_params, init_distributed, prepare_policy, rank_slice  # noqa: E402
 from timerpo.policy import Policy, make_image_processor  # noqa: E402
@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         sync(device)
         t = time.perf_counter()
         with full_params(policy, dist):
-            episodes = rollout(policy, prompts, args.group_size, step, 0, args.max_new_tokens, args.rollout_batch)
+            episodes = rollout(policy, prompts, args.group_size, step, 0, args.max_new_tokens, args.rollout_batch,
+                               keep_states=True)
         sync(device)
         t_rollout = time.perf_counter() - t
         mem_rollout = peak_memory_gb(device)
@@ -167,9 +168,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         with full_params(policy, dist):
             targets = target_states(policy, prompts, 512)
-            forward_old(policy, episodes, args.micro_batch, targets, "ot", 0.08, 50)
+            ground_completions(episodes, targets, args.micro_batch, "ot", 0.08, 50)
         sync(device)
-        t_score = time.perf_counter() - t
+        t_ground = time.perf_counter() - t
         compute_advantages(episodes, args.group_size, "timerpo", 0.3, "std", 0.5, "ot")
         reset_peak(device)
         t = time.perf_counter()
@@ -181,8 +182,8 @@ def main(argv=None) -> int:
         # MFU only means something against a GPU's peak; on a CPU the line shows "n/a"
         mfu = f"{100 * flops / (t_update * args.peak_tflops * 1e12 * gpus):.1f} %" if gpus else "n/a"
         say(f"[step {step + 1}] rollout {new_tokens:.0f} tokens in {t_rollout:.1f} s = {new_tokens / t_rollout:.0f} "
-            f"tokens/s | score {t_score:.1f} s | update {t_update:.1f} s ({flops / 1e12:.3f} TFLOP, MFU {mfu}) "
-            f"| step {t_rollout + t_score + t_update:.1f} s | peak memory rank 0 ({mem_kind}): rollout "
+            f"tokens/s | grounding {t_ground:.1f} s | update {t_update:.1f} s ({flops / 1e12:.3f} TFLOP, MFU {mfu}) "
+            f"| step {t_rollout + t_ground + t_update:.1f} s | peak memory rank 0 ({mem_kind}): rollout "
             f"{mem_rollout:.1f} GB, update {mem_update:.1f} GB | loss {stats['loss']:.4f}, grad norm "
             f"{stats['grad_norm']:.3f}")
     say(f"[smoke] done in {time.perf_counter() - t0:.0f} s")

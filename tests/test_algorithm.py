@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import data_gen
-from timerpo.algorithm import (Episode, Prompt, compute_advantages, forward_old, reference_logprobs, rollout,
-                               score_outcomes, target_states, update_policy)
+from timerpo.algorithm import (Episode, Prompt, compute_advantages, ground_completions, grounding_values,
+                               reference_logprobs, rollout, score_outcomes, target_states, update_policy)
+from timerpo.objective import timerpo_objective
+from timerpo.rollout import collate, completion_forward
 from timerpo.policy import encode_prompt
 from timerpo.prompt import build_prompt, format_completion
 from timerpo.reward import score_completion
@@ -47,7 +49,6 @@ def fresh(policy):
 
 def test_accumulation_equals_one_big_batch(tiny_policy, prompts):
     eps = rollout(tiny_policy, prompts, group_size=2, step=0, seed=3, max_new_tokens=10, batch_size=6)
-    forward_old(tiny_policy, eps, micro_batch=6)
     reference_logprobs(tiny_policy, eps, micro_batch=6)
     for k, ep in enumerate(eps):
         ep.advantage = [0.7, -0.4, 1.1, -1.2, 0.3, -0.5][k]
@@ -65,33 +66,60 @@ def test_accumulation_equals_one_big_batch(tiny_policy, prompts):
     assert torch.allclose(params[1], params[2], atol=1e-6, rtol=0)
 
 
-def test_update_without_old_forward_equals_update_with_it(tiny_policy, prompts):
-    """GRPO mode skips forward_old: the update's detached log-probs stand in for π_old. Same step either way."""
+def test_update_equals_the_objective_with_a_separate_old_forward(tiny_policy, prompts):
+    """update_policy takes π_old from its own forward, detached (one update per rollout). The oracle is the
+    textbook step: a separate no-grad forward for π_old, the objective on one batch, backward, SGD."""
     eps = rollout(tiny_policy, prompts, group_size=2, step=4, seed=5, max_new_tokens=10, batch_size=6)
     reference_logprobs(tiny_policy, eps, micro_batch=6)
+    advantages = [0.9, -0.9, 0.4, -0.4, 1.3, -1.3]
     for k, ep in enumerate(eps):
-        ep.advantage = [0.9, -0.9, 0.4, -0.4, 1.3, -1.3][k]
+        ep.advantage = advantages[k]
         ep.ref_logprobs = ep.ref_logprobs + 0.03 * k  # a non-trivial KL term
-    results = []
-    for with_old in (False, True):
-        for ep in eps:
-            ep.old_logprobs = None
-        if with_old:
-            forward_old(tiny_policy, eps, micro_batch=6)
-        pol = fresh(tiny_policy)
-        stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=1.0), eps, 4, clip_eps=0.2,
-                              beta=0.1, entropy_coef=0.01, max_grad_norm=1e9)
-        results.append((stats, torch.cat([p.detach().flatten() for p in pol.model.parameters()])))
-    (s_none, p_none), (s_old, p_old) = results
+    pol = fresh(tiny_policy)
+    stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=1.0), eps, 4, clip_eps=0.2,
+                          beta=0.1, entropy_coef=0.01, max_grad_norm=1e9)
+    ours = torch.cat([p.detach().flatten() for p in pol.model.parameters()])
+
+    oracle = fresh(tiny_policy)
+    batch = collate(oracle, [ep.prompt.encoded for ep in eps], [ep.completion_ids for ep in eps])
+    C = batch.completion_mask.shape[1]
+    with torch.no_grad():
+        old, _, _ = completion_forward(oracle, batch)  # [B, C]
+    ref = torch.zeros(len(eps), C)
+    for i, ep in enumerate(eps):
+        ref[i, :len(ep.ref_logprobs)] = ep.ref_logprobs
+    oracle.model.train()
+    logprobs, _, entropy = completion_forward(oracle, batch, with_entropy=True)  # [B, C]
+    terms = timerpo_objective(logprobs, old, ref, entropy, torch.tensor(advantages), batch.completion_mask,
+                              int(batch.completion_mask.sum()), clip_eps=0.2, beta=0.1, entropy_coef=0.01)
+    terms.loss.backward()
+    torch.optim.SGD(oracle.model.parameters(), lr=1.0).step()
+    expected = torch.cat([p.detach().flatten() for p in oracle.model.parameters()])
     before = torch.cat([p.detach().flatten() for p in tiny_policy.model.parameters()])
-    assert (p_old - before).abs().max() > 1e-4  # the step did move the weights
-    assert torch.allclose(p_none, p_old, atol=1e-6, rtol=0)
-    assert abs(s_none["loss"] - s_old["loss"]) < 1e-6 and s_none["clip_frac"] == s_old["clip_frac"] == 0.0
+    assert (expected - before).abs().max() > 1e-4  # the step did move the weights
+    assert torch.allclose(ours, expected, atol=1e-6, rtol=0)
+    assert abs(stats["loss"] - float(terms.loss.detach())) < 1e-6 and stats["clip_frac"] == 0.0
+
+
+def test_grounding_from_rollout_states_equals_grounding_from_a_forward(tiny_policy, prompts):
+    """Step 3 reads the states the rollout kept; W must be what a full forward's states give."""
+    eps = rollout(tiny_policy, prompts, group_size=3, step=6, seed=2, max_new_tokens=12, batch_size=5,
+                  keep_states=True)
+    targets = target_states(tiny_policy, prompts, max_tokens=64)
+    ground_completions(eps, targets, micro_batch=4, grounding="ot")
+    assert all(ep.states is None for ep in eps)  # dropped once used
+    batch = collate(tiny_policy, [ep.prompt.encoded for ep in eps], [ep.completion_ids for ep in eps])
+    with torch.no_grad():
+        _, hidden, _ = completion_forward(tiny_policy, batch, with_hidden=True)  # [N, C, D]
+        rows = torch.tensor([ep.group for ep in eps])
+        expected = grounding_values(hidden, batch.completion_mask, targets[0][rows], targets[1][rows], "ot",
+                                    0.08, 50)  # [N]
+    got = torch.tensor([ep.grounding for ep in eps], dtype=expected.dtype)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got, expected)
 
 
 def test_non_finite_step_is_skipped(tiny_policy, prompts):
     eps = rollout(tiny_policy, prompts[:1], group_size=2, step=1, seed=3, max_new_tokens=6, batch_size=2)
-    forward_old(tiny_policy, eps, micro_batch=2)
     for ep in eps:
         ep.advantage = float("nan")
     pol = fresh(tiny_policy)
@@ -102,11 +130,12 @@ def test_non_finite_step_is_skipped(tiny_policy, prompts):
 
 
 def test_one_timerpo_step_end_to_end(tiny_policy, prompts):
-    eps = rollout(tiny_policy, prompts, group_size=3, step=2, seed=0, max_new_tokens=8, batch_size=9)
+    eps = rollout(tiny_policy, prompts, group_size=3, step=2, seed=0, max_new_tokens=8, batch_size=9,
+                  keep_states=True)
     assert [ep.group for ep in eps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     score_outcomes(eps, "six-mean")
     targets = target_states(tiny_policy, prompts, max_tokens=64)
-    forward_old(tiny_policy, eps, micro_batch=4, targets=targets, grounding="ot")
+    ground_completions(eps, targets, micro_batch=4, grounding="ot")
     assert all(0.0 <= ep.grounding <= 2.0 for ep in eps)
     result = compute_advantages(eps, 3, mode="timerpo", alpha=0.3, norm="std", tau=0.5, grounding="ot")
     assert torch.isfinite(result.advantages).all()

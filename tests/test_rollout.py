@@ -48,6 +48,27 @@ def test_rollout_logprobs_equal_training_forward(end_biased, prompts):
         assert diff <= 1e-4, f"row {i}: rollout vs forward log-prob differ by {diff}"
 
 
+@pytest.mark.parametrize("ends", ["early ends", "all truncated"])
+def test_rollout_states_equal_training_forward_states(end_biased, tiny_policy, prompts, ends):
+    """The states TimerPO grounds with come from the KV-cache steps; they must be the forward's hidden[:, j],
+    whether a row stopped at its end token or at max_new_tokens (the last state needs one extra step)."""
+    policy, max_new = (end_biased, 20) if ends == "early ends" else (tiny_policy, 5)
+    seeds = [completion_seed(3, 1, i, 2) for i in range(len(prompts))]
+    outs = sample_completions(policy, prompts, seeds, max_new_tokens=max_new, with_states=True)
+    lengths = [len(ids) for ids, _, _ in outs]
+    assert len(set(lengths)) > 1 if ends == "early ends" else set(lengths) == {max_new}
+    plain = sample_completions(policy, prompts, seeds, max_new_tokens=max_new)
+    assert [ids for ids, _, _ in outs] == [ids for ids, _ in plain]  # asking for states changes no sample
+    with torch.no_grad():
+        batch = collate(policy, prompts, [ids for ids, _, _ in outs])
+        _, hidden, _ = completion_forward(policy, batch, with_hidden=True)  # [B, C, D]
+    for i, (ids, _, states) in enumerate(outs):
+        assert states.shape == (len(ids), hidden.shape[-1])
+        diff = (hidden[i, :len(ids)] - states).abs().max().item()
+        scale = hidden[i, :len(ids)].abs().max().item()
+        assert diff <= 1e-4 * scale, f"row {i}: rollout vs forward states differ by {diff} (scale {scale})"
+
+
 def test_completion_depends_on_its_seed_not_its_batch(tiny_policy, prompts):
     seeds = [completion_seed(0, 5, i, 3) for i in range(len(prompts))]
     together = sample_completions(tiny_policy, prompts, seeds, max_new_tokens=12)

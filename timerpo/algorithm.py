@@ -1,19 +1,21 @@
 """One TimerPO step, as the functions the README's numbered algorithm names, in order:
 
-    1. rollout            sample G completions per prompt                         (rollout.py does the sampling)
+    1. rollout            sample G completions per prompt, keeping the last-layer state at every completion
+                          token for TimerPO                                      (rollout.py does the sampling)
     2. score_outcomes     outcome reward R = 0.1 R_fmt + 0.2 R_cls + 0.7 R_loc   (reward.py)
-    3. forward_old        one no-grad forward: old log-probs + completion hidden states → W by OT (ot.py)
-                          (TimerPO only: GRPO needs no old forward, see update_policy),
-                          and the reference log-probs for the KL when β > 0
+    3. ground_completions W_i between each completion's states and its ExpCoT's states by OT (ot.py)
+                          (TimerPO only; target_states gives the ExpCoT states),
+       reference_logprobs log π_ref of the completion tokens for the KL when β > 0
     4. compute_advantages Â_main, Â_TsR, projection, fused A                      (advantage.py)
     5. update_policy      clipped surrogate − β KL + c_H H, token-mean, micro-batched, one AdamW step
 
 Episodes (one completion each) are the only thing passed between steps; each step fills its fields.
+There is no separate "old log-prob" forward: with one update per rollout π_old is the current policy
+(see update_policy), and the states the OT needs come from the rollout's own KV-cache steps.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +47,13 @@ class Episode:
     prompt: Prompt
     group: int  # which prompt of the step, 0..P-1
     completion_ids: list[int]  # up to and including the first end token
-    sample_logprobs: list[float]  # log π at sampling time (equal to old_logprobs up to float noise)
+    sample_logprobs: list[float]  # log π at sampling time (equal to the update forward's up to float noise)
     text: str
     finished: bool  # ended with an end token (False: cut at max_new_tokens)
     parsed: Parsed | None = None
     reward: RewardParts | None = None
-    old_logprobs: torch.Tensor | None = None  # [C_i]
+    states: torch.Tensor | None = None  # [C_i, D] last-layer states at the completion tokens (TimerPO);
+    #                                     dropped once W is computed
     ref_logprobs: torch.Tensor | None = None  # [C_i]
     grounding: float | None = None  # W_i (OT cost) or the cosine similarity, by --grounding
     advantage: float | None = None
@@ -64,19 +67,21 @@ def chunks(items: list, size: int):
 # -- 1 ---------------------------------------------------------------------------------------------
 
 def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, seed: int,
-            max_new_tokens: int, batch_size: int, temperature: float = 1.0) -> list[Episode]:
+            max_new_tokens: int, batch_size: int, temperature: float = 1.0, keep_states: bool = False) -> list[Episode]:
     """Step 1: G completions per prompt, sampled in batches; completion k of a prompt is seeded by
-    (seed, step, prompt.index, k), so its text does not depend on the batch it was sampled in."""
+    (seed, step, prompt.index, k), so its text does not depend on the batch it was sampled in. With
+    `keep_states` each episode also keeps its completion's last-layer states for step 3."""
     jobs = [(g, p, k) for g, p in enumerate(prompts) for k in range(group_size)]
     episodes = []
     policy.model.eval()
     for chunk in chunks(jobs, batch_size):
         seeds = [completion_seed(seed, step, p.index, k) for _, p, k in chunk]
-        outs = sample_completions(policy, [p.encoded for _, p, _ in chunk], seeds, max_new_tokens, temperature)
-        for (g, p, _), (ids, logps) in zip(chunk, outs):
+        outs = sample_completions(policy, [p.encoded for _, p, _ in chunk], seeds, max_new_tokens, temperature,
+                                  with_states=keep_states)
+        for (g, p, _), (ids, logps, *states) in zip(chunk, outs):
             text = policy.tokenizer.decode(ids, skip_special_tokens=True)
             episodes.append(Episode(prompt=p, group=g, completion_ids=ids, sample_logprobs=logps, text=text,
-                                    finished=ids[-1] in policy.end_ids))
+                                    finished=ids[-1] in policy.end_ids, states=states[0] if states else None))
     return episodes
 
 
@@ -113,30 +118,30 @@ def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, 
 
 
 @torch.no_grad()
-def forward_old(policy: Policy, episodes: list[Episode], micro_batch: int, targets=None,
-                grounding: str = "ot", ot_eps: float = 0.08, ot_iters: int = 50, timer=None) -> None:
-    """Step 3: ONE no-grad forward per micro-batch gives the old log-probs and, when targets are given,
-    the completion hidden states that the OT compares with the target's (no gradient flows through W)."""
-    policy.model.eval()
+def ground_completions(episodes: list[Episode], targets, micro_batch: int, grounding: str = "ot",
+                       ot_eps: float = 0.08, ot_iters: int = 50) -> None:
+    """Step 3: W_i (or the cosine similarity) between each completion's states, kept by the rollout, and
+    its group's target states; then the states are dropped. No gradient flows through W.
+
+    targets = target_states(...) = ([P, T, D], [P, T]); row g belongs to the episodes of group g.
+    """
+    states, state_mask = targets
     for chunk in chunks(episodes, micro_batch):
-        batch = collate(policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
-        logprobs, hidden, _ = completion_forward(policy, batch, with_hidden=targets is not None)  # [b, C]
-        for ep, row in zip(chunk, logprobs):
-            ep.old_logprobs = row[:len(ep.completion_ids)].cpu()
-        if targets is None:
-            continue
-        with timer("grounding") if timer else nullcontext():
-            states, state_mask = targets
-            rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
-            values = grounding_values(hidden, batch.completion_mask, states[rows], state_mask[rows],
-                                      grounding, ot_eps, ot_iters)  # [b]
-            for ep, v in zip(chunk, values.tolist()):
-                ep.grounding = v
+        C = max(len(ep.completion_ids) for ep in chunk)
+        hidden = states.new_zeros(len(chunk), C, states.shape[-1])  # [b, C, D]; padding has zero mass
+        mask = torch.zeros(len(chunk), C, dtype=torch.long, device=states.device)  # [b, C]
+        for i, ep in enumerate(chunk):
+            hidden[i, :len(ep.completion_ids)] = ep.states.to(hidden)
+            mask[i, :len(ep.completion_ids)] = 1
+        rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
+        values = grounding_values(hidden, mask, states[rows], state_mask[rows], grounding, ot_eps, ot_iters)  # [b]
+        for ep, v in zip(chunk, values.tolist()):
+            ep.grounding, ep.states = v, None
 
 
 @torch.no_grad()
 def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
-    """Step 3b: log π_ref of every completion token, for the KL term (only when β > 0)."""
+    """Step 3, with β > 0: log π_ref of every completion token, for the KL term (only when β > 0)."""
     ref_policy.model.eval()
     for chunk in chunks(episodes, micro_batch):
         batch = collate(ref_policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
@@ -176,10 +181,10 @@ def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: li
     """Step 5: the section-7 objective over all episodes, accumulated over micro-batches, then one
     AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats).
 
-    Without old log-probs (no forward_old ran: GRPO mode) the ratio uses the update forward's own log-probs,
-    detached. That is exact here, not an approximation: there is one update per rollout, so π_old IS the
-    current policy; ρ = exp(log π − sg(log π)) = 1 with ∇ρ = ∇log π, the same loss and gradient as with
-    a separate old forward, one forward cheaper (a test compares both).
+    π_old in the ratio is the update forward's own log-probs, detached. That is exact here, not an
+    approximation: there is one update per rollout, so π_old IS the current policy;
+    ρ = exp(log π − sg(log π)) = 1 with ∇ρ = ∇log π: the loss and gradient a separate no-grad "old"
+    forward would give, one forward cheaper (a test compares both).
 
     Under torchrun (`dist` given) each rank passes its own episodes; the token-mean divides by the GLOBAL
     completion token count (`n_tokens_total`, all-reduced here when not given), the ranks' gradients add
@@ -199,10 +204,7 @@ def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: li
         C = batch.completion_mask.shape[1]
         with grad_sync(policy, dist, last=k == len(micro_batches) - 1):
             logprobs, _, entropy = completion_forward(policy, batch, with_entropy=entropy_coef != 0)  # [b, C]
-            if all(ep.old_logprobs is None for ep in chunk):
-                old = logprobs.detach()  # [b, C]  π_old = π_θ at the single update (see the docstring)
-            else:
-                old = pad_rows([ep.old_logprobs for ep in chunk], C).to(logprobs.device)  # [b, C]
+            old = logprobs.detach()  # [b, C]  π_old = π_θ at the single update (see the docstring)
             ref = pad_rows([ep.ref_logprobs for ep in chunk], C).to(logprobs.device) if beta else None  # [b, C]
             adv = torch.tensor([ep.advantage for ep in chunk], dtype=torch.float32, device=logprobs.device)  # [b]
             terms = timerpo_objective(logprobs, old, ref, entropy, adv, batch.completion_mask, n_tokens_total,

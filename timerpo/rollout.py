@@ -189,10 +189,13 @@ def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
 
 @torch.no_grad()
 def sample_completions(policy: Policy, prompts: list[EncodedPrompt], seeds: list[int], max_new_tokens: int,
-                       temperature: float = 1.0) -> list[tuple[list[int], list[float]]]:
+                       temperature: float = 1.0, with_states: bool = False) -> list[tuple]:
     """Sample one completion per prompt; each row stops after its first end token.
 
-    Returns, per row, (token ids up to and including the first end token, their log π at sampling).
+    Returns, per row, (token ids up to and including the first end token, their log π at sampling), plus,
+    with `with_states`, the last-layer states AT those tokens ([C_i, D], what completion_forward's
+    `hidden` holds, read off the KV-cache steps instead of a second forward: token j's state comes from
+    the step that feeds token j, and one extra step feeds the last tokens).
     A row that reaches max_new_tokens without an end token is returned as is (truncated).
     """
     batch = collate(policy, prompts)
@@ -210,22 +213,38 @@ def sample_completions(policy: Policy, prompts: list[EncodedPrompt], seeds: list
         mm_token_type_ids=batch.mm_token_type_ids, use_cache=True, logits_to_keep=1,
     )
     attention_mask = batch.attention_mask  # [B, P]
-    tokens_out, logps_out = [], []
+    tokens_out, logps_out, states_out = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=policy.device)  # [B]
+
+    def feed(tokens: torch.Tensor, t: int):
+        """One KV-cache step: feed this step's tokens (position P + t) and keep their states if asked."""
+        nonlocal attention_mask
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # [B, P+t+1]
+        step_positions = (next_position + t).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
+        with capture_output(final_norm(policy)) if with_states else nullcontext() as captured:
+            step_out = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask,
+                             position_ids=step_positions, cache=out.cache, use_cache=True)
+        if with_states:
+            states_out.append(captured.output[:, -1])  # [B, D]: the state AT the token just fed
+        return step_out
+
     for t in range(max_new_tokens):
         tokens, logps = sample_next(out.logits[:, -1], uniforms[:, t], temperature, policy.forbidden_ids)  # [B]
         tokens_out.append(tokens)
         logps_out.append(logps)
         done |= torch.isin(tokens, end_ids)
         if bool(done.all()) or t == max_new_tokens - 1:
+            if with_states:
+                feed(tokens, t)  # the last tokens' states (their logits are not needed)
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # [B, P+t+1]
-        step_positions = (next_position + t).view(1, B, 1).expand(3, B, 1)  # [3, B, 1]
-        out = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=step_positions,
-                    cache=out.cache, use_cache=True)
+        out = feed(tokens, t)
     tokens = torch.stack(tokens_out, dim=1).tolist()  # [B, C]
     logps = torch.stack(logps_out, dim=1).tolist()  # [B, C]
-    return [cut_at_end(tok, lp, policy.end_ids) for tok, lp in zip(tokens, logps)]
+    rows = [cut_at_end(tok, lp, policy.end_ids) for tok, lp in zip(tokens, logps)]
+    if not with_states:
+        return rows
+    states = torch.stack(states_out, dim=1)  # [B, C, D]
+    return [(tok, lp, states[i, :len(tok)].clone()) for i, (tok, lp) in enumerate(rows)]
 
 
 def cut_at_end(tokens: list[int], logps: list[float], end_ids: list[int]) -> tuple[list[int], list[float]]:
