@@ -160,7 +160,7 @@ def main() -> int:
                title=f"training reward (mean of {len(args.seeds)} seeds, 10-step moving average)")
     write_atomic(os.path.join(args.results, "ablation.json"),
                  json.dumps({"args": vars(args), "table": table, "arms": report,
-                             "wall_s": time.time() - started}, indent=1))
+                             "wall_s_this_invocation": time.time() - started}, indent=1))
     return 0
 
 
