@@ -75,7 +75,7 @@ HELP = {
     "temperature": "sampling temperature: 0 = greedy; 0.4 = the paper's validation sampling",
     "out": "output folder (default: runs/eval/<model-tag>-<data-folder-name>)",
     "batch_size": "prompts generated together (models only)",
-    "max_new_tokens": "completion length cap (default: 72 for tiny, 1024 otherwise)",
+    "max_new_tokens": "completion length cap (default: a run folder's own, 72 for tiny, 1024 otherwise)",
     "seed": "seed of sampling streams (models) and of the random baseline",
     "device": "cpu | cuda (default: cuda when available)",
     "no_progress": "no progress bars",
@@ -117,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--workers must be positive, got {args.workers}")
     args.workers = args.workers or min(2, os.cpu_count() or 1)
     if args.max_new_tokens is None:
-        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS["tiny" if args.model == "tiny" else "other"]
+        args.max_new_tokens = run_max_new_tokens(args.model) or \
+            DEFAULT_MAX_NEW_TOKENS["tiny" if args.model == "tiny" else "other"]
     args.out = args.out or default_out(args.model, args.data, args.temperature)
     return args
 
@@ -261,6 +262,16 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
 
 # ---------------------------------------------------------------------------------------------------
 # Models
+
+
+def run_max_new_tokens(model: str) -> int | None:
+    """The completion cap a train.py run folder was trained with (its run_config.json), else None: a tiny
+    run is scored at its 72 tokens, not at the 1,024 meant for Qwen checkpoints."""
+    try:
+        with open(os.path.join(model, "run_config.json")) as f:
+            return int(json.load(f)["max_new_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def resolve_model(model: str) -> str:

@@ -285,3 +285,13 @@ def test_run_folder_resolves_to_its_latest_checkpoint(tmp_path):
     (tmp_path / "run" / "latest").write_text("ckpt-000007\n")
     assert ev.resolve_model(str(tmp_path / "run")) == str(ckpt / "model")
     assert ev.resolve_model("qwen2.5-vl-3b") == "qwen2.5-vl-3b"
+
+
+def test_run_folder_is_scored_at_its_own_completion_cap(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text('{"max_new_tokens": 72, "model": "tiny"}')
+    assert ev.parse_args(["--model", str(run), "--data", "d"]).max_new_tokens == 72
+    assert ev.parse_args(["--model", str(run), "--data", "d", "--max-new-tokens", "9"]).max_new_tokens == 9
+    assert ev.parse_args(["--model", "tiny", "--data", "d"]).max_new_tokens == 72
+    assert ev.parse_args(["--model", str(tmp_path), "--data", "d"]).max_new_tokens == 1024  # a plain folder
