@@ -413,8 +413,8 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
     eval_prompts = [make_prompt(policy, args.eval_data, eval_samples, i, args.cot)
                     for i in data_gen.balanced_indices(eval_samples, args.eval_samples)]
     if dist.is_main:
-        with open(os.path.join(run_dir, "run_config.json"), "w") as f:  # not config.json: that marks a model folder
-            json.dump(vars(args), f, indent=1)
+        # not config.json: that name marks a model folder
+        write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(vars(args), indent=1))
 
     # -- supervised format warm-up (tiny only; its result is also the KL reference) ----------------
     start_step = 0

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import ot
 from timerpo.advantage import timerpo_advantage
@@ -66,8 +67,8 @@ def chunks(items: list, size: int):
 
 # -- 1 ---------------------------------------------------------------------------------------------
 
-def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, seed: int,
-            max_new_tokens: int, batch_size: int, temperature: float = 1.0, keep_states: bool = False) -> list[Episode]:
+def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, seed: int, max_new_tokens: int,
+            batch_size: int, temperature: float = 1.0, keep_states: bool = False) -> list[Episode]:
     """Step 1: G completions per prompt, sampled in batches; completion k of a prompt is seeded by
     (seed, step, prompt.index, k), so its text does not depend on the batch it was sampled in. With
     `keep_states` each episode also keeps its completion's last-layer states for step 3."""
@@ -120,19 +121,18 @@ def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, 
 @torch.no_grad()
 def ground_completions(episodes: list[Episode], targets, micro_batch: int, grounding: str = "ot",
                        ot_eps: float = 0.08, ot_iters: int = 50) -> None:
-    """Step 3: W_i (or the cosine similarity) between each completion's states, kept by the rollout, and
-    its group's target states; then the states are dropped. No gradient flows through W.
+    """Step 3, PAPER.md sec. 7: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
+    kept by the rollout, and its group's target states; then the states are dropped. No gradient flows
+    through W.
 
     targets = target_states(...) = ([P, T, D], [P, T]); row g belongs to the episodes of group g.
     """
     states, state_mask = targets
     for chunk in chunks(episodes, micro_batch):
-        C = max(len(ep.completion_ids) for ep in chunk)
-        hidden = states.new_zeros(len(chunk), C, states.shape[-1])  # [b, C, D]; padding has zero mass
-        mask = torch.zeros(len(chunk), C, dtype=torch.long, device=states.device)  # [b, C]
-        for i, ep in enumerate(chunk):
-            hidden[i, :len(ep.completion_ids)] = ep.states.to(hidden)
-            mask[i, :len(ep.completion_ids)] = 1
+        # zero-padded rows have zero mass in the OT marginals, so padding changes nothing
+        hidden = pad_sequence([ep.states for ep in chunk], batch_first=True).to(states.device)  # [b, C, D]
+        lengths = torch.tensor([len(ep.completion_ids) for ep in chunk], device=states.device)  # [b]
+        mask = (torch.arange(hidden.shape[1], device=states.device) < lengths[:, None]).long()  # [b, C]
         rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
         values = grounding_values(hidden, mask, states[rows], state_mask[rows], grounding, ot_eps, ot_iters)  # [b]
         for ep, v in zip(chunk, values.tolist()):
@@ -141,7 +141,7 @@ def ground_completions(episodes: list[Episode], targets, micro_batch: int, groun
 
 @torch.no_grad()
 def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
-    """Step 3, with β > 0: log π_ref of every completion token, for the KL term (only when β > 0)."""
+    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of PAPER.md sec. 7."""
     ref_policy.model.eval()
     for chunk in chunks(episodes, micro_batch):
         batch = collate(ref_policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
