@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 
@@ -173,15 +172,6 @@ def bench_family(kind: str, tot, pot) -> dict:
     }
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="tmp", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 THREADS = torch.get_num_threads()
 
 
@@ -217,14 +207,17 @@ def main() -> None:
     print("cosine cost matmul f32 vs f64: " + ", ".join(
         f"{r['hidden_states']} {r['cosine_cost_f32_matmul_s']:.2f}s/{r['cosine_cost_f64_matmul_s']:.2f}s "
         f"(max|dW| {r['max_abs_W_f32cost_minus_f64cost']:.1e})" for r in rows))
-    write_json_atomic(RESULTS, {
+    sys.path.insert(0, ROOT)  # after POT's import: from here on `ot` is POT, we only need the writer
+    from timerpo.checkpoint import write_atomic
+
+    write_atomic(RESULTS, json.dumps({
         "setup": {"problems": GROUPS * PER_GROUP, "n": N_COMP, "m": N_EXP, "dim": DIM, "eps": EPS,
                   "n_iter": N_ITER, "torch": torch.__version__, "pot": pot.__version__, "numpy": np.__version__,
                   "torch_threads": THREADS, "cpu_count": os.cpu_count(), "machine": platform.processor() or
                   platform.machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                   "marginal_err": "L1: ||T1 - a||_1 + ||T^T 1 - b||_1"},
         "results": rows,
-    })
+    }, indent=2) + "\n")
     print(f"\nwrote {os.path.relpath(RESULTS, ROOT)}")
 
 

@@ -12,7 +12,6 @@ each repetition is left out. Prints one table and writes bench/results/step_prof
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, OurLoop, peak_rss_mb, warm_tiny  # noqa: E402
+from common import OurLoop, peak_rss_mb, step_bench_parser, warm_tiny  # noqa: E402
 
 from timerpo.checkpoint import write_atomic  # noqa: E402
 
@@ -44,16 +43,7 @@ def profile(records) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=3, help="repetitions per mode, alternating (3)")
-    p.add_argument("--steps", type=int, default=10, help="RL steps per repetition (10)")
-    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up of the start model (train.py's 150)")
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "train"), help="training data folder")
-    p.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench"), help="where the warmed-up model is kept")
-    p.add_argument("--seed", type=int, default=0, help="seed of the start model and of the loops")
-    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "step_profile.json"),
-                   help="where the json goes")
-    args = p.parse_args()
+    args = step_bench_parser(__doc__, "mode", "step_profile.json").parse_args()
     model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache)
     kept = {mode: [] for mode in MODES}
     for rep in range(args.reps):

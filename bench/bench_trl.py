@@ -19,7 +19,6 @@ Prints one table and writes bench/results/peer_trl.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, OurLoop, StepRecord, peak_rss_mb, tiny_args, warm_tiny  # noqa: E402
+from common import OurLoop, StepRecord, peak_rss_mb, step_bench_parser, tiny_args, warm_tiny  # noqa: E402
 
 import data_gen  # noqa: E402
 from timerpo.checkpoint import write_atomic  # noqa: E402
@@ -159,16 +158,7 @@ def summarize(records: list[list[StepRecord]]) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=3, help="repetitions per side, alternating (3)")
-    p.add_argument("--steps", type=int, default=10, help="RL steps per repetition (10)")
-    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up of the start model (train.py's 150)")
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "train"), help="training data folder")
-    p.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench"), help="where the warmed-up model is kept")
-    p.add_argument("--seed", type=int, default=0, help="seed of the start model and of both loops")
-    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "peer_trl.json"),
-                   help="where the json goes")
-    args = p.parse_args()
+    args = step_bench_parser(__doc__, "side", "peer_trl.json").parse_args()
     try:
         import trl
     except ImportError:

@@ -6,6 +6,7 @@ reward is not zero everywhere). It is built once and kept in runs/bench/warm-tin
 """
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import sys
@@ -82,6 +83,21 @@ class OurLoop:
         return StepRecord(wall=wall, reward=sum(ep.reward.total for ep in episodes) / len(episodes),
                           tokens=sum(len(ep.completion_ids) for ep in episodes), completions=len(episodes),
                           phases=phases)
+
+
+def step_bench_parser(doc: str, sides: str, results_name: str) -> argparse.ArgumentParser:
+    """The flags bench_step.py and bench_trl.py share: repetitions of `sides` alternating, steps per
+    repetition, the start model's warm-up, data, cache, seed and the results file."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--reps", type=int, default=3, help=f"repetitions per {sides}, alternating (3)")
+    p.add_argument("--steps", type=int, default=10, help="RL steps per repetition (10)")
+    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up of the start model (train.py's 150)")
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "train"), help="training data folder")
+    p.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench"), help="where the warmed-up model is kept")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start model and of the loops")
+    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", results_name),
+                   help="where the json goes")
+    return p
 
 
 def peak_rss_mb() -> float:
