@@ -77,7 +77,8 @@ def grounded_reward(W, tau: float = 0.5) -> torch.Tensor:
 
 
 def projection_coefficient(aux, main, group_size: int, eps: float = 1e-8) -> torch.Tensor:
-    """Per-group coefficient of the orthogonal projection: c_g = <aux, main>_g / (||main||_g^2 + eps), [N / G].
+    """PAPER.md sec. 7, per-group coefficient of the orthogonal projection:
+    c_g = <aux, main>_g / (||main||_g^2 + eps), [N / G].
 
     Example: aux = [1, -1], main = [2, -2] (one group) gives c = 4 / (8 + eps) ~= 0.5.
     """

@@ -33,7 +33,8 @@ class ObjectiveTerms:
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(π_θ ‖ π_ref) per token: exp(r) − r − 1, r = log π_ref − log π_θ (clamped). ≥ 0.
+    """PAPER.md sec. 7, KL term: k3 estimator of KL(π_θ ‖ π_ref) per token:
+    exp(r) − r − 1, r = log π_ref − log π_θ (clamped). ≥ 0.
 
     Example: logprobs = log 0.5, ref = log 0.25 → r = −log 2 → k3 = 0.5 + 0.693 − 1 = 0.193.
     """
@@ -43,7 +44,8 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate per token: min(ρ A, clip(ρ, 1−ϵ, 1+ϵ) A); also which tokens were clipped.
+    """PAPER.md sec. 7, clipped surrogate (PPO's) per token: min(ρ A, clip(ρ, 1−ϵ, 1+ϵ) A);
+    also which tokens were clipped.
 
     logprobs, old_logprobs [B, C]; advantages [B] (one value per completion, broadcast to its tokens).
     """
