@@ -498,7 +498,7 @@ def build_sample(suite: str, family: str, index: int, seed: int) -> tuple:
         id=sid, family=family, label=label, length=int(series.size), intervals=intervals,
         series=series.tolist(), image=f"images/{sid}.png",
         expcot=expert_cot.expert_cot(series, intervals, label),
-        gencot=expert_cot.generic_cot(label, intervals),
+        gencot=expert_cot.generic_cot(),
     )
     return sample, png_bytes(render_sample(sample, suite))
 

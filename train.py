@@ -27,6 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data_gen
+from expert_cot import generic_cot
+from timerpo.advantage import TSR_NORMS
 from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, reference_logprobs, rollout,
                                score_outcomes, target_states, update_policy)
 from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, restore_optimizer,
@@ -52,7 +54,7 @@ TINY = dict(steps=200, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1
             eval_temperature=0.4)
 SHARED = dict(alpha=0.3, beta=0.001, entropy_coef=0.001, clip_eps=0.2, tau=0.5, ot_eps=0.08, ot_iters=50,
               weight_decay=0.01, max_grad_norm=1.0, expcot_max_tokens=512, adv_norm="std",
-              loc_reward="six-mean")
+              loc_reward="six-mean", tsr_norm="std", tsr_floor=0.05)
 
 HELP = {
     "model": "tiny (embedded, built locally, CPU) | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a local folder",
@@ -84,6 +86,9 @@ HELP = {
     "ot_eps": "Sinkhorn entropic regularization ε (paper: 0.08)",
     "ot_iters": "Sinkhorn iterations (paper: 50)",
     "adv_norm": "group normalization: std (paper text: (R − mean)/(std + δ)) | mean (public code: R − mean)",
+    "tsr_norm": "normalization of the grounded advantage Â_TsR: std (paper reading, as Â_main) | mean | "
+                "std-floor (divide by max(std_G s, --tsr-floor), so Sinkhorn-noise spreads stay small)",
+    "tsr_floor": "floor on std_G s for --tsr-norm std-floor",
     "loc_reward": "localization reward: six-mean (public release) | aff-f1 (affiliation F1 alone)",
     "weight_decay": "AdamW weight decay (paper: 0.01)",
     "max_grad_norm": "gradient-norm clip (paper: 1.0)",
@@ -113,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cot", default="expcot", choices=("expcot", "gencot"), help=HELP["cot"])
     p.add_argument("--grounding", default="ot", choices=("ot", "cosine"), help=HELP["grounding"])
     p.add_argument("--adv-norm", default=SHARED["adv_norm"], choices=("std", "mean"), help=HELP["adv_norm"])
+    p.add_argument("--tsr-norm", default=SHARED["tsr_norm"], choices=TSR_NORMS, help=HELP["tsr_norm"])
     p.add_argument("--loc-reward", default=SHARED["loc_reward"], choices=LOC_MODES, help=HELP["loc_reward"])
     p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
     p.add_argument("--resume", action="store_true", help=HELP["resume"])
@@ -122,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=float, default=1800.0, help=HELP["dist_timeout"])
     p.add_argument("--grad-checkpointing", action="store_true", help=HELP["grad_checkpointing"])
     p.add_argument("--freeze-vision", action="store_true", help=HELP["freeze_vision"])
-    for key in list(PAPER) + [k for k in SHARED if k not in ("adv_norm", "loc_reward")]:
+    for key in list(PAPER) + [k for k in SHARED if k not in ("adv_norm", "loc_reward", "tsr_norm")]:
         kind = int if isinstance(TINY.get(key, SHARED.get(key)), int) else float
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=HELP[key] + " [default by model]"
                        if key in PAPER else HELP[key] + f" [default {SHARED[key]}]")
@@ -177,7 +183,9 @@ def make_prompt(policy: Policy, folder: str, samples: list, index: int, cot: str
     sample = samples[index]
     with Image.open(os.path.join(folder, sample.image)) as img:
         encoded = encode_prompt(policy, img, build_prompt(sample.length))
-    target = sample.expcot if cot == "expcot" else sample.gencot
+    # generic_cot() rather than the stored field: data folders written before the GenCoT became one generic
+    # text still hold per-sample texts with the answer in them.
+    target = sample.expcot if cot == "expcot" else generic_cot()
     return Prompt(index=index, sample=sample, encoded=encoded, target_text=target)
 
 
@@ -224,6 +232,7 @@ def step_columns(episodes, adv) -> dict[str, np.ndarray]:
         "length": np.array([len(ep.completion_ids) for ep in episodes]),
         "finished": np.array([ep.finished for ep in episodes], dtype=float),
         "grounding": np.array([ep.grounding for ep in episodes if ep.grounding is not None]),
+        "s": adv.grounded_reward.numpy() if adv.grounded_reward is not None else np.zeros(0),
         "advantage": adv.advantages.numpy(),
         "main": adv.main.numpy(),
         "projected": adv.projected.numpy() if adv.projected is not None else np.zeros(0),
@@ -231,6 +240,11 @@ def step_columns(episodes, adv) -> dict[str, np.ndarray]:
         "zero_std_groups": np.array([round(adv.zero_std_frac * n_groups)]),  # a count, so ranks can add it
         "groups": np.array([n_groups]),
     }
+
+
+def group_std(values: np.ndarray, group_size: int) -> float | None:
+    """Mean over groups of the sample std (ddof = 1) within each group of G values; None without values."""
+    return float(values.reshape(-1, group_size).std(axis=1, ddof=1).mean()) if len(values) else None
 
 
 def concat_columns(tables: list[dict]) -> dict[str, np.ndarray]:
@@ -256,6 +270,9 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
         "adv_grounded_absmean": float(np.abs(cols["projected"]).mean()) if len(cols["projected"]) else None,
         "proj_coef": float(cols["coef"].mean()) if len(cols["coef"]) else None,
         "grounding_mean": float(grounding.mean()) if len(grounding) else None,
+        # within-group spread of W and of s = exp(-W/tau): what A_TsR's normalisation divides by
+        "W_std_in_group": group_std(grounding, group_size),
+        "s_std_in_group": group_std(cols["s"], group_size),
         "kl": update["kl"], "entropy": update["entropy"], "clip_frac": update["clip_frac"],
         "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
         "completion_len": float(lengths.mean()),
@@ -309,7 +326,7 @@ def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, arg
         with timer("forward"), full_params(ref_policy, dist):
             reference_logprobs(ref_policy, episodes, args.micro_batch)
     adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
-                             args.grounding)
+                             args.grounding, args.tsr_norm, args.tsr_floor)
     with timer("update"):
         # with `dist`, the token-mean divides by the token count of ALL ranks' completions
         update = update_policy(policy, optimizer, episodes, args.micro_batch, args.clip_eps, args.beta,

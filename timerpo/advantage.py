@@ -15,6 +15,9 @@ import torch
 MODES = ("timerpo", "grpo", "no-projection")
 GROUNDINGS = ("ot", "cosine")
 NORMS = ("std", "mean")
+# Â_TsR has its own normalisation switch: s comes out of Sinkhorn, so a group's spread of s can be mostly
+# numerical noise, which "std" would blow up to unit size. "std-floor" divides by max(std_G s, floor).
+TSR_NORMS = ("std", "mean", "std-floor")
 
 
 def _grouped(values, group_size: int, name: str) -> torch.Tensor:
@@ -33,22 +36,31 @@ def _grouped(values, group_size: int, name: str) -> torch.Tensor:
     return t.view(-1, group_size)  # [N / G, G]
 
 
-def _check_norm(norm: str, group_size: int) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm == "std" and group_size < 2:
+def _check_norm(norm: str, group_size: int, allowed=NORMS) -> None:
+    if norm not in allowed:
+        raise ValueError(f"norm must be one of {allowed}, got {norm!r}")
+    if norm != "mean" and group_size < 2:
         raise ValueError("norm='std' needs group_size >= 2 (sample std of one value is undefined)")
 
 
-def _centre_and_scale(groups: torch.Tensor, norm: str, delta: float) -> torch.Tensor:
-    """(x - mean_G x) / (std_G x + delta) for norm="std", x - mean_G x for "mean"; groups [K, G] -> [K, G].
+def _centre_and_scale(groups: torch.Tensor, norm: str, delta: float, floor: float = 0.0) -> torch.Tensor:
+    """Centre each group and optionally scale it; groups [K, G] -> [K, G].
+
+        std:        (x - mean_G x) / (std_G x + delta)
+        mean:        x - mean_G x
+        std-floor:  (x - mean_G x) / max(std_G x, floor)
 
     std_G is the sample standard deviation (Bessel-corrected, ddof = 1), as torch.std and common GRPO code use.
     A group whose values are all equal gets exactly 0 (not rounding noise divided by delta).
+    Example (std-floor, floor 0.1): x = [0.50, 0.52] has std 0.0141 < 0.1, so the result is [-0.1, 0.1];
+    with "std" it would be [-0.707, 0.707] whatever the size of the spread.
     """
     centred = groups - groups.mean(dim=1, keepdim=True)  # [K, G]
+    std = groups.std(dim=1, correction=1, keepdim=True) if norm != "mean" else None  # [K, 1]
     if norm == "std":
-        centred = centred / (groups.std(dim=1, correction=1, keepdim=True) + delta)  # [K, G]
+        centred = centred / (std + delta)  # [K, G]
+    elif norm == "std-floor":
+        centred = centred / std.clamp(min=floor)  # [K, G]
     flat = groups.amax(dim=1) == groups.amin(dim=1)  # [K]
     return torch.where(flat[:, None], 0.0, centred)
 
@@ -112,7 +124,7 @@ class AdvantageResult:
     advantages: [N] final A_i, broadcast to every completion token by the caller.
     main: [N] A_main (outcome, GRPO).
     grounded_reward: [N] s_i (exp(-W/tau) for OT grounding, the similarity itself for cosine), or None.
-    grounded: [N] A_TsR = s - mean_G s (optionally / std), or None.
+    grounded: [N] A_TsR = s - mean_G s (scaled as `tsr_norm` says), or None.
     projected: [N] A_TsR made orthogonal to A_main per group, or None.
     coef: [N / G] projection coefficient per group, or None.
     zero_std_frac: fraction of groups whose outcome rewards are all equal (A_main = 0 there).
@@ -130,14 +142,15 @@ class AdvantageResult:
 
 def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha: float = 0.3, norm: str = "std",
                       tau: float = 0.5, grounding: str = "ot", delta: float = 1e-6,
-                      eps: float = 1e-8) -> AdvantageResult:
+                      eps: float = 1e-8, tsr_norm: str | None = None, tsr_floor: float = 0.0) -> AdvantageResult:
     """PAPER.md sec. 7, final advantage, per group of G completions:
 
         timerpo:        A = A_main + alpha * A_perp_TsR
         no-projection:  A = A_main + alpha * A_TsR
         grpo:           A = A_main (alpha is ignored; W may be None)
-    with A_main = group_advantage(rewards, G, norm, delta), A_TsR = centre (and for norm="std" scale) of s the
-    same way, A_perp_TsR = orthogonal_projection(A_TsR, A_main, G, eps), and the grounded reward
+    with A_main = group_advantage(rewards, G, norm, delta), A_TsR = s centred per group and scaled as
+    `tsr_norm` says (std | mean | std-floor with `tsr_floor`; None = the same as `norm`),
+    A_perp_TsR = orthogonal_projection(A_TsR, A_main, G, eps), and the grounded reward
         grounding="ot":     W is the OT distance [N], s = exp(-W / tau);
         grounding="cosine": W is the mean-pooled cosine similarity [N] (ot.mean_pooled_cosine), s = W as is
                             (larger = closer, like exp(-W/tau); centring makes any offset irrelevant).
@@ -152,6 +165,10 @@ def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha:
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     _check_norm(norm, group_size)
+    tsr_norm = norm if tsr_norm is None else tsr_norm
+    _check_norm(tsr_norm, group_size, TSR_NORMS)
+    if tsr_norm == "std-floor" and not (math.isfinite(tsr_floor) and tsr_floor > 0):
+        raise ValueError(f"tsr_norm 'std-floor' needs a finite tsr_floor > 0, got {tsr_floor!r}")
     r = _grouped(rewards, group_size, "rewards")  # [K, G]
     main = _centre_and_scale(r, norm, delta).reshape(-1)  # [N]
     zero_std_frac = float((r.amax(dim=1) == r.amin(dim=1)).to(torch.float64).mean())
@@ -163,7 +180,7 @@ def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha:
     s = grounded_reward(W, tau) if grounding == "ot" else _grouped(W, 1, "W (similarity)").reshape(-1)  # [N]
     if s.numel() != main.numel():
         raise ValueError(f"W has {s.numel()} values but rewards has {main.numel()}")
-    grounded = _centre_and_scale(s.view(-1, group_size), norm, delta).reshape(-1)  # [N]
+    grounded = _centre_and_scale(s.view(-1, group_size), tsr_norm, delta, tsr_floor).reshape(-1)  # [N]
     projected, coef = orthogonal_projection(grounded, main, group_size, eps, return_coef=True)
     if mode == "grpo":
         advantages = main

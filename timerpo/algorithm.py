@@ -153,13 +153,13 @@ def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch:
 # -- 4 ---------------------------------------------------------------------------------------------
 
 def compute_advantages(episodes: list[Episode], group_size: int, mode: str, alpha: float, norm: str,
-                       tau: float, grounding: str):
+                       tau: float, grounding: str, tsr_norm: str | None = None, tsr_floor: float = 0.0):
     """Step 4: Â_main from the outcome rewards, Â_TsR from W, projected and fused (advantage.py)."""
     rewards = torch.tensor([ep.reward.total for ep in episodes], dtype=torch.float64)  # [N]
     have_grounding = all(ep.grounding is not None for ep in episodes)  # False in grpo mode (never computed)
     ground = torch.tensor([ep.grounding for ep in episodes], dtype=torch.float64) if have_grounding else None  # [N]
     result = timerpo_advantage(rewards, ground, group_size, mode=mode, alpha=alpha, norm=norm, tau=tau,
-                               grounding=grounding)
+                               grounding=grounding, tsr_norm=tsr_norm, tsr_floor=tsr_floor)
     for ep, a in zip(episodes, result.advantages.tolist()):
         ep.advantage = a
     return result

@@ -40,9 +40,8 @@ def tiny_corpus() -> list[str]:
                 series, intervals = data_gen.make_series(suite, family, index, seed=0)
                 label = data_gen.FAMILY_LABEL[family] if intervals else "normal"
                 lines.append(expert_cot(series, intervals, label))
-                lines.append(generic_cot(label, intervals))
                 lines.append(format_completion("", intervals, label))
-    lines += [format_completion("", [], label) for label in LABELS]
+    lines += [format_completion("", [], label) for label in LABELS] + [generic_cot()]
     return lines
 
 
