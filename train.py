@@ -47,10 +47,10 @@ from timerpo.warmup import supervised_warmup
 # Every value can be overridden by the flag of the same name.
 
 PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,
-             warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
+             warmup_vision_steps=0, warmup_aux_weight=0.0, warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
              eval_temperature=0.4)
-TINY = dict(steps=200, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=150,
-            warmup_lr=2e-3, eval_every=50, eval_samples=128, save_every=50, micro_batch=20, rollout_batch=20,
+TINY = dict(steps=200, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=400,
+            warmup_vision_steps=200, warmup_aux_weight=1.0, warmup_lr=2e-3, eval_every=50, eval_samples=128, save_every=50, micro_batch=20, rollout_batch=20,
             eval_temperature=0.4)
 SHARED = dict(alpha=0.3, beta=0.001, entropy_coef=0.001, clip_eps=0.2, tau=0.5, ot_eps=0.08, ot_iters=50,
               weight_decay=0.01, max_grad_norm=1.0, expcot_max_tokens=512, adv_norm="std",
@@ -77,7 +77,10 @@ HELP = {
     "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 128)",
     "eval_temperature": "sampling temperature of held-out evaluation (paper validation: 0.4)",
     "save_every": "checkpoint every N steps (and at the end)",
-    "warmup_steps": "supervised format warm-up steps before RL (tiny: 150; Qwen Instruct: 0, they follow the format)",
+    "warmup_steps": "supervised warm-up steps on the true answers before RL (tiny: 400; Qwen Instruct: 0, they "
+                    "follow the format)",
+    "warmup_vision_steps": "plot-reading warm-up steps before those, vision tower only (tiny: 200; Qwen: 0)",
+    "warmup_aux_weight": "weight of the plot-reading loss beside the answer loss in the warm-up (tiny: 1.0)",
     "warmup_lr": "learning rate of the supervised warm-up (tiny: 2e-3)",
     "beta": "KL coefficient β, k3 estimator (paper: 0.001; 0 skips loading the reference)",
     "entropy_coef": "entropy bonus coefficient (paper: 0.001)",
@@ -156,7 +159,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for key in ("lr", "tau", "ot_eps"):
         if not getattr(args, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
-    for key in ("warmup_steps", "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
+    for key in ("warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if args.group_size < 2:
@@ -286,11 +289,10 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
 
 
 def format_warmup(policy: Policy, args, train_samples: list, progress: bool) -> list[float]:
-    """The supervised format warm-up (tiny only) on 256 fixed training prompts; returns the losses."""
-    warm = [make_prompt(policy, args.data, train_samples, i, args.cot)
-            for i in step_prompt_indices(len(train_samples), 256, 0, args.seed + 1)]
-    return supervised_warmup(policy, warm, args.warmup_steps, batch_size=8, lr=args.warmup_lr, seed=args.seed,
-                             progress=progress)
+    """The supervised warm-up (tiny only) on the whole training split: plot reading, then answers."""
+    return supervised_warmup(policy, args.data, train_samples, args.warmup_steps, batch_size=8, lr=args.warmup_lr,
+                             seed=args.seed, vision_steps=args.warmup_vision_steps,
+                             aux_weight=args.warmup_aux_weight, progress=progress)
 
 
 def make_reference(policy: Policy, source: str, args, dist: Dist = SINGLE) -> Policy:
@@ -440,12 +442,14 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
         if dist.is_main:
             for log in ("metrics.jsonl", "eval.jsonl"):
                 trim_log(os.path.join(run_dir, log), -1)
-        if args.warmup_steps > 0:
+        warming = args.warmup_steps + args.warmup_vision_steps > 0
+        if warming:
             # Every rank runs the same (deterministic) warm-up; DDP/FSDP then start all ranks from rank 0's.
             t0 = time.time()
             losses = format_warmup(policy, args, train_samples, progress)
-            say(f"[warm-up] {args.warmup_steps} steps in {time.time() - t0:.0f} s, final loss {losses[-1]:.3f}")
-        if args.beta > 0 and args.warmup_steps > 0 and dist.is_main:
+            say(f"[warm-up] {args.warmup_vision_steps} plot-reading + {args.warmup_steps} answer steps in "
+                f"{time.time() - t0:.0f} s" + (f", final answer loss {losses[-1]:.3f}" if losses else ""))
+        if args.beta > 0 and warming and dist.is_main:
             save_policy(policy, reference_dir)
         dist.barrier()  # the reference folder is complete before any rank reads it
     else:

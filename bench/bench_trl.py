@@ -163,7 +163,7 @@ def main() -> int:
         import trl
     except ImportError:
         raise SystemExit("TRL is a benchmark-only dependency: pip install -r requirements-dev.txt")
-    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache)
+    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache, args.warmup_vision_steps)
     runs = {"ours": [], "trl": []}
     for rep in range(args.reps):
         for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):

@@ -31,7 +31,7 @@ COMPARED = ("reward", "loss", "grad_norm", "entropy", "kl", "clip_frac", "adv_st
 def run_args(data, out, name, steps, extra=()):
     """Tiny flags: 4 prompts x 3 completions of <= 10 tokens; beta > 0 keeps the reference model in play."""
     return ["--data", data, "--eval-data", data, "--out", str(out), "--name", name, "--steps", str(steps),
-            "--prompts-per-step", "4", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "0",
+            "--prompts-per-step", "4", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "0", "--warmup-vision-steps", "0",
             "--eval-samples", "2", "--eval-every", "100", "--save-every", "1", "--micro-batch", "4",
             "--rollout-batch", "6", "--expcot-max-tokens", "48", "--lr", str(LR), "--beta", "0.001",
             "--no-progress", *extra]

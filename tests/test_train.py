@@ -16,7 +16,7 @@ TIMING_KEYS = {"time_rollout", "time_forward", "time_grounding", "time_update", 
 
 def small_args(data, out, name, steps, extra=()):
     return ["--data", data, "--eval-data", data, "--out", str(out), "--name", name, "--steps", str(steps),
-            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "3",
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "3", "--warmup-vision-steps", "2",
             "--eval-samples", "4", "--eval-every", "2", "--save-every", "1", "--micro-batch", "4",
             "--rollout-batch", "6", "--expcot-max-tokens", "48", "--no-progress", *extra]
 

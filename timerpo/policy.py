@@ -12,6 +12,7 @@ Chat layout of one prompt (the Qwen2.5-VL template, one image, N = image tokens)
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -87,9 +88,27 @@ class EncodedPrompt:
     image_grid_thw: torch.Tensor  # [3]: (t, h, w) in 14 px patches
 
 
-def make_image_processor() -> Qwen2VLImageProcessorPil:
-    """The PIL image processor with pixel limits that keep our renders at their native size."""
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+def make_image_processor(image_mean=None, image_std=None) -> Qwen2VLImageProcessorPil:
+    """The PIL image processor with pixel limits that keep our renders at their native size.
+
+    `image_mean`/`image_std` (per RGB channel, on the 0..1 scale) replace Qwen's CLIP statistics; the tiny
+    model uses white-centred ones (timerpo/tiny.py). None keeps the processor's own (the Qwen checkpoints').
+    """
+    stats = {k: list(v) for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **stats)
+
+
+def saved_image_stats(folder: str) -> dict:
+    """The normalisation a model folder was trained with (its preprocessor_config.json), or {} if none.
+
+    Only the mean and std are taken: the pixel limits stay ours, so plots keep their native size.
+    """
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    return {k: config[k] for k in ("image_mean", "image_std") if k in config}
 
 
 def visual_tokens(width: int, height: int) -> int:
@@ -155,7 +174,8 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
             f"The weights of '{path}' are not on this machine; fetch them once with "
             f"`huggingface-cli download {path}` (or pass --model /path/to/a/local/folder)."
         ) from None
-    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(), name=name)
+    stats = saved_image_stats(path) if os.path.isdir(path) else {}
+    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(**stats), name=name)
     return _to(policy, dtype, device)
 
 
