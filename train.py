@@ -49,9 +49,12 @@ from timerpo.warmup import supervised_warmup
 PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,
              warmup_vision_steps=0, warmup_aux_weight=0.0, warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
              eval_temperature=0.4)
-TINY = dict(steps=200, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=400,
-            warmup_vision_steps=200, warmup_aux_weight=1.0, warmup_lr=2e-3, eval_every=50, eval_samples=128, save_every=50, micro_batch=20, rollout_batch=20,
-            eval_temperature=0.4)
+TINY = dict(steps=100, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=300,
+            warmup_vision_steps=150, warmup_aux_weight=1.0, warmup_lr=2e-3, eval_every=50, eval_samples=128,
+            save_every=50, micro_batch=20, rollout_batch=20, eval_temperature=0.4)
+# `--preset tiny-long`: the same recipe with a longer warm-up and twice the RL steps (~25 min on 2 cores).
+TINY_LONG = dict(TINY, steps=200, warmup_steps=400, warmup_vision_steps=200)
+PRESETS = {"paper": PAPER, "tiny": TINY, "tiny-long": TINY_LONG}
 SHARED = dict(alpha=0.3, beta=0.001, entropy_coef=0.001, clip_eps=0.2, tau=0.5, ot_eps=0.08, ot_iters=50,
               weight_decay=0.01, max_grad_norm=1.0, expcot_max_tokens=512, adv_norm="std",
               loc_reward="six-mean", tsr_norm="std", tsr_floor=0.05)
@@ -62,7 +65,7 @@ HELP = {
     "eval_data": "held-out data folder (generated on first use: anomllm suite, seed 42)",
     "out": "parent folder of run folders",
     "name": "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)",
-    "steps": "RL steps (paper: 250 = 10 epochs of 3,200 prompts at 128 per step; tiny: 200)",
+    "steps": "RL steps (paper: 250 = 10 epochs of 3,200 prompts at 128 per step; tiny: 100; tiny-long: 200)",
     "prompts_per_step": "distinct prompts per step (paper: 128; tiny: 4)",
     "group_size": "completions per prompt, G (paper: 5)",
     "max_new_tokens": "completion length cap (paper: 1024; tiny: 72)",
@@ -71,15 +74,18 @@ HELP = {
     "advantage": "timerpo (A = Â_main + α·Â⊥_TsR) | grpo (α = 0) | no-projection (A = Â_main + α·Â_TsR)",
     "cot": "OT target text: expcot (expert chain of thought) | gencot (generic, the 'w/o ExpCoT' ablation)",
     "grounding": "ot (entropic OT cost W, s = exp(−W/τ)) | cosine (mean-pooled cosine similarity)",
+    "preset": "default values of the [default by model] flags: paper (Qwen models), tiny (the CPU default, "
+              "~10-15 min on 2 cores), tiny-long (longer warm-up, 200 RL steps, ~25 min); default: tiny for "
+              "--model tiny, paper otherwise",
     "seed": "seed of the run (prompt order, sampling streams, tiny weights)",
     "resume": "continue runs/<name> from its latest checkpoint",
     "eval_every": "held-out evaluation every N steps, and once before RL (paper: 25; tiny: 50)",
     "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 128)",
     "eval_temperature": "sampling temperature of held-out evaluation (paper validation: 0.4)",
     "save_every": "checkpoint every N steps (and at the end)",
-    "warmup_steps": "supervised warm-up steps on the true answers before RL (tiny: 400; Qwen Instruct: 0, they "
+    "warmup_steps": "supervised warm-up steps on the true answers before RL (tiny: 300; tiny-long: 400; Qwen Instruct: 0, they "
                     "follow the format)",
-    "warmup_vision_steps": "plot-reading warm-up steps before those, vision tower only (tiny: 200; Qwen: 0)",
+    "warmup_vision_steps": "plot-reading warm-up steps before those, vision tower only (tiny: 150; tiny-long: 200; Qwen: 0)",
     "warmup_aux_weight": "weight of the plot-reading loss beside the answer loss in the warm-up (tiny: 1.0)",
     "warmup_lr": "learning rate of the supervised warm-up (tiny: 2e-3)",
     "beta": "KL coefficient β, k3 estimator (paper: 0.001; 0 skips loading the reference)",
@@ -123,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adv-norm", default=SHARED["adv_norm"], choices=("std", "mean"), help=HELP["adv_norm"])
     p.add_argument("--tsr-norm", default=SHARED["tsr_norm"], choices=TSR_NORMS, help=HELP["tsr_norm"])
     p.add_argument("--loc-reward", default=SHARED["loc_reward"], choices=LOC_MODES, help=HELP["loc_reward"])
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS), help=HELP["preset"])
     p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
     p.add_argument("--resume", action="store_true", help=HELP["resume"])
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
@@ -136,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=HELP[key] + " [default by model]"
                        if key in PAPER else HELP[key] + f" [default {SHARED[key]}]")
     args = p.parse_args(argv)
-    preset = TINY if args.model == "tiny" else PAPER
+    preset = PRESETS[args.preset or ("tiny" if args.model == "tiny" else "paper")]
     for key, value in {**SHARED, **preset}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

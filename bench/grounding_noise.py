@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/val", help="plots to sample on (not the test split)")
     p.add_argument("--model", default=None, help="model folder (default: the tiny model after its warm-up)")
     p.add_argument("--groups", type=int, default=24, help="prompts, each with G completions")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (training: 1)")
     p.add_argument("--ref-iters", type=int, default=2000, help="Sinkhorn iterations of the converged reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default="bench/results/grounding_noise.json")
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     prompts = [train.make_prompt(policy, args.data, samples, i, "expcot")
                for i in data_gen.balanced_indices(samples, args.groups)]
     G = cfg.group_size
-    episodes = rollout(policy, prompts, G, 0, args.seed, cfg.max_new_tokens, cfg.rollout_batch, keep_states=True)
+    episodes = rollout(policy, prompts, G, 0, args.seed, cfg.max_new_tokens, cfg.rollout_batch,
+                       temperature=args.temperature, keep_states=True)
     score_outcomes(episodes, cfg.loc_reward)
     targets = target_states(policy, prompts, cfg.expcot_max_tokens)
     rows = torch.tensor([ep.group for ep in episodes])
@@ -83,6 +85,18 @@ def main(argv=None) -> int:
         "zero_std_reward_groups": float(np.mean(rewards.max(1) == rewards.min(1))),
         "share_of_groups_with_s_std_below": {str(f): float(np.mean(std_s < f)) for f in (1e-4, 1e-3, 1e-2, 0.05)},
     }
+    # Token-identical completions of one group: any difference of their s is noise, and "std" scales it up.
+    dup = [abs(s["train"][i] - s["train"][j]) for g in range(len(prompts)) for i in range(g * G, g * G + G)
+           for j in range(i + 1, g * G + G) if episodes[i].completion_ids == episodes[j].completion_ids]
+    out["identical_completion_pairs"] = len(dup)
+    out["identical_pairs_abs_s_diff_max"] = float(max(dup)) if dup else None
+    all_same = [g for g in range(len(prompts))
+                if all(episodes[g * G + k].completion_ids == episodes[g * G].completion_ids for k in range(G))]
+    out["groups_all_identical"] = len(all_same)
+    if all_same:  # what the paper's "std" reading makes of them: |Â_TsR| before α
+        z = [np.abs((s["train"][g * G:(g + 1) * G] - s["train"][g * G:(g + 1) * G].mean())
+                    / (s["train"][g * G:(g + 1) * G].std(ddof=1) + 1e-6)).max() for g in all_same]
+        out["all_identical_groups_max_abs_tsr_std"] = float(max(z))
     noise = max(out["sinkhorn_truncation_abs_s"], out["state_float_noise_abs_s"])
     out["spread_over_noise"] = out["s_std_in_group"] / max(noise, 1e-300)
     for k, v in out.items():
