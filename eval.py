@@ -833,8 +833,10 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
     notes = [f"{summary['n']} samples from {data_dir} ({suite} suite); unparsable completions: "
              f"{summary['unparsable']} (scored 0)."]
     if suite == data_gen.SERIES_SUITE:
-        notes.append(f"Real anomalies have no known class: Cls Acc counts the {summary['n_known_class']} windows "
-                     f"without anomaly (true class normal) only; windows of unlabelled series are not scored.")
+        notes.append(f"Real anomalies have no known class: Cls Acc counts only the {summary['n_known_class']} "
+                     f"windows without anomaly (true class normal).")
+        if summary["n_labelled"] < summary["n"]:
+            notes.append(f"{summary['n'] - summary['n_labelled']} windows of unlabelled series are not scored.")
     if "full_label" in info:
         notes.append(f"baseline:full predicts [[0, L]] with class '{info['full_label']}' (most common true "
                      f"anomaly class of these samples).")
