@@ -182,11 +182,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def ensure_data(folder: str, seed: int, progress: bool):
-    """Load a data folder; generate the anomllm suite there first when it does not exist yet."""
+    """Load a data folder; generate the anomllm suite there first when it does not exist yet. Imported real
+    series (data_gen.py --suite series) are refused: their classes are unknown and they have no ExpCoT."""
     if not os.path.exists(os.path.join(folder, "samples.jsonl")):
         print(f"[data] {folder} not found: generating the anomllm suite (400 per family, seed {seed})")
         data_gen.generate(folder, "anomllm", 400, seed, progress=progress)
-    return data_gen.load_samples(folder)
+    samples = data_gen.load_samples(folder)
+    real = next((s for s in samples if s.label == data_gen.UNKNOWN or not s.expcot), None)
+    if real is not None:  # imported real series: no known class, no ExpCoT to ground on
+        raise data_gen.DataError(f"{folder}: sample {real.id!r} is a window of a real series (unknown class, no "
+                                 f"ExpCoT); training needs generated data; score such folders with eval.py --data")
+    return samples
 
 
 def make_prompt(policy: Policy, folder: str, samples: list, index: int, cot: str) -> Prompt:
