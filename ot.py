@@ -1,4 +1,4 @@
-"""Entropic optimal transport between hidden-state sequences (PAPER.md section 7, "Grounded reward").
+"""Entropic optimal transport between hidden-state sequences (method.md §8 to §11).
 
 Pure torch, batched over problems. Rows/columns of different lengths share one batch through zero-mass
 entries (padding). Sinkhorn always runs in float64, whatever the dtype of the inputs (hidden states may be
@@ -103,7 +103,7 @@ def _scalings_ok(u: torch.Tensor, rows: torch.Tensor) -> bool:
 @torch.no_grad()
 def sinkhorn_with_error(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int = 50,
                         tol: float | None = None) -> SinkhornResult:
-    """Entropic OT plan by Sinkhorn (PAPER.md sec. 7: eps = 0.08, 50 iterations), batched, float64.
+    """Entropic OT plan by Sinkhorn (method.md §10: eps = 0.08, 50 iterations), batched, float64.
 
     Iteration k (k = 1..n_iter), from f = g = 0 (the same order as POT's `sinkhorn_log`):
         g_j = eps log b_j - eps log sum_i exp((f_i - C_ij) / eps)      (columns first)
@@ -126,7 +126,7 @@ def sinkhorn_with_error(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ep
 
     tol: if given, stop once every problem's column error ||T^T 1 - b||_1 <= tol (rows are exact then).
     n_iter and log_steps of the result are the largest over the blocks.
-    No gradient flows (PAPER.md: none through W). Runs on the device of `cost`.
+    No gradient flows (method.md §11: none through W). Runs on the device of `cost`.
 
     Example: C = [[0, 1], [1, 0]], a = b = [0.5, 0.5], eps = 0.1 gives T = [[s, r], [r, s]] / (2 (1 + e^-10))
     with s = 1, r = e^-10, so W = <T, C> = e^-10 / (1 + e^-10) ~= 4.54e-5.
@@ -225,7 +225,7 @@ def _unit_rows(h: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PAPER.md sec. 7 cost: C_jk = max(0, 1 - cos(x_j, y_k)), [B, n, D] x [B, m, D] -> [B, n, m].
+    """method.md §8, cost: C_jk = max(0, 1 - cos(x_j, y_k)), [B, n, D] x [B, m, D] -> [B, n, m].
 
     One batched matmul in float32 (float64 inputs stay float64). A zero vector has cos = 0 with anything,
     i.e. cost 1. Values are also clipped at 2, which only removes rounding beyond cos = -1.
@@ -237,7 +237,7 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def norm_softmax_marginal(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PAPER.md sec. 7 marginal: softmax over valid tokens of the hidden-state L2 norms, [B, n, D] -> [B, n].
+    """method.md §9, marginal: softmax over valid tokens of the hidden-state L2 norms, [B, n, D] -> [B, n].
 
     float64; exactly 0 on padding; a row without valid tokens is all 0 (an empty side).
     Example: norms [1, 2, 5] with mask [1, 1, 0] give [e^1, e^2, 0] / (e^1 + e^2) = [0.269, 0.731, 0].
@@ -251,7 +251,7 @@ def norm_softmax_marginal(h: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 def ot_distance(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor, y_mask: torch.Tensor | None,
                 eps: float = 0.08, n_iter: int = 50) -> torch.Tensor:
-    """PAPER.md sec. 7: W = <T, C> between hidden-state sequences, [B, n, D] vs [B, m, D] -> W [B] float64.
+    """method.md §11: W = <T, C> between hidden-state sequences, [B, n, D] vs [B, m, D] -> W [B] float64.
 
     C = cosine_cost(x, y), marginals = norm_softmax_marginal on each side, T = sinkhorn(C, a, b, eps, n_iter).
     W is the transport cost only (no entropy term), in [0, 2]. A problem with no valid token on either side
@@ -275,7 +275,7 @@ def mean_pooled_cosine(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Te
                        y_mask: torch.Tensor | None) -> torch.Tensor:
     """Cosine similarity of the mean-pooled valid tokens, [B, n, D] vs [B, m, D] -> [B] float64 in [-1, 1].
 
-    The "cosine instead of OT" ablation (PAPER.md sec. 7). Pooling is a plain mean over valid tokens, in
+    The "cosine instead of OT" ablation (method.md §19). Pooling is a plain mean over valid tokens, in
     float32 (float64 inputs stay float64). An empty side, or a pooled vector of norm < 1e-12, gives 0, the
     similarity of orthogonal vectors (matching W = 1 for OT).
     Example: x tokens [1, 0], [0, 1] pool to [0.5, 0.5]; against y = [[1, 0]] the cosine is 1/sqrt(2).

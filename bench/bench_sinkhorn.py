@@ -1,7 +1,7 @@
 """Benchmark: the OT work of one TimerPO step, our batched Sinkhorn (ot.py) against a loop of POT calls.
 
 One step = 5 groups x 5 completions of 1,024 tokens, each against its group's ExpCoT of 512 tokens, D = 2,048,
-eps = 0.08, 50 iterations (PAPER.md section 7). Both solvers get the same float64 cosine cost and norm-softmax
+eps = 0.08, 50 iterations (method.md §8 to §11). Both solvers get the same float64 cosine cost and norm-softmax
 marginals, and run exactly 50 iterations (POT: method="sinkhorn_log", numItermax=50, stopThr=0, which never
 stops early). Reported per hidden-state family: wall time of each, speedup, max |dW| between them, the L1
 marginal error after 50 iterations, and how far W after 50 iterations is from a converged W.

@@ -1,4 +1,4 @@
-"""Outcome reward R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc on hand-made completions (PAPER.md section 3)."""
+"""Outcome reward R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc on hand-made completions (method.md §3)."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from timerpo.prompt import format_completion, parse_completion
 from timerpo.reward import LOC_MODES, RewardParts, outcome_reward, score_completion
 
-# METRICS.md check 1 (values from the metric's authors): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)].
+# The first check of method.md §21 (values from the metric's authors): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)].
 CHECK_L, CHECK_PRED, CHECK_GT = 10, [(4, 5), (8, 9)], [(3, 4), (7, 10)]
 CHECK_AFF_P, CHECK_AFF_R = 0.818182, 0.844276
 
