@@ -107,3 +107,18 @@ def test_ci_runs_the_quickstart_test_line_last():
     commands = [line.strip() for line in read(".ci", "run").splitlines() if line.strip() and not line.startswith("#")]
     assert commands[-1] == tests
     assert "set -euo pipefail" in commands  # a failing (or empty, exit 5) pytest fails CI
+
+
+def test_deviations_table_states_what_the_code_does():
+    """The rendering and evaluation rows of the deviations table (method.md §23, README); the R_fmt row is
+    tests/test_reward.py's test_unparsable_answer_scores_zero_localization_and_format."""
+    import data_gen
+    import eval as evaluation
+    import train
+
+    assert data_gen.SUITE_YLIM["anomllm"] == (-1.25, 1.25)
+    assert (data_gen.DEFAULT_WIDTH, data_gen.DEFAULT_HEIGHT) == (1064, 140)
+    assert data_gen.visual_tokens(data_gen.DEFAULT_WIDTH, data_gen.DEFAULT_HEIGHT) == 190
+    assert evaluation.parse_args(["--model", "baseline:empty", "--data", "d"]).temperature == 0.0  # greedy
+    for model in ("tiny", "qwen2.5-vl-3b"):
+        assert train.parse_args(["--model", model]).eval_temperature == 0.4  # the paper's validation

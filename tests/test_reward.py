@@ -69,7 +69,8 @@ def test_unknown_class_keeps_format_but_not_class():
 def test_unparsable_answer_scores_zero_localization_and_format():
     text = "<think>r</think><answer>somewhere in the middle</answer><class>trend</class>"
     assert as_tuple(parts(text, [(10, 30)], "trend")) == approx_parts(0.0, 1.0, 0.0, 0.2)
-    # Nothing valid left from a non-empty list is "wrong", not "no anomaly", even on a normal series.
+    # Nothing valid left from a non-empty list is "wrong", not "no anomaly", even on a normal series, and earns
+    # no format point (the public release gives it one: method.md §23).
     text = "<think>r</think><answer>[[300, 400]]</answer><class>normal</class>"
     assert as_tuple(parts(text, [], "normal")) == approx_parts(0.0, 1.0, 0.0, 0.2)
 

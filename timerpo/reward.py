@@ -33,7 +33,9 @@ def _true_label(gt_events, gt_label):
 
 def format_reward(parsed):
     """R_fmt ∈ {0, 1} (method.md §3): 1 iff think, answer and class blocks are present and the answer
-    parses. Example: a completion without <think> gets 0 even when its answer is right."""
+    parses to a usable list: [] or at least one valid item. A non-empty answer none of whose items is valid
+    gets 0, where the public release gives the point (method.md §23: the prompt asks for 0 <= s < e <= L).
+    Example: a completion without <think> gets 0 even when its answer is right."""
     return float(parsed.has_think and parsed.has_answer and parsed.has_class and parsed.answer_ok)
 
 
