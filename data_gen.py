@@ -1,7 +1,7 @@
-"""Synthetic training / evaluation data for TimerPO (PAPER.md sections 4 and 5).
+"""Synthetic training / evaluation data for TimerPO (method.md §4 and §5).
 
 Two suites:
-  * ``anomllm``: the eight training families of the paper (L = 1000), parameters from the PAPER.md table;
+  * ``anomllm``: the eight training families of the paper (L = 1000), parameters from the table of method.md §4;
   * ``tods``: five TODS-style types (L = 400), incl. ``shapelet``, the type never seen in training.
 A third "suite", ``series``, imports real series instead (series_io.py): windows of a file or a folder, the
 class of their anomalies unknown.
@@ -100,7 +100,7 @@ def sample_id(suite: str, family: str, index: int, seed: int) -> str:
 
 @dataclass(frozen=True)
 class IntervalSpec:
-    """Renewal process of PAPER.md section 4: gap ~ max(Exp(gap_mean), gap_min), then an anomaly of length
+    """Renewal process of method.md §4: gap ~ max(Exp(gap_mean), gap_min), then an anomaly of length
     max(Exp(len_mean), len_min); both floored to integers; at most ``cap`` intervals (None: no cap);
     stop when an anomaly would start at or after L; the last one is cut at L."""
     gap_mean: float
@@ -203,8 +203,8 @@ def synth_anomllm(rng, family, length, intervals):
 
 
 # --------------------------------------------------------------------------------------------- tods
-# TODS-style recipe (PAPER.md section 4): base 1.5·sin(2π·0.04·t) + N(0, 0.05), L = 400, every series has
-# an anomaly. Choices (the spec gives only a recipe): point types get 3-6 single points, collective types
+# TODS-style recipe (method.md §4): base 1.5·sin(2π·0.04·t) + N(0, 0.05), L = 400, every series has
+# an anomaly. Choices (the recipe fixes no counts): point types get 3-6 single points, collective types
 # 1-2 windows of 12-24 steps (≈5 % of the points), kept 20 steps from the ends and 30 steps apart.
 
 TODS_BASE_FREQ = 0.04

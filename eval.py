@@ -408,7 +408,7 @@ def family_table(rows: list[dict], suite: str) -> str:
 def build_summary(predictions: list[Prediction], suite: str) -> tuple[dict, list[dict]]:
     """summarize() plus the per-family rows.
 
-    anomllm: summarize's `groups` are the paper's Table 1 columns (PAPER.md section 8), mean affiliation F1
+    anomllm: summarize's `groups` are the paper's Table 1 columns (method.md §22), mean affiliation F1
     over the series of each group of families, and `avg_group_f1` their plain, unweighted mean: Frequency
     series scoring 1 and 0 with one Trend series scoring 1 give Frequency 0.5, Trend 1.0, Avg 0.75 (a
     series-weighted mean would say 2/3). tods: no paper groups; `avg_type_f1` is the plain mean over types.

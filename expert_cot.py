@@ -1,4 +1,4 @@
-"""Expert chain of thought (ExpCoT) from classical time-series analyses (PAPER.md section 6).
+"""Expert chain of thought (ExpCoT) from classical time-series analyses (method.md §6).
 
 Small analyses, each returning a dataclass of numbers and half-open [s, e) intervals:
   zscore_scan, histogram_outlier_score   global scan for extreme values
@@ -13,10 +13,10 @@ On top of them:
                                           analytic-signal (Hilbert) frequency scan
   generic_cot()                           one generic reasoning text ("w/o ExpCoT" ablation)
 
-Public thresholds (section 6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ;
+Public thresholds (method.md §6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ;
 period windows beyond 3σ, stable if the period std < 1; discord z > 3.5 with m = 50; noisy series (noise σ
 above 5 % of the robust σ: the noisy-* families and the pure-noise range family) are Savitzky–Golay denoised (window 31,
-order 2) before the gradient and pattern scans. Choices where the spec is silent are documented at each
+order 2) before the gradient and pattern scans. Choices where those thresholds leave room are documented at each
 function. numpy/scipy only.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def noise_sigma(x) -> float:
 
 
 def denoise(x) -> np.ndarray:
-    """Savitzky–Golay smoothing, window 31, order 2 (section 6 denoising of noisy families)."""
+    """Savitzky–Golay smoothing, window 31, order 2 (method.md §6: denoising of noisy families)."""
     window = min(DENOISE_WINDOW, (len(x) - 1) // 2 * 2 + 1)
     return savgol_filter(np.asarray(x, dtype=float), window, DENOISE_ORDER)
 
@@ -141,7 +141,7 @@ class ZScan:
 
 
 def zscore_scan(series, trigger: float = Z_TRIGGER, flag: float = Z_FLAG, merge_gap: int = 3) -> ZScan:
-    """Global k-sigma scan with the section-6 thresholds (|z|max > 5 triggers, |z| > 3 flags).
+    """Global k-sigma scan with the thresholds of method.md §6 (|z|max > 5 triggers, |z| > 3 flags).
 
     z uses the median and MAD instead of mean and std: a contaminated std shrinks the very z-scores the
     scan looks for. Flagged points form runs (gaps ≤ ``merge_gap`` joined); only runs holding a point above
@@ -426,7 +426,7 @@ def discord_scan(series, m: int = MP_WINDOW, threshold: float = DISCORD_Z,
 # --------------------------------------------------------------------------------------------- staged scan
 
 class StagedScan:
-    """Blind staged scan of one series (section 6): global → structural → pattern.
+    """Blind staged scan of one series (method.md §6): global → structural → pattern.
 
     Every analysis is computed lazily and cached, so a trace only pays for the scans it quotes. ``y`` is
     the series used by the gradient and pattern scans: the Savitzky–Golay denoised copy when noisy.

@@ -43,7 +43,7 @@ from timerpo.reward import LOC_MODES
 from timerpo.warmup import supervised_warmup
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration: paper values for the Qwen models (PAPER.md section 7), small ones for the tiny model.
+# Configuration: paper values for the Qwen models (method.md §18), small ones for the tiny model.
 # Every value can be overridden by the flag of the same name.
 
 PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,

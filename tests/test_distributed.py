@@ -210,7 +210,7 @@ def load_bench(name):
 
 
 def test_memory_table_configs_have_the_released_sizes():
-    """QWEN_VL_NOTES.md measured the real 3B at 3.755 B parameters, vision 669 M; the 7B is the '8.29 B' model."""
+    """method.md §17: the real 3B has 3.755 B parameters, vision 669 M; the 7B is the '8.29 B' model."""
     mt = load_bench("memory_table")
     c3, c7 = (mt.parameter_counts(mt.qwen25vl_config(s)) for s in ("3b", "7b"))
     assert round(c3["total"] / 1e6) == 3755 and round(c3["vision"] / 1e6) == 669

@@ -374,7 +374,7 @@ def quoted_checks(o: Oracle):
     ]
 
 
-# Fixed parameters and thresholds of PAPER.md section 6 that a trace may name (no recomputation needed).
+# Fixed parameters and thresholds of method.md §6 that a trace may name (no recomputation needed).
 CONSTANT_PHRASES = [
     "the trigger 5", "below 5)", "(window 31, order 2)", "(window 100)", "(below 1)", "(1 or more)",
     "(window 21, order 2)", "above 3.5", "below 3.5", "above 3", "below 3", "below 0.30", "above 0.05",
@@ -384,7 +384,7 @@ CONSTANT_PHRASES = [
 
 def check_trace_numbers(text, x, intervals):
     """Assert every number in ``text`` is either recomputed by the oracle within its printed precision, part
-    of the conclusion's interval list (which must equal ``intervals``), or a named section-6 constant."""
+    of the conclusion's interval list (which must equal ``intervals``), or a named constant of method.md §6."""
     o = Oracle(x, intervals)
     rest = text
     for pattern, parts in quoted_checks(o):

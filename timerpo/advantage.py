@@ -1,4 +1,4 @@
-"""TimerPO advantages (PAPER.md section 7): GRPO outcome advantage plus an OT-grounded term projected
+"""TimerPO advantages (method.md §7 and §12 to §15): GRPO outcome advantage plus an OT-grounded term projected
 orthogonally to it, per group of G completions of one prompt.
 
 Completions of one prompt are contiguous: a flat tensor [N] with N = (number of prompts) * G is viewed as
@@ -66,7 +66,7 @@ def _centre_and_scale(groups: torch.Tensor, norm: str, delta: float, floor: floa
 
 
 def group_advantage(rewards, group_size: int, norm: str = "std", delta: float = 1e-6) -> torch.Tensor:
-    """PAPER.md sec. 7, main advantage: A_main,i = (R_i - mean_G R) / (std_G R + delta), [N] -> [N].
+    """method.md §7, main advantage: A_main,i = (R_i - mean_G R) / (std_G R + delta), [N] -> [N].
 
     norm="std" uses the sample std (ddof = 1); norm="mean" only subtracts the group mean (the public code).
     A group whose rewards are all equal gets A_main = 0 exactly.
@@ -78,7 +78,7 @@ def group_advantage(rewards, group_size: int, norm: str = "std", delta: float = 
 
 
 def grounded_reward(W, tau: float = 0.5) -> torch.Tensor:
-    """PAPER.md sec. 7, grounded reward: s_i = exp(-W_i / tau), [N] -> [N] float64.
+    """method.md §12, grounded reward: s_i = exp(-W_i / tau), [N] -> [N] float64.
 
     Example: tau = 0.5, W = [0, 0.5, 1] gives s = [1, e^-1, e^-2] = [1, 0.3679, 0.1353] (W = 1 is an empty side).
     """
@@ -89,7 +89,7 @@ def grounded_reward(W, tau: float = 0.5) -> torch.Tensor:
 
 
 def projection_coefficient(aux, main, group_size: int, eps: float = 1e-8) -> torch.Tensor:
-    """PAPER.md sec. 7, per-group coefficient of the orthogonal projection:
+    """method.md §14, per-group coefficient of the orthogonal projection:
     c_g = <aux, main>_g / (||main||_g^2 + eps), [N / G].
 
     Example: aux = [1, -1], main = [2, -2] (one group) gives c = 4 / (8 + eps) ~= 0.5.
@@ -100,7 +100,7 @@ def projection_coefficient(aux, main, group_size: int, eps: float = 1e-8) -> tor
 
 
 def orthogonal_projection(aux, main, group_size: int, eps: float = 1e-8, return_coef: bool = False):
-    """PAPER.md sec. 7, orthogonal projection per group: aux_perp = aux - c_g * main, with c_g from
+    """method.md §14, orthogonal projection per group: aux_perp = aux - c_g * main, with c_g from
     `projection_coefficient`. [N], [N] -> [N] (and c [N / G] when return_coef).
 
     The residual overlap is <aux_perp, main>_g = <aux, main>_g * eps / (||main||_g^2 + eps): orthogonal up to
@@ -143,7 +143,7 @@ class AdvantageResult:
 def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha: float = 0.3, norm: str = "std",
                       tau: float = 0.5, grounding: str = "ot", delta: float = 1e-6,
                       eps: float = 1e-8, tsr_norm: str | None = None, tsr_floor: float = 0.0) -> AdvantageResult:
-    """PAPER.md sec. 7, final advantage, per group of G completions:
+    """method.md §13 to §15, grounded and final advantage, per group of G completions:
 
         timerpo:        A = A_main + alpha * A_perp_TsR
         no-projection:  A = A_main + alpha * A_TsR

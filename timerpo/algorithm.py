@@ -89,7 +89,7 @@ def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, s
 # -- 2 ---------------------------------------------------------------------------------------------
 
 def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
-    """Step 2: parse each completion and score it against ITS OWN sample (section 3 reward)."""
+    """Step 2: parse each completion and score it against ITS OWN sample (method.md §3)."""
     for ep in episodes:
         s = ep.prompt.sample
         ep.parsed = parse_completion(ep.text, s.length)
@@ -121,7 +121,7 @@ def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, 
 @torch.no_grad()
 def ground_completions(episodes: list[Episode], targets, micro_batch: int, grounding: str = "ot",
                        ot_eps: float = 0.08, ot_iters: int = 50) -> None:
-    """Step 3, PAPER.md sec. 7: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
+    """Step 3, method.md §8 to §11: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
     kept by the rollout, and its group's target states; then the states are dropped. No gradient flows
     through W.
 
@@ -141,7 +141,7 @@ def ground_completions(episodes: list[Episode], targets, micro_batch: int, groun
 
 @torch.no_grad()
 def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
-    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of PAPER.md sec. 7."""
+    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16."""
     ref_policy.model.eval()
     for chunk in chunks(episodes, micro_batch):
         batch = collate(ref_policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
@@ -178,7 +178,7 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
 def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], micro_batch: int,
                   clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float,
                   n_tokens_total: int | None = None, dist: Dist | None = None) -> dict:
-    """Step 5: the section-7 objective over all episodes, accumulated over micro-batches, then one
+    """Step 5: the objective of method.md §16 over all episodes, accumulated over micro-batches, then one
     AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats).
 
     π_old in the ratio is the update forward's own log-probs, detached. That is exact here, not an

@@ -2,7 +2,7 @@
 
 Everything model-specific lives here, so the rollout and the objective only see token ids, masks and
 pixel blocks. We do not use `Qwen2_5_VLProcessor`: without torchvision its constructor fails
-(QWEN_VL_NOTES.md), and the chat layout is three lines of string formatting anyway.
+(method.md §17), and the chat layout is three lines of string formatting anyway.
 
 Chat layout of one prompt (the Qwen2.5-VL template, one image, N = image tokens):
 

@@ -1,7 +1,7 @@
 """The embedded default policy: a tiny Qwen2.5-VL with random weights and a small offline tokenizer.
 
 Why a small tokenizer and not Qwen's 151,936-token one: on CPU the tiny model's sampling time is
-dominated by the full-vocabulary softmax (QWEN_VL_NOTES.md), so a ~1k-token byte-level BPE trained in a
+dominated by the full-vocabulary softmax (method.md §17), so a ~1k-token byte-level BPE trained in a
 fraction of a second on the project's own text makes every rollout several times cheaper. It keeps the
 Qwen chat and vision special tokens, so every code path (chat layout, image tokens, 3-D positions, end
 tokens, forbidden tokens) is the one the real checkpoints use. BPE training is deterministic, so the same
