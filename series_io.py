@@ -75,6 +75,7 @@ class RealSeries:
 
     @property
     def length(self) -> int:
+        """Number of points N."""
         return int(self.values.size)
 
 
@@ -134,6 +135,7 @@ def parse_number(cell: str, where: str) -> float:
 
 
 def is_number(cell: str) -> bool:
+    """Whether float() reads the cell ('nan' and 'inf' included; parse_number judges those)."""
     try:
         float(cell)
         return True
