@@ -13,35 +13,18 @@ import json
 import os
 import random
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
 from timerpo.distributed import (SINGLE, Dist, full_model_state_dict, load_legacy_optimizer, load_optimizer,
                                  save_optimizer)
+from timerpo.files import make_temp_dir, write_atomic
 from timerpo.policy import Policy, save_policy
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 OPTIMIZER_DIR = "optimizer"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write text to path so that readers see the old or the new content, never a mix."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def rng_state() -> dict:
@@ -65,7 +48,7 @@ def save_checkpoint(run_dir: str, step: int, policy: Policy, optimizer: torch.op
     dist = dist or SINGLE
     name = f"ckpt-{step:06d}"
     final = os.path.join(run_dir, name)
-    tmp = dist.broadcast(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=run_dir) if dist.is_main else None)
+    tmp = dist.broadcast(make_temp_dir(run_dir, ".tmp-ckpt-") if dist.is_main else None)
     try:
         full_state = full_model_state_dict(policy, dist)  # FSDP: gathered on rank 0; else None
         if dist.is_main:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from timerpo.files import make_temp_dir, set_usual_modes
 
 HUB_IDS = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -191,11 +192,12 @@ def save_policy(policy: Policy, out_dir: str, state_dict: dict | None = None) ->
     """
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = make_temp_dir(parent)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         policy.model.save_pretrained(tmp, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
         policy.image_processor.save_pretrained(tmp)
+        set_usual_modes(tmp)  # the weights file comes out 0600 from safetensors
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
