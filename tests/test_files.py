@@ -56,7 +56,7 @@ def test_checkpoint_is_readable_by_the_group(tmp_path, umask, tiny_policy):
     opt = torch.optim.AdamW(tiny_policy.model.parameters())
     save_checkpoint(str(run), 1, tiny_policy, opt)
     paths = [os.path.join(parent, n) for parent, dirs, files in os.walk(run) for n in dirs + files]
-    assert any(p.endswith("model.safetensors") for p in paths)
+    assert any(p.endswith("model.safetensors") for p in paths) and any(p.endswith("index.json") for p in paths)
     for path in paths:
         assert mode(path) == (0o750 if os.path.isdir(path) else 0o640), path
 

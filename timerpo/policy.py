@@ -155,7 +155,9 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     """Load `tiny` (built here, no download), a short name, a hub id from the local cache, or a folder.
 
     Never touches the network: hub ids must already be in the local Hugging Face cache. When they are
-    not, raise ModelNotFound with one sentence that says how to get them.
+    not, raise ModelNotFound with one sentence that says how to get them. Weights load from safetensors
+    only: a folder holding pickled weights (pytorch_model.bin) is refused, since unpickling a file from a
+    shared run folder could run code.
     """
     if name == "tiny":
         from timerpo.tiny import build_tiny_policy
@@ -166,7 +168,8 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelNotFound(f"No model folder at '{path}' (expected a config.json from save_pretrained there).")
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                                   use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         if looks_local:
