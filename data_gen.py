@@ -27,12 +27,13 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from timerpo.files import write_atomic
 
 DATA_VERSION = "1"
 
@@ -461,25 +462,6 @@ def png_bytes(img: Image.Image) -> bytes:
 
 # --------------------------------------------------------------------------------------------- io
 
-UMASK = os.umask(0)
-os.umask(UMASK)  # read once at import (reading it means setting it)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same directory, then os.replace (readers never see half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def render_settings(suite: str, length: int | None = None) -> dict:
     """Render settings recorded in manifest.json; ``length`` defaults to the suite's series length."""
     ylim = SUITE_YLIM[suite]
@@ -520,7 +502,7 @@ def _work(args):
     """Pool task: build one sample and write its PNG atomically; return its jsonl line."""
     suite, family, index, seed, out_dir = args
     sample, png = build_sample(suite, family, index, seed)
-    atomic_write(os.path.join(out_dir, sample.image), png)
+    write_atomic(os.path.join(out_dir, sample.image), png)
     return sample.to_json()
 
 
@@ -575,9 +557,9 @@ def generate(out_dir: str, suite: str, per_family: int, seed: int, families=None
                 lines.append(line)
                 bar.update()
     bar.close()
-    atomic_write(os.path.join(out_dir, "samples.jsonl"), ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "samples.jsonl"), ("\n".join(lines) + "\n").encode("utf-8"))
     samples = [Sample(**json.loads(line)) for line in lines]
-    atomic_write(os.path.join(out_dir, "manifest.json"), manifest_bytes(suite, seed, per_family, families, samples))
+    write_atomic(os.path.join(out_dir, "manifest.json"), manifest_bytes(suite, seed, per_family, families, samples))
     return samples
 
 

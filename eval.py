@@ -67,8 +67,9 @@ from tqdm import tqdm
 
 import data_gen
 import series_io
-from timerpo.checkpoint import latest_checkpoint, write_atomic
+from timerpo.checkpoint import latest_checkpoint
 from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
+from timerpo.files import write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.policy import ModelNotFound
 from timerpo.prompt import ANOMALY_LABELS, format_completion
@@ -466,7 +467,7 @@ def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], ta
     write_atomic(os.path.join(out_dir, "predictions.jsonl"),
                  "".join(json.dumps(prediction_record(p), ensure_ascii=False) + "\n" for p in predictions))
     write_atomic(os.path.join(out_dir, "tables.md"), tables_md)
-    data_gen.atomic_write(os.path.join(out_dir, "gallery.png"), png_bytes(gallery))
+    write_atomic(os.path.join(out_dir, "gallery.png"), png_bytes(gallery))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -792,7 +793,7 @@ def series_main(args) -> int:
     write_outputs(args.out, results, predictions, tables_md, gallery)
     record = intervals_record(args, series, tag, rows, predictions, offsets)
     write_atomic(os.path.join(args.out, "intervals.json"), json.dumps(jsonable(record), indent=1) + "\n")
-    data_gen.atomic_write(os.path.join(args.out, "series.png"), png_bytes(picture))
+    write_atomic(os.path.join(args.out, "series.png"), png_bytes(picture))
     print(f"[eval] wrote {args.out}/intervals.json, series.png, results.json, predictions.jsonl, tables.md, "
           f"gallery.png, windows/ ({time.perf_counter() - started:.1f} s)")
     return 0

@@ -43,6 +43,7 @@ import numpy as np
 
 import data_gen
 from expert_cot import runs
+from timerpo.files import write_atomic
 from timerpo.metrics import to_events
 
 DEFAULT_WINDOW = data_gen.SUITE_LENGTH["anomllm"]  # the training length: one pixel column per step
@@ -549,16 +550,16 @@ def write_windows(out_dir: str, series_list: list, window: int, stride: int, lab
         records = []
         for start in window_starts(series.length, window, stride):
             sample, png, record = window_sample(series, start, window)
-            data_gen.atomic_write(os.path.join(out_dir, sample.image), png)
+            write_atomic(os.path.join(out_dir, sample.image), png)
             samples.append(sample)
             records.append(record)
             bar.update()
         sources.append(source_record(series, labels_path, records))
     bar.close()
-    data_gen.atomic_write(os.path.join(out_dir, "samples.jsonl"),
+    write_atomic(os.path.join(out_dir, "samples.jsonl"),
                           "".join(s.to_json() + "\n" for s in samples).encode("utf-8"))
     manifest = series_manifest(window, stride, samples, sources)
-    data_gen.atomic_write(os.path.join(out_dir, "manifest.json"),
+    write_atomic(os.path.join(out_dir, "manifest.json"),
                           (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return samples, manifest
 

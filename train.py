@@ -31,11 +31,12 @@ from expert_cot import generic_cot
 from timerpo.advantage import TSR_NORMS
 from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, reference_logprobs, rollout,
                                score_outcomes, target_states, update_policy)
-from timerpo.checkpoint import (append_jsonl, latest_checkpoint, load_trainer_state, restore_optimizer,
-                                save_checkpoint, set_rng_state, write_atomic)
+from timerpo.checkpoint import (CheckpointError, append_jsonl, latest_checkpoint, load_trainer_state,
+                                restore_optimizer, save_checkpoint, set_rng_state)
 from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast, full_params, init_distributed,
                                  maybe_inject_failure, prepare_policy, rank_slice)
 from timerpo.evaluate import predict, summarize
+from timerpo.files import write_atomic
 from timerpo.plots import line_chart
 from timerpo.policy import ModelNotFound, Policy, encode_prompt, load_policy, save_policy
 from timerpo.prompt import build_prompt
@@ -80,6 +81,8 @@ HELP = {
               "--model tiny, paper otherwise",
     "seed": "seed of the run (prompt order, sampling streams, tiny weights)",
     "resume": "continue runs/<name> from its latest checkpoint",
+    "trust_checkpoint": "with --resume: also load a checkpoint of the older format, whose trainer_state.pt and "
+                        "optimizer/.metadata are pickles that can run code (only for runs you made yourself)",
     "eval_every": "held-out evaluation every N steps, and once before RL (paper: 25; tiny: 50)",
     "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 128)",
     "eval_temperature": "sampling temperature of held-out evaluation (paper validation: 0.4)",
@@ -134,6 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default=None, choices=tuple(PRESETS), help=HELP["preset"])
     p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
     p.add_argument("--resume", action="store_true", help=HELP["resume"])
+    p.add_argument("--trust-checkpoint", action="store_true", help=HELP["trust_checkpoint"])
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
     p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
     p.add_argument("--dist", default="none", choices=DIST_MODES, help=HELP["dist"])
@@ -439,6 +443,12 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
     ckpt = latest_checkpoint(run_dir) if args.resume else None
     if args.resume and ckpt is None:
         say(f"[resume] no checkpoint in {run_dir}: starting from scratch")
+    if ckpt is not None:
+        try:  # first, so that a checkpoint that is refused stops the run before anything else is loaded
+            state = load_trainer_state(ckpt, trust_pickle=args.trust_checkpoint)
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         policy = load_policy(os.path.join(ckpt, "model") if ckpt else args.model, device=args.device, seed=args.seed)
     except ModelNotFound as err:
@@ -468,7 +478,6 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
             save_policy(policy, reference_dir)
         dist.barrier()  # the reference folder is complete before any rank reads it
     else:
-        state = load_trainer_state(ckpt)
         start_step = state["step"]
         set_rng_state(state["rng"])
         if dist.is_main:
@@ -483,7 +492,7 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
     if ckpt is not None:
         try:
             restore_optimizer(ckpt, state, policy, optimizer, dist)
-        except DistError as err:
+        except CheckpointError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     else:

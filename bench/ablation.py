@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from bench.common import tiny_flags  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.plots import line_chart  # noqa: E402
 
 ARMS = {  # arm -> train.py flags

@@ -227,7 +227,7 @@ def main() -> None:
         f"{r['hidden_states']} {r['cosine_cost_f32_matmul_s']:.2f}s/{r['cosine_cost_f64_matmul_s']:.2f}s "
         f"(max|dW| {r['max_abs_W_f32cost_minus_f64cost']:.1e})" for r in rows))
     sys.path.insert(0, ROOT)  # after POT's import: from here on `ot` is POT, we only need the writer
-    from timerpo.checkpoint import write_atomic
+    from timerpo.files import write_atomic
 
     write_atomic(RESULTS, json.dumps({
         "setup": {"problems": GROUPS * PER_GROUP, "n": N_COMP, "m": N_EXP, "dim": DIM, "eps": EPS,

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OurLoop, peak_rss_mb, step_bench_parser, warm_tiny  # noqa: E402
 
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 
 MODES = {"timerpo": [], "grpo": ["--advantage", "grpo"]}
 PHASES = ("rollout", "forward", "grounding", "update", "other")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OurLoop, StepRecord, peak_rss_mb, step_bench_parser, tiny_args, warm_tiny  # noqa: E402
 
 import data_gen  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import SYSTEM_PROMPT, encode_prompt, load_policy  # noqa: E402
 from timerpo.prompt import build_prompt  # noqa: E402
 from timerpo.reward import score_completion  # noqa: E402

@@ -27,7 +27,7 @@ from common import tiny_flags, warm_tiny  # noqa: E402  (also puts the repositor
 import data_gen  # noqa: E402
 import train  # noqa: E402
 from timerpo.algorithm import grounding_values, rollout, score_outcomes, target_states  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import load_policy  # noqa: E402
 from timerpo.rollout import collate, completion_forward  # noqa: E402
 from torch.nn.utils.rnn import pad_sequence  # noqa: E402

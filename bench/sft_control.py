@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import data_gen  # noqa: E402
 import train  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import load_policy, save_policy  # noqa: E402
 from timerpo.warmup import supervised_warmup  # noqa: E402
 

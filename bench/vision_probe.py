@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_gen  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import make_image_processor  # noqa: E402
 from timerpo.tiny import TINY_IMAGE_MEAN, TINY_IMAGE_STD, build_tiny_policy  # noqa: E402
 

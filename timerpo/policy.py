@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from timerpo.files import make_temp_dir, set_usual_modes
 
 HUB_IDS = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -154,7 +155,9 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     """Load `tiny` (built here, no download), a short name, a hub id from the local cache, or a folder.
 
     Never touches the network: hub ids must already be in the local Hugging Face cache. When they are
-    not, raise ModelNotFound with one sentence that says how to get them.
+    not, raise ModelNotFound with one sentence that says how to get them. Weights load from safetensors
+    only: a folder holding pickled weights (pytorch_model.bin) is refused, since unpickling a file from a
+    shared run folder could run code.
     """
     if name == "tiny":
         from timerpo.tiny import build_tiny_policy
@@ -165,7 +168,8 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelNotFound(f"No model folder at '{path}' (expected a config.json from save_pretrained there).")
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                                   use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         if looks_local:
@@ -191,11 +195,12 @@ def save_policy(policy: Policy, out_dir: str, state_dict: dict | None = None) ->
     """
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = make_temp_dir(parent)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         policy.model.save_pretrained(tmp, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
         policy.image_processor.save_pretrained(tmp)
+        set_usual_modes(tmp)  # the weights file comes out 0600 from safetensors
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
