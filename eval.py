@@ -20,7 +20,7 @@ scores that a model's output does:
     random  k ~ U{1, 2, 3} windows, each of width w ~ U{5, .., max(5, floor(0.1 L))} and start
             ~ U{0, .., L - w}, class uniform over the five anomaly classes; the generator of a series is
             seeded by (--seed, crc32(series id)), so a series gets the same windows whatever --limit is;
-    expert  the classical blind detector expert_cot.detect (no ground truth), its trace as the reasoning.
+    expert  the classical blind detector baselines.detect (no ground truth), its trace as the reasoning.
 
 Tables. anomllm suite: the paper's Table 1 layout (Cls Acc, Frequency, Trend, Range, Point, Avg F1; Avg is
 the plain mean of the four groups, all in %) and a per-family table. tods suite: its types are not the
@@ -234,13 +234,13 @@ def random_completion(sample, seed: int) -> str:
 
 
 def expert_completion(sample) -> str:
-    import expert_cot  # local: only this baseline needs the detector
+    import baselines  # local: only this baseline needs the detector
 
     try:
-        intervals, label, trace = expert_cot.detect(np.asarray(sample.series, dtype=float))
+        intervals, label, trace = baselines.detect(np.asarray(sample.series, dtype=float))
         return format_completion(trace, [list(iv) for iv in intervals], label)
     except Exception as err:  # a detector bug must name the series it failed on
-        raise RuntimeError(f"expert_cot.detect failed on sample {sample.id}: {err}") from err
+        raise RuntimeError(f"baselines.detect failed on sample {sample.id}: {err}") from err
 
 
 def expert_texts(samples: list, workers: int, progress: bool = False) -> list[str]:

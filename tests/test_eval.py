@@ -201,12 +201,12 @@ def test_random_baseline_is_seeded_per_series(anomllm_dir, tmp_path):
 
 
 def test_expert_baseline_reports_the_detector(anomllm_dir, tmp_path):
-    import expert_cot
+    import baselines
 
     results, records = run_eval("baseline:expert", anomllm_dir, tmp_path / "out")
     rows = {r["id"]: r for r in truth(anomllm_dir)}
     for rec in records[::5]:
-        intervals, label, _ = expert_cot.detect(np.asarray(rows[rec["id"]]["series"], dtype=float))
+        intervals, label, _ = baselines.detect(np.asarray(rows[rec["id"]]["series"], dtype=float))
         assert rec["parsed"]["label"] == label
         assert rec["parsed"]["intervals"] == [list(iv) for iv in intervals]
     hits = sum(r["parsed"]["label"] == r["label"] for r in records)
