@@ -42,6 +42,7 @@ NOISY_RATIO = 0.05  # noise σ / robust σ of the series above which a series co
 PEAK_SHARE_MIN = 0.30  # spectral peak share below which a series has no clear period
 HIST_BINS = 20
 MAD_TO_SIGMA = 1.4826  # σ of a normal distribution = 1.4826 · MAD
+SMOOTH_AC = 0.5  # increment autocorrelation from which a stretch reads as smooth (a sine) rather than irregular
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -118,6 +119,11 @@ def denoise(x) -> np.ndarray:
 def fmt(value: float, decimals: int) -> str:
     """Fixed-decimal text without '-0.000': fmt(-0.0001, 3) → '0.000'."""
     return f"{round(float(value), decimals) + 0.0:.{decimals}f}"
+
+
+def times(factor: float) -> str:
+    """A factor in words: times(2.0) → 'twice', times(3.0) → '3 times'."""
+    return "twice" if factor == 2 else f"{factor:g} times"
 
 
 def fmt_intervals(intervals) -> str:
@@ -616,28 +622,30 @@ def observation_text(scan: StagedScan) -> str:
     z, h = scan.z, scan.hist
     parts = [f"Staged scan of L = {scan.length} points. Global scan: median = {fmt(z.center, 3)}, "
              f"robust σ = {fmt(z.scale, 3)}, max |z| = {fmt(z.max_abs_z, 2)} at t = {z.argmax}, "
-             f"{'above' if z.triggered else 'below'} the trigger 5; histogram score = {fmt(h.max_score, 2)}, "
-             f"isolated points = {h.isolated}."]
+             f"{'above' if z.triggered else 'below'} the trigger {Z_TRIGGER:g}; "
+             f"histogram score = {fmt(h.max_score, 2)}, isolated points = {h.isolated}."]
     if scan.global_hit:
         parts.append("Extreme values are present, so the structural and pattern scans are not needed.")
         return " ".join(parts)
     parts.append(f"Structural scan: noise σ = {fmt(scan.noise, 3)} (noise ratio = {fmt(scan.noise_ratio, 3)}, " + (
-        "above 0.05), so gradient and pattern scans use a Savitzky–Golay smoothed copy (window 31, order 2)."
-        if scan.noisy else "below 0.05), so raw values are used."))
+        f"above {NOISY_RATIO:g}), so gradient and pattern scans use a Savitzky–Golay smoothed copy (window "
+        f"{DENOISE_WINDOW}, order {DENOISE_ORDER})."
+        if scan.noisy else f"below {NOISY_RATIO:g}), so raw values are used."))
     p = scan.period
     if p.periodic:
         parts.append(f"The spectrum peaks at global period = {fmt(p.global_period, 2)} (peak share = "
-                     f"{fmt(p.peak_share, 2)}); the sliding rFFT (window 100) gives dominant period = "
+                     f"{fmt(p.peak_share, 2)}); the sliding rFFT (window {FFT_WINDOW}) gives dominant period = "
                      f"{fmt(p.median_period, 2)} with period std = {fmt(p.period_std, 2)}, "
-                     + ("stable (below 1)." if p.stable else "unstable (1 or more)."))
+                     + (f"stable (below {PERIOD_STABLE_STD:g})." if p.stable
+                        else f"unstable ({PERIOD_STABLE_STD:g} or more)."))
     else:
-        parts.append(f"There is no clear cycle (peak share = {fmt(p.peak_share, 2)}, below 0.30), "
+        parts.append(f"There is no clear cycle (peak share = {fmt(p.peak_share, 2)}, below {fmt(PEAK_SHARE_MIN, 2)}), "
                      "so the period scan is skipped.")
     t = scan.trend
     averaged = f" of the cycle average (cycle = {t.cycle} steps)" if t.cycle > 1 else ""
-    parts.append(f"The Savitzky–Golay gradient (window 21, order 2){averaged} has baseline slope = "
-                 f"{fmt(t.baseline, 3)} per 100 steps, slope σ = {fmt(t.sigma, 3)} and max slope z = "
-                 f"{fmt(t.max_z, 2)} at t = {t.argmax}, {'above' if scan.slope_hit else 'below'} 3.")
+    parts.append(f"The Savitzky–Golay gradient (window {GRAD_WINDOW}, order {GRAD_ORDER}){averaged} has "
+                 f"baseline slope = {fmt(t.baseline, 3)} per 100 steps, slope σ = {fmt(t.sigma, 3)} and max slope z = "
+                 f"{fmt(t.max_z, 2)} at t = {t.argmax}, {'above' if scan.slope_hit else 'below'} {SLOPE_Z:g}.")
     if scan.structural_hit:
         parts.append("The structure changes, so the pattern scan is not needed.")
         return " ".join(parts)
@@ -648,8 +656,9 @@ def observation_text(scan: StagedScan) -> str:
 def discord_sentence(scan: StagedScan) -> str:
     """Pattern-scan sentence with the strongest discord."""
     d = scan.discord
-    verdict = "above 3.5." if d.found else (
-        "above 3.5 but under twice the median distance." if d.z > DISCORD_Z else "below 3.5.")
+    verdict = f"above {DISCORD_Z:g}." if d.found else (
+        f"above {DISCORD_Z:g} but under {times(DISCORD_RATIO)} the median distance." if d.z > DISCORD_Z
+        else f"below {DISCORD_Z:g}.")
     return (f"Pattern scan: the matrix profile (m = {d.m}) has median distance = {fmt(d.median, 3)}, "
             f"max distance = {fmt(d.max_distance, 3)} at t = {d.argmax}, discord z = {fmt(d.z, 2)}, {verdict}")
 
@@ -690,7 +699,8 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
         t = scan.trend
         inside = slope_inside(t, intervals)
         excess = (inside - t.baseline) / t.sigma
-        size = "above 3" if abs(excess) > SLOPE_Z else "below 3, small against the slope noise but sustained"
+        size = (f"above {SLOPE_Z:g}" if abs(excess) > SLOPE_Z
+                else f"below {SLOPE_Z:g}, small against the slope noise but sustained")
         return (f"{head}the values stay in range ({range_clause(scan, intervals)}), so the slope decides. "
                 f"Inside {iv} the cycle-averaged gradient has mean slope inside = {fmt(inside, 3)} per 100 "
                 f"steps against baseline slope = {fmt(t.baseline, 3)}, slope excess z = {fmt(excess, 2)}, "
@@ -699,11 +709,11 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
         return normal_validation(scan)
     ac = increment_autocorrelation(scan.x, intervals)
     if label == "contextual point":
-        text = (f"{head}the values stay within the normal range ({range_clause(scan, intervals)}, below 5), "
-                f"so this is no global outlier. The matrix profile (m = {scan.discord.m}) confirms a local "
-                f"break: {shape_clause(scan, intervals)}.")
+        text = (f"{head}the values stay within the normal range ({range_clause(scan, intervals)}, "
+                f"below {Z_TRIGGER:g}), so this is no global outlier. The matrix profile (m = {scan.discord.m}) "
+                f"confirms a local break: {shape_clause(scan, intervals)}.")
         if np.isfinite(ac):
-            text += (f" The increments there are {'irregular' if ac < 0.5 else 'unusual'} (increment "
+            text += (f" The increments there are {'irregular' if ac < SMOOTH_AC else 'unusual'} (increment "
                      f"autocorrelation = {fmt(ac, 2)}), unlike the smooth pattern around them.")
         return text + (" Values plausible for the series but wrong for their neighbourhood are contextual "
                        "point anomalies.")
@@ -737,7 +747,7 @@ def seasonal_validation(scan: StagedScan, intervals, head: str, iv: str, ac: flo
              f"{fmt(inside, 2)} steps in {iv} (period ratio = {fmt(inside / outside, 2)}), so the cycle runs "
              f"{'faster' if inside < outside else 'slower'} there")
     text += (f", while the increments stay smooth (increment autocorrelation = {fmt(ac, 2)}), as in a sine "
-             "rather than noise." if np.isfinite(ac) and ac >= 0.5 else ".")
+             "rather than noise." if np.isfinite(ac) and ac >= SMOOTH_AC else ".")
     return text + " A change in the frequency of the cycle is a seasonal anomaly."
 
 
@@ -753,9 +763,9 @@ def normal_validation(scan: StagedScan) -> str:
                  else "the slope stays near its baseline")
     if d.z > DISCORD_Z:  # only the ratio guard failed
         weak = (f"discord z = {fmt(d.z, 2)} but max distance = {fmt(d.max_distance, 3)} at t = {d.argmax} "
-                f"is under twice the median distance = {fmt(d.median, 3)}")
+                f"is under {times(DISCORD_RATIO)} the median distance = {fmt(d.median, 3)}")
     else:
-        weak = f"discord z = {fmt(d.z, 2)}, below 3.5"
+        weak = f"discord z = {fmt(d.z, 2)}, below {DISCORD_Z:g}"
     return ("Reasoning & Validation: no scan gives consistent evidence of an anomaly: " + ", ".join(notes)
             + f", and the strongest discord is weak ({weak}).")
 
