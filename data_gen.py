@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from timerpo.files import write_atomic
+from timerpo.prompt import LABELS, generic_cot
 
 DATA_VERSION = "1"
 
-LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
 # The class of a real anomaly (suite "series"): truth-side only, never an answer, never scored.
 UNKNOWN = "unknown"
 SERIES_SUITE = "series"
@@ -488,7 +488,7 @@ def build_sample(suite: str, family: str, index: int, seed: int) -> tuple:
         id=sid, family=family, label=label, length=int(series.size), intervals=intervals,
         series=series.tolist(), image=f"images/{sid}.png",
         expcot=expert_cot.expert_cot(series, intervals, label),
-        gencot=expert_cot.generic_cot(),
+        gencot=generic_cot(),
     )
     return sample, png_bytes(render_sample(sample, suite))
 

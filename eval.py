@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 import data_gen
 import series_io
+from timerpo.algorithm import make_prompt
 from timerpo.checkpoint import latest_checkpoint
 from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
 from timerpo.files import write_atomic
@@ -313,8 +314,6 @@ def model_predictions(policy, data_dir: str, all_samples: list, indices: list[in
     would hold gigabytes. A completion's sampling seed depends on its row in samples.jsonl (Prompt.index)
     and --seed only, so neither the chunking nor --limit changes what a given series gets.
     """
-    from train import make_prompt
-
     preds = []
     bar = tqdm(total=len(indices), desc=f"eval {model_tag(args.model)}", disable=args.no_progress,
                dynamic_ncols=True)

@@ -9,8 +9,8 @@ On top of them:
   StagedScan(series)                      the blind staged scan: global → structural → pattern
   expert_cot(series, intervals, label)    ground-truth-conditioned trace (Observation / Reasoning & Validation /
                                           Conclusion) quoting numbers it computed
-  generic_cot()                           one generic reasoning text ("w/o ExpCoT" ablation)
-The classical blind detector built on the staged scan, a baseline and not the method, is baselines.py.
+The generic reasoning of the "w/o ExpCoT" ablation is timerpo/prompt.py's generic_cot. The classical blind
+detector built on the staged scan, a baseline and not the method, is baselines.py.
 
 Public thresholds (method.md §6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ;
 period windows beyond 3σ, stable if the period std < 1; discord z > 3.5 with m = 50; noisy series (noise σ
@@ -805,18 +805,3 @@ def expert_cot(series, intervals, label: str, scan: StagedScan | None = None) ->
     intervals = check_truth(scan.length, intervals, label)
     return "\n".join(["Observation: " + observation_text(scan), validation_text(scan, intervals, label),
                       conclusion_text(intervals, label)])
-
-
-GENERIC_COT = "\n".join([
-    "Observation: I look over the whole plot, first for values far outside the usual range, then for changes "
-    "in the slope or in the rhythm of the cycle, then for stretches whose shape does not match the rest.",
-    "Reasoning & Validation: I compare each stretch that stands out with the pattern around it and keep only "
-    "those that clearly break it; the kind of break decides the type.",
-    "Conclusion: I report the stretches that break the pattern, or none, and the type that fits them best.",
-])
-
-
-def generic_cot() -> str:
-    """The generic reasoning of the "w/o ExpCoT" ablation: the same text for every sample, so it carries
-    no number from the series, no ground-truth interval and no label (only the three-part layout)."""
-    return GENERIC_COT

@@ -469,18 +469,6 @@ def test_expert_cot_rejects_inconsistent_truth():
         ec.StagedScan(x[:40])
 
 
-def test_generic_cot_is_generic():
-    """No digit (so no number from a series and no interval), no label, the ExpCoT's three-part layout;
-    the stored gencot of generated samples is that same text whatever the sample."""
-    text = ec.generic_cot()
-    assert [ln.split(":")[0] for ln in text.split("\n")] == ["Observation", "Reasoning & Validation", "Conclusion"]
-    assert not re.search(r"\d", text) and "[" not in text
-    assert not any(label in text for label in dg.LABELS)
-    samples = [dg.build_sample("anomllm", fam, 0, 5)[0] for fam in ("range", "point", "freq", "trend")]
-    assert {s.gencot for s in samples} == {text}
-    assert any(s.intervals for s in samples)  # anomalous samples get the same text as normal ones
-
-
 def test_seasonal_evidence_quotes_the_period_inside_and_outside():
     """Anomalous freq series: the trace quotes both dominant periods; a 3x faster or slower episode shows
     as a period ratio far from 1, also where the 100-step window scan calls the period stable."""

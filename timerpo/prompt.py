@@ -1,4 +1,5 @@
-"""Task prompt, canonical completion text and the completion parser (method.md §1 and §2).
+"""Task prompt, the generic reasoning text, canonical completion text and the completion parser (method.md §1, §2
+and §19).
 
 The parser reads untrusted model output: it never evaluates it, never raises, and every pattern it uses runs
 in linear time, so arbitrary text (huge numbers, NaN, deep brackets, any unicode) is safe to feed it.
@@ -10,8 +11,7 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass
 
-# The six class labels, five anomaly types then "normal" (method.md §1). data_gen.py keeps its own copy;
-# tests/test_prompt.py checks the two agree.
+# The six class labels, five anomaly types then "normal" (method.md §1); data_gen.py and expert_cot.py use these.
 LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
 ANOMALY_LABELS = LABELS[:-1]
 
@@ -50,6 +50,21 @@ def build_prompt(length):
         "<class>LABEL</class>, LABEL being one of: " + ", ".join(LABELS) + ".\n"
         "If nothing is anomalous, write <answer>[]</answer> and <class>normal</class>."
     )
+
+
+GENERIC_COT = "\n".join([
+    "Observation: I look over the whole plot, first for values far outside the usual range, then for changes "
+    "in the slope or in the rhythm of the cycle, then for stretches whose shape does not match the rest.",
+    "Reasoning & Validation: I compare each stretch that stands out with the pattern around it and keep only "
+    "those that clearly break it; the kind of break decides the type.",
+    "Conclusion: I report the stretches that break the pattern, or none, and the type that fits them best.",
+])
+
+
+def generic_cot() -> str:
+    """The generic reasoning of the "w/o ExpCoT" ablation: the same text for every sample, so it carries
+    no number from the series, no ground-truth interval and no label (only the three-part layout)."""
+    return GENERIC_COT
 
 
 def _int_pair(item):

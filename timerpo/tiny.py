@@ -36,8 +36,8 @@ TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, 
 def tiny_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: prompts, answers in every class, and ExpCoT/GenCoT traces."""
     import data_gen
-    from expert_cot import expert_cot, generic_cot
-    from timerpo.prompt import LABELS, build_prompt, format_completion
+    from expert_cot import expert_cot
+    from timerpo.prompt import LABELS, build_prompt, format_completion, generic_cot
 
     lines = [build_prompt(length) for length in (400, 1000)]
     lines += [f"{i}" for i in range(0, 1001)]
