@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import multiprocessing
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from timerpo.files import write_atomic
+from timerpo.files import png_bytes, write_atomic
 from timerpo.prompt import LABELS, generic_cot
 
 DATA_VERSION = "1"
@@ -451,13 +450,6 @@ def draw_intervals(img: Image.Image, length: int, intervals, color=(220, 60, 60)
         x1 = max(x0, int(np.ceil(float(x_to_pixel(e, length, out.size[0])))) - 1)
         draw.rectangle([x0, y0, x1, y1], fill=int(255 * alpha))
     return Image.composite(overlay, out, mask)
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    """Deterministic PNG encoding (no metadata, fixed zlib level)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- io

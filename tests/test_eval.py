@@ -10,6 +10,7 @@ from PIL import Image
 
 import data_gen
 import eval as ev
+from timerpo import plots
 from timerpo.evaluate import score_prediction
 from timerpo.prompt import ANOMALY_LABELS, format_completion, parse_completion
 
@@ -268,7 +269,7 @@ def test_gallery_survives_odd_completions(anomllm_dir):
     samples = data_gen.load_samples(anomllm_dir, limit=3)
     texts = ["\x00\u202e<think>" + "é漢字 " * 200 + "</think><answer>nope</answer>", "", "<answer>[[5, 999999]]"]
     preds = [score_prediction(s, t) for s, t in zip(samples, texts)]
-    img = ev.draw_gallery(preds, anomllm_dir, "anomllm", "odd")
+    img = plots.draw_gallery(preds, anomllm_dir, "anomllm", "odd")
     assert img.size[1] > 3 * 100 / 2
     assert sum(p.parsed.intervals is None for p in preds) == 3
 
