@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from timerpo.files import png_bytes, write_atomic
-from timerpo.prompt import LABELS, generic_cot
+from timerpo.prompt import LABELS, check_intervals, check_truth, generic_cot
 
 DATA_VERSION = "1"
 
@@ -590,15 +590,13 @@ def check_sample_fields(obj, where: str) -> None:
             return
     elif obj["intervals"] is None:
         raise DataError(f"{where}: intervals null (no labels) needs label {UNKNOWN!r}, got {obj['label']!r}")
-    prev_end = 0
-    for item in obj["intervals"]:
-        if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(v, int) for v in item)
-                or not prev_end <= item[0] < item[1] <= length):
-            raise DataError(f"{where}: invalid interval {item!r} in {obj['intervals']!r} (need sorted, "
-                            f"disjoint, half-open [s, e) with 0 <= s < e <= {length})")
-        prev_end = item[1]
-    if obj["label"] != UNKNOWN and (obj["label"] == "normal") != (len(obj["intervals"]) == 0):
-        raise DataError(f"{where}: label {obj['label']!r} does not fit intervals {obj['intervals']!r}")
+    try:
+        if obj["label"] == UNKNOWN:
+            check_intervals(obj["intervals"], length)
+        else:
+            check_truth(obj["intervals"], obj["label"], length)
+    except ValueError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def check_unknown_truth(obj, where: str) -> None:
@@ -682,12 +680,21 @@ def balanced_indices(samples: list, n) -> list[int]:
     queues: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         queues.setdefault(s.family, []).append(i)
-    picked, lists = [], [q[::-1] for q in queues.values()]  # reversed: pop() takes the earliest
-    while len(picked) < n:
+    return sorted(round_robin(list(queues.values()), n))
+
+
+def round_robin(queues: list[list], n: int) -> list:
+    """Up to n items taken from the queues in turn, each queue front first.
+
+    Example: [[a1, a2, a3], [b1]] and n = 3 -> [a1, b1, a2].
+    """
+    lists = [q[::-1] for q in queues]  # reversed: pop() takes the front
+    picked = []
+    while len(picked) < n and any(lists):
         for q in lists:
             if q and len(picked) < n:
                 picked.append(q.pop())
-    return sorted(picked)
+    return picked
 
 
 def import_series(args) -> int:

@@ -27,6 +27,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import hilbert, medfilt, savgol_filter
 
+from timerpo.prompt import check_truth
+
 Z_TRIGGER = 5.0
 Z_FLAG = 3.0
 SLOPE_Z = 3.0
@@ -777,24 +779,6 @@ def conclusion_text(intervals, label: str) -> str:
     return f"Conclusion: type {label}, intervals {fmt_intervals(intervals)}."
 
 
-def check_truth(length: int, intervals, label: str) -> list:
-    """Validate (intervals, label) against the series length; returns intervals as [[int, int], ...]."""
-    labels = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
-    if label not in labels:
-        raise ValueError(f"label {label!r} is not one of {labels}")
-    out, prev = [], 0
-    for item in intervals:
-        s, e = int(item[0]), int(item[1])
-        if not prev <= s < e <= length:
-            raise ValueError(f"interval {list(item)} invalid in {list(intervals)}: need sorted, disjoint "
-                             f"half-open [s, e) with 0 <= s < e <= {length}")
-        out.append([s, e])
-        prev = e
-    if (label == "normal") != (not out):
-        raise ValueError(f"label {label!r} does not fit intervals {out}")
-    return out
-
-
 def expert_cot(series, intervals, label: str, scan: StagedScan | None = None) -> str:
     """Ground-truth-conditioned ExpCoT: Observation (blind staged scan), Reasoning & Validation (evidence
     for the true type on the true intervals) and Conclusion (type and intervals in answer notation).
@@ -802,6 +786,6 @@ def expert_cot(series, intervals, label: str, scan: StagedScan | None = None) ->
     Every number is computed here from the series and printed with fixed decimals.
     """
     scan = StagedScan(series) if scan is None else scan
-    intervals = check_truth(scan.length, intervals, label)
+    intervals = check_truth(intervals, label, scan.length)
     return "\n".join(["Observation: " + observation_text(scan), validation_text(scan, intervals, label),
                       conclusion_text(intervals, label)])

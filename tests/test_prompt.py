@@ -11,6 +11,8 @@ from timerpo.prompt import (
     MAX_PARSE_CHARS,
     Parsed,
     build_prompt,
+    check_intervals,
+    check_truth,
     format_completion,
     generic_cot,
     normalize_label,
@@ -267,3 +269,19 @@ def test_generic_cot_is_generic():
     samples = [dg.build_sample("anomllm", fam, 0, 5)[0] for fam in ("range", "point", "freq", "trend")]
     assert {s.gencot for s in samples} == {text}
     assert any(s.intervals for s in samples)  # anomalous samples get the same text as normal ones
+
+
+def test_check_truth_is_the_one_interval_and_label_check():
+    """data_gen's loader and expert_cot both use it: integer pairs (numpy ones too), sorted, disjoint, in range,
+    and a label that fits."""
+    import numpy as np
+
+    assert check_truth(np.array([[3, 7], [9, 12]]), "trend", 20) == [[3, 7], [9, 12]]
+    assert check_intervals([], 5) == []
+    for bad in ([[3, 7], [5, 9]], [[0, 21]], [[7, 3]], [[1.0, 2.0]], [[1, 2, 3]], ["ab"]):
+        with pytest.raises(ValueError, match="invalid interval"):
+            check_intervals(bad, 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        check_truth([], "trend", 20)
+    with pytest.raises(ValueError, match="not one of"):
+        check_truth([[1, 2]], "spike", 20)

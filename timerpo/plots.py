@@ -87,13 +87,8 @@ def gallery_picks(predictions: list[Prediction], n: int = GALLERY_SAMPLES) -> li
     queues = []
     for ps in by_family.values():
         shows_something = [p for p in ps if p.sample.intervals or p.parsed.intervals]
-        queues.append((shows_something + [p for p in ps if p not in shows_something])[::-1])
-    picks = []
-    while len(picks) < n and any(queues):
-        for q in queues:
-            if q and len(picks) < n:
-                picks.append(q.pop())
-    return picks
+        queues.append(shows_something + [p for p in ps if p not in shows_something])
+    return data_gen.round_robin(queues, n)
 
 
 def clean_text(text: str, width: int) -> str:

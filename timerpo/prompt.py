@@ -31,6 +31,42 @@ def _check_length(length):
     return length
 
 
+def _int_bounds(item):
+    """(s, e) when item is a pair of integers (Python or numpy; no floats), else None."""
+    try:
+        s, e = item
+    except (TypeError, ValueError):
+        return None
+    if not (isinstance(s, numbers.Integral) and isinstance(e, numbers.Integral)):
+        return None
+    return int(s), int(e)
+
+
+def check_intervals(intervals, length):
+    """True intervals as [[s, e], ...], or ValueError: integer pairs, sorted, disjoint, half-open [s, e) with
+    0 <= s < e <= length. Example: check_intervals([(3, 7), [9, 12]], 20) == [[3, 7], [9, 12]]."""
+    out, prev = [], 0
+    for item in intervals:
+        pair = _int_bounds(item)
+        if pair is None or not prev <= pair[0] < pair[1] <= length:
+            raise ValueError(f"invalid interval {item!r} in {intervals!r} (need sorted, disjoint, half-open "
+                             f"[s, e) with 0 <= s < e <= {length})")
+        out.append(list(pair))
+        prev = pair[1]
+    return out
+
+
+def check_truth(intervals, label, length):
+    """A ground truth (intervals, label) checked: check_intervals, and a label of LABELS that fits them
+    ("normal" exactly when there is no interval). Returns the intervals as [[s, e], ...]."""
+    if label not in LABELS:
+        raise ValueError(f"label {label!r} is not one of {LABELS}")
+    out = check_intervals(intervals, length)
+    if (label == "normal") != (not out):
+        raise ValueError(f"label {label!r} does not fit intervals {out}")
+    return out
+
+
 def build_prompt(length):
     """Task prompt for a plot of a series of `length` points (method.md §1; wording our own).
 
