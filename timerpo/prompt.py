@@ -1,5 +1,5 @@
-"""Task prompt, the generic reasoning text, canonical completion text and the completion parser (method.md §1, §2
-and §19).
+"""Task prompt and labels, the ground-truth check (check_truth), the generic reasoning text, canonical completion
+text and the completion parser (method.md §1, §2 and §19).
 
 The parser reads untrusted model output: it never evaluates it, never raises, and every pattern it uses runs
 in linear time, so arbitrary text (huge numbers, NaN, deep brackets, any unicode) is safe to feed it.
