@@ -10,6 +10,8 @@ Every series is a pure function of (seed, suite, family, index): its numpy Gener
 SeedSequence of those values, never from a global RNG or OS entropy, so any subset of a run regenerates
 byte-identically. Intervals are half-open [s, e) integer index ranges, sorted and disjoint.
 
+``tokenizer_corpus`` is the project's text the tiny model's tokenizer is trained on (timerpo/tiny.py).
+
 The renderer draws the series only (axes, ticks, grid, one line). It has no parameter that could receive
 ground truth; ``draw_intervals`` exists for evaluation galleries and must never feed a model input.
 
@@ -33,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from timerpo.files import png_bytes, write_atomic
-from timerpo.prompt import LABELS, check_intervals, check_truth, generic_cot
+from timerpo.prompt import LABELS, build_prompt, check_intervals, check_truth, format_completion, generic_cot
 
 DATA_VERSION = "1"
 
@@ -450,6 +452,26 @@ def draw_intervals(img: Image.Image, length: int, intervals, color=(220, 60, 60)
         x1 = max(x0, int(np.ceil(float(x_to_pixel(e, length, out.size[0])))) - 1)
         draw.rectangle([x0, y0, x1, y1], fill=int(255 * alpha))
     return Image.composite(overlay, out, mask)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny model's tokenizer is trained on (timerpo/tiny.py): prompts, answers in every class, one
+    ExpCoT of every family (index 0 of seed 0, unrounded) and the GenCoT."""
+    from expert_cot import expert_cot  # local import: keeps ``import data_gen`` light
+
+    lines = [build_prompt(length) for length in (400, 1000)]
+    lines += [f"{i}" for i in range(0, 1001)]
+    for suite, families in (("anomllm", ANOMLLM_FAMILIES), ("tods", TODS_TYPES)):
+        for family in families:
+            for index in range(1):
+                series, intervals = make_series(suite, family, index, seed=0)
+                label = FAMILY_LABEL[family] if intervals else "normal"
+                lines.append(expert_cot(series, intervals, label))
+                lines.append(format_completion("", intervals, label))
+    lines += [format_completion("", [], label) for label in LABELS] + [generic_cot()]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- io
