@@ -10,6 +10,8 @@ Every series is a pure function of (seed, suite, family, index): its numpy Gener
 SeedSequence of those values, never from a global RNG or OS entropy, so any subset of a run regenerates
 byte-identically. Intervals are half-open [s, e) integer index ranges, sorted and disjoint.
 
+``tokenizer_corpus`` is the project's text the tiny model's tokenizer is trained on (timerpo/tiny.py).
+
 The renderer draws the series only (axes, ticks, grid, one line). It has no parameter that could receive
 ground truth; ``draw_intervals`` exists for evaluation galleries and must never feed a model input.
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import multiprocessing
@@ -33,11 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from timerpo.files import write_atomic
+from timerpo.files import png_bytes, write_atomic
+from timerpo.prompt import LABELS, build_prompt, check_intervals, check_truth, format_completion, generic_cot
 
 DATA_VERSION = "1"
 
-LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
 # The class of a real anomaly (suite "series"): truth-side only, never an answer, never scored.
 UNKNOWN = "unknown"
 SERIES_SUITE = "series"
@@ -453,11 +454,24 @@ def draw_intervals(img: Image.Image, length: int, intervals, color=(220, 60, 60)
     return Image.composite(overlay, out, mask)
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    """Deterministic PNG encoding (no metadata, fixed zlib level)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+# --------------------------------------------------------------------------------------------- text
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny model's tokenizer is trained on (timerpo/tiny.py): prompts, answers in every class, one
+    ExpCoT of every family (index 0 of seed 0, unrounded) and the GenCoT."""
+    from expert_cot import expert_cot  # local import: keeps ``import data_gen`` light
+
+    lines = [build_prompt(length) for length in (400, 1000)]
+    lines += [f"{i}" for i in range(0, 1001)]
+    for suite, families in (("anomllm", ANOMLLM_FAMILIES), ("tods", TODS_TYPES)):
+        for family in families:
+            for index in range(1):
+                series, intervals = make_series(suite, family, index, seed=0)
+                label = FAMILY_LABEL[family] if intervals else "normal"
+                lines.append(expert_cot(series, intervals, label))
+                lines.append(format_completion("", intervals, label))
+    lines += [format_completion("", [], label) for label in LABELS] + [generic_cot()]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- io
@@ -488,7 +502,7 @@ def build_sample(suite: str, family: str, index: int, seed: int) -> tuple:
         id=sid, family=family, label=label, length=int(series.size), intervals=intervals,
         series=series.tolist(), image=f"images/{sid}.png",
         expcot=expert_cot.expert_cot(series, intervals, label),
-        gencot=expert_cot.generic_cot(),
+        gencot=generic_cot(),
     )
     return sample, png_bytes(render_sample(sample, suite))
 
@@ -598,15 +612,13 @@ def check_sample_fields(obj, where: str) -> None:
             return
     elif obj["intervals"] is None:
         raise DataError(f"{where}: intervals null (no labels) needs label {UNKNOWN!r}, got {obj['label']!r}")
-    prev_end = 0
-    for item in obj["intervals"]:
-        if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(v, int) for v in item)
-                or not prev_end <= item[0] < item[1] <= length):
-            raise DataError(f"{where}: invalid interval {item!r} in {obj['intervals']!r} (need sorted, "
-                            f"disjoint, half-open [s, e) with 0 <= s < e <= {length})")
-        prev_end = item[1]
-    if obj["label"] != UNKNOWN and (obj["label"] == "normal") != (len(obj["intervals"]) == 0):
-        raise DataError(f"{where}: label {obj['label']!r} does not fit intervals {obj['intervals']!r}")
+    try:
+        if obj["label"] == UNKNOWN:
+            check_intervals(obj["intervals"], length)
+        else:
+            check_truth(obj["intervals"], obj["label"], length)
+    except ValueError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def check_unknown_truth(obj, where: str) -> None:
@@ -690,12 +702,21 @@ def balanced_indices(samples: list, n) -> list[int]:
     queues: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         queues.setdefault(s.family, []).append(i)
-    picked, lists = [], [q[::-1] for q in queues.values()]  # reversed: pop() takes the earliest
-    while len(picked) < n:
+    return sorted(round_robin(list(queues.values()), n))
+
+
+def round_robin(queues: list[list], n: int) -> list:
+    """Up to n items taken from the queues in turn, each queue front first.
+
+    Example: [[a1, a2, a3], [b1]] and n = 3 -> [a1, b1, a2].
+    """
+    lists = [q[::-1] for q in queues]  # reversed: pop() takes the front
+    picked = []
+    while len(picked) < n and any(lists):
         for q in lists:
             if q and len(picked) < n:
                 picked.append(q.pop())
-    return sorted(picked)
+    return picked
 
 
 def import_series(args) -> int:

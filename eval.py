@@ -9,7 +9,7 @@ Reads top to bottom: flags → data → completion texts (a baseline's or a mode
 and metric code as the reward, timerpo/evaluate.py) → tables → files in OUT:
     results.json       summary, the tables as rows and as markdown, the flags
     predictions.jsonl  one line per sample: truth, completion text, parsed answer, reward parts, scores
-    gallery.png        ~16 samples: the input plot with truth and prediction as two shaded bands
+    gallery.png        ~16 samples: the input plot with truth and prediction as two shaded bands (timerpo/plots.py)
     tables.md          the printed tables
 
 Baselines write a completion TEXT (format_completion), so they pass through exactly the parser and the
@@ -20,7 +20,7 @@ scores that a model's output does:
     random  k ~ U{1, 2, 3} windows, each of width w ~ U{5, .., max(5, floor(0.1 L))} and start
             ~ U{0, .., L - w}, class uniform over the five anomaly classes; the generator of a series is
             seeded by (--seed, crc32(series id)), so a series gets the same windows whatever --limit is;
-    expert  the classical blind detector expert_cot.detect (no ground truth), its trace as the reasoning.
+    expert  the classical blind detector baselines.detect (no ground truth), its trace as the reasoning.
 
 Tables. anomllm suite: the paper's Table 1 layout (Cls Acc, Frequency, Trend, Range, Point, Avg F1; Avg is
 the plain mean of the four groups, all in %) and a per-family table. tods suite: its types are not the
@@ -34,7 +34,7 @@ to OUT/windows like `data_gen.py --suite series` would), every window is answere
 intervals are shifted back by their offsets and united on the series' own index. OUT also gets
     intervals.json     the merged intervals (and their timestamps when the file has any), the truth, the
                        whole-series scores and every window's own answer
-    series.png         the whole series with the predicted spans, and the true spans when labelled
+    series.png         the whole series with the predicted spans, and the true spans when labelled (timerpo/plots.py)
 With labels, the merged answer is scored on the full timeline (affiliation P/R/F1 and point-wise P/R/F1,
 timerpo/metrics.py), printed beside the trivial baselines (empty, full, random) run through the same windows
 and merge, and beside the per-window tables. Real anomalies have no known class, so Cls Acc there counts
@@ -43,14 +43,12 @@ only the windows without anomaly (true class normal).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import multiprocessing
 import os
 import re
 import sys
-import textwrap
 import time
 import zlib
 from collections import Counter
@@ -62,15 +60,17 @@ from collections import Counter
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 import data_gen
 import series_io
+from timerpo.algorithm import make_prompt
 from timerpo.checkpoint import latest_checkpoint
 from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
-from timerpo.files import write_atomic
+from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
+from timerpo.plots import draw_gallery, draw_series, intervals_text
 from timerpo.policy import ModelNotFound
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
@@ -80,7 +80,6 @@ DEFAULT_MAX_NEW_TOKENS = {"tiny": 72, "other": 1024}
 RANDOM_MAX_WINDOWS = 3
 RANDOM_MIN_WIDTH = 5
 RANDOM_MAX_WIDTH_FRACTION = 0.1
-GALLERY_SAMPLES = 16
 
 HELP = {
     "model": "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run folder "
@@ -234,13 +233,13 @@ def random_completion(sample, seed: int) -> str:
 
 
 def expert_completion(sample) -> str:
-    import expert_cot  # local: only this baseline needs the detector
+    import baselines  # local: only this baseline needs the detector
 
     try:
-        intervals, label, trace = expert_cot.detect(np.asarray(sample.series, dtype=float))
+        intervals, label, trace = baselines.detect(np.asarray(sample.series, dtype=float))
         return format_completion(trace, [list(iv) for iv in intervals], label)
     except Exception as err:  # a detector bug must name the series it failed on
-        raise RuntimeError(f"expert_cot.detect failed on sample {sample.id}: {err}") from err
+        raise RuntimeError(f"baselines.detect failed on sample {sample.id}: {err}") from err
 
 
 def expert_texts(samples: list, workers: int, progress: bool = False) -> list[str]:
@@ -313,8 +312,6 @@ def model_predictions(policy, data_dir: str, all_samples: list, indices: list[in
     would hold gigabytes. A completion's sampling seed depends on its row in samples.jsonl (Prompt.index)
     and --seed only, so neither the chunking nor --limit changes what a given series gets.
     """
-    from train import make_prompt
-
     preds = []
     bar = tqdm(total=len(indices), desc=f"eval {model_tag(args.model)}", disable=args.no_progress,
                dynamic_ncols=True)
@@ -453,12 +450,6 @@ def prediction_record(p: Prediction) -> dict:
     })
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], tables_md: str,
                   gallery: Image.Image) -> None:
     """results.json, predictions.jsonl, tables.md, gallery.png; each written atomically."""
@@ -471,163 +462,9 @@ def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], ta
 
 
 # ---------------------------------------------------------------------------------------------------
-# Gallery
-
-GT_COLOR = (30, 150, 60)
-PRED_COLOR = (230, 110, 0)
-TEXT_COLOR = (20, 20, 20)
-NOTE_COLOR = (110, 110, 110)
-LINE_HEIGHT = 13
-TILE_GAP = 14
-
-
-def gallery_picks(predictions: list[Prediction], n: int = GALLERY_SAMPLES) -> list[Prediction]:
-    """About n predictions, round-robin over families; within a family, series where truth or prediction
-    is non-empty come first (empty-vs-empty tiles show nothing), then file order."""
-    by_family: dict[str, list[Prediction]] = {}
-    for p in predictions:
-        by_family.setdefault(p.sample.family, []).append(p)
-    queues = []
-    for ps in by_family.values():
-        shows_something = [p for p in ps if p.sample.intervals or p.parsed.intervals]
-        queues.append((shows_something + [p for p in ps if p not in shows_something])[::-1])
-    picks = []
-    while len(picks) < n and any(queues):
-        for q in queues:
-            if q and len(picks) < n:
-                picks.append(q.pop())
-    return picks
-
-
-def clean_text(text: str, width: int) -> str:
-    """One printable line of at most `width` characters (model output can hold anything)."""
-    text = "".join(c if c.isprintable() else " " for c in " ".join(str(text).split()))
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def reasoning_lines(p: Prediction, n: int = 2, width: int = 160) -> list[str]:
-    """The first n wrapped lines of the reasoning (the think block, else the raw completion)."""
-    text = p.parsed.think if p.parsed.think is not None else p.text
-    text = " ".join(str(text).split())
-    if not text:
-        return ["(no reasoning)"]
-    wrapped = textwrap.wrap(text, width=width)[:n]
-    if len(textwrap.wrap(text, width=width)) > n:
-        wrapped[-1] = wrapped[-1][:width - 1] + "…"
-    return [clean_text(line, width) for line in wrapped]
-
-
-def intervals_text(intervals, limit: int = 8) -> str:
-    """'[[3, 9], [20, 31]]', cut after `limit` intervals."""
-    if intervals is None:
-        return "unparsable"
-    items = [f"[{s}, {e}]" for s, e in intervals[:limit]]
-    more = f", … +{len(intervals) - limit}" if len(intervals) > limit else ""
-    return "[" + ", ".join(items) + more + "]"
-
-
-def load_plot(p: Prediction, data_dir: str, suite: str) -> Image.Image:
-    """The model's input image from disk; re-rendered from the series when the file cannot be read."""
-    try:
-        with Image.open(os.path.join(data_dir, p.sample.image)) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError):
-        return data_gen.render_series(p.sample.series, ylim=data_gen.SUITE_YLIM.get(suite))
-
-
-def score_text(x: float) -> str:
-    """'0.57', or '–' for an unscored (NaN) value."""
-    return "–" if math.isnan(x) else f"{x:.2f}"
-
-
-def class_verdict(cls: float) -> str:
-    """'right', 'wrong', or 'not scored' when the true class is unknown (NaN)."""
-    return "not scored" if math.isnan(cls) else ("right" if cls else "wrong")
-
-
-def gallery_tile(p: Prediction, data_dir: str, suite: str, font) -> Image.Image:
-    """Header (id, scores, truth, prediction), the plot with truth shaded in the upper half and the
-    prediction in the lower half, then the first two lines of the reasoning."""
-    plot = load_plot(p, data_dir, suite)
-    length = p.sample.length
-    plot = data_gen.draw_intervals(plot, length, p.sample.intervals or [], color=GT_COLOR, row=0, rows=2)
-    if p.parsed.intervals:
-        plot = data_gen.draw_intervals(plot, length, p.parsed.intervals, color=PRED_COLOR, row=1, rows=2)
-    width = plot.size[0]
-    chars = max(40, int((width - 8) / average_char_width(font)))
-    head = [
-        (TEXT_COLOR, clean_text(f"{p.sample.id}   family {p.sample.family}   aff-F1 {score_text(p.loc.aff_f1)}   "
-                                f"pw-F1 {score_text(p.loc.pw_f1)}   class {class_verdict(p.reward.cls)}", chars)),
-        (GT_COLOR, clean_text(f"truth: {true_label(p.sample)}  " + (
-            "unlabelled" if p.sample.intervals is None else intervals_text(p.sample.intervals)), chars)),
-        (PRED_COLOR, clean_text(f"pred:  {p.parsed.label or '(no class)'}  {intervals_text(p.parsed.intervals)}",
-                                chars)),
-    ]
-    notes = [(NOTE_COLOR, line) for line in reasoning_lines(p, width=chars)]
-    tile = Image.new("RGB", (width, plot.size[1] + LINE_HEIGHT * (len(head) + 2) + 4), "white")
-    draw = ImageDraw.Draw(tile)
-    for k, (color, line) in enumerate(head):
-        draw.text((4, k * LINE_HEIGHT), line, fill=color, font=font)
-    tile.paste(plot, (0, len(head) * LINE_HEIGHT + 2))
-    y = len(head) * LINE_HEIGHT + plot.size[1] + 4
-    for k, (color, line) in enumerate(notes):
-        draw.text((4, y + k * LINE_HEIGHT), line, fill=color, font=font)
-    return tile
-
-
-def gallery_font(size: int = 11):
-    """DejaVu Sans when the system has it (it has σ, Greek and box glyphs that traces use), else Pillow's own."""
-    for name in ("DejaVuSans.ttf", "DejaVuSansCondensed.ttf"):
-        try:
-            return ImageFont.truetype(name, size)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=size)
-
-
-def average_char_width(font) -> float:
-    """Mean advance of ordinary text characters in pixels: how many characters fit a tile line."""
-    sample = "abcdefghijklmnopqrstuvwxyz ABCDEFG 0123456789 [], =.:"
-    return max(1.0, font.getlength(sample) / len(sample))
-
-
-def draw_legend(draw, y: int, items: list, font) -> None:
-    """Colour swatches with their names in one row at height y."""
-    x = TILE_GAP
-    for color, name in items:
-        draw.rectangle([x, y + 2, x + 22, y + 12], fill=color)
-        draw.text((x + 28, y), name, fill=TEXT_COLOR, font=font)
-        x += 40 + int(draw.textlength(name, font=font))
-
-
-def draw_gallery(predictions: list[Prediction], data_dir: str, suite: str, title: str,
-                 columns: int = 2) -> Image.Image:
-    """A grid of gallery tiles under a title and a colour legend."""
-    font = gallery_font()
-    tiles = [gallery_tile(p, data_dir, suite, font) for p in gallery_picks(predictions)]
-    tile_w = max((t.size[0] for t in tiles), default=400)
-    tile_h = max((t.size[1] for t in tiles), default=100)
-    rows = max(1, math.ceil(len(tiles) / columns))
-    header = 40
-    img = Image.new("RGB", (columns * tile_w + (columns + 1) * TILE_GAP, header + rows * (tile_h + TILE_GAP)),
-                    "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((TILE_GAP, 6), clean_text(title, 300), fill=TEXT_COLOR, font=font)
-    draw_legend(draw, 22, [(GT_COLOR, "ground truth (upper half of the plot)"),
-                           (PRED_COLOR, "prediction (lower half)")], font)
-    if not tiles:
-        draw.text((TILE_GAP, header), "(no samples)", fill=TEXT_COLOR, font=font)
-    for k, tile in enumerate(tiles):
-        r, c = divmod(k, columns)
-        img.paste(tile, (TILE_GAP + c * (tile_w + TILE_GAP), header + r * (tile_h + TILE_GAP)))
-    return img
-
-
-# ---------------------------------------------------------------------------------------------------
 # Whole series (--series)
 
 TRIVIAL_BASELINES = ("empty", "full", "random")
-SERIES_FIG_WIDTH, SERIES_FIG_HEIGHT = 2016, 196  # the renderer wants multiples of 28 px
 MERGE_RULE = "union of the windows' intervals shifted by their offsets (series_io.merge_windows)"
 
 
@@ -703,33 +540,6 @@ def intervals_record(args, series, tag: str, rows: list[dict], predictions: list
     }
 
 
-def draw_series(series, merged, title: str) -> Image.Image:
-    """The whole series (scaled to [-1, 1] like its windows) with the true spans in the upper half of the
-    plot and the predicted spans in the lower half (the full height without labels), under a title (which
-    carries the whole-series scores) and a legend."""
-    font = gallery_font()
-    length = series.length
-    plot = data_gen.render_series(series_io.normalise_window(series.values), SERIES_FIG_WIDTH, SERIES_FIG_HEIGHT,
-                                  ylim=series_io.SERIES_YLIM)
-    bands = 1 if series.intervals is None else 2
-    if series.intervals is not None:
-        plot = data_gen.draw_intervals(plot, length, series.intervals, color=GT_COLOR, row=0, rows=2)
-    plot = data_gen.draw_intervals(plot, length, merged, color=PRED_COLOR, row=bands - 1, rows=bands)
-    legend = [(PRED_COLOR, "prediction" + (" (lower half)" if bands == 2 else ""))]
-    if bands == 2:
-        legend.insert(0, (GT_COLOR, "ground truth (upper half)"))
-    lines = [title, f"values {series.values.min():.6g} .. {series.values.max():.6g}, drawn min-max scaled to "
-                    f"[-1, 1]; x: index on the whole series"]
-    header = LINE_HEIGHT * len(lines) + 24
-    img = Image.new("RGB", (plot.size[0], header + plot.size[1]), "white")
-    draw = ImageDraw.Draw(img)
-    for k, line in enumerate(lines):
-        draw.text((TILE_GAP, 4 + k * LINE_HEIGHT), clean_text(line, 300), fill=TEXT_COLOR, font=font)
-    draw_legend(draw, 6 + len(lines) * LINE_HEIGHT, legend, font)
-    img.paste(plot, (0, header))
-    return img
-
-
 def read_one_series(args):
     """The --series file, read and checked (its windows too); SeriesError for anything unusable."""
     if os.path.isdir(args.series):
@@ -782,7 +592,8 @@ def series_main(args) -> int:
     scores = rows[0]["scores"]
     score_line = ("" if scores is None else f"; whole series: Aff-P {pct(scores['aff_p'])} Aff-R "
                   f"{pct(scores['aff_r'])} Aff-F1 {pct(scores['aff_f1'])} PW-F1 {pct(scores['pw_f1'])}")
-    picture = draw_series(series, merged, f"{tag} on {heading}{score_line}")
+    picture = draw_series(series, series_io.normalise_window(series.values), series_io.SERIES_YLIM, merged,
+                          f"{tag} on {heading}{score_line}")
     gallery = draw_gallery(predictions, windows_dir, data_gen.SERIES_SUITE,
                            f"{tag} on the windows of {series.name}: {summary['n']} windows, "
                            f"{summary['unparsable']} unparsable")

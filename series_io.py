@@ -43,7 +43,7 @@ import numpy as np
 
 import data_gen
 from expert_cot import runs
-from timerpo.files import write_atomic
+from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import to_events
 
 DEFAULT_WINDOW = data_gen.SUITE_LENGTH["anomllm"]  # the training length: one pixel column per step
@@ -518,7 +518,7 @@ def window_sample(series: RealSeries, start: int, window: int) -> tuple:
     sid = f"{series.name}-{start:07d}"
     sample = data_gen.Sample(id=sid, family=series.name, label=label, length=window, intervals=intervals,
                              series=stored.tolist(), image=f"images/{sid}.png", expcot="", gencot="")
-    png = data_gen.png_bytes(data_gen.render_indexed(sample.series, ylim=SERIES_YLIM))
+    png = png_bytes(data_gen.render_indexed(sample.series, ylim=SERIES_YLIM))
     record = {"id": sid, "offset": start, "min": float(raw.min()), "max": float(raw.max())}
     return sample, png, record
 

@@ -23,14 +23,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import data_gen
-from expert_cot import generic_cot
 from timerpo.advantage import TSR_NORMS
-from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, reference_logprobs, rollout,
-                               score_outcomes, target_states, update_policy)
+from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, make_prompt, reference_logprobs,
+                               rollout, score_outcomes, target_states, update_policy)
 from timerpo.checkpoint import (CheckpointError, append_jsonl, latest_checkpoint, load_trainer_state,
                                 restore_optimizer, save_checkpoint, set_rng_state)
 from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast, full_params, init_distributed,
@@ -38,8 +36,7 @@ from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast,
 from timerpo.evaluate import predict, summarize
 from timerpo.files import write_atomic
 from timerpo.plots import line_chart
-from timerpo.policy import ModelNotFound, Policy, encode_prompt, load_policy, save_policy
-from timerpo.prompt import build_prompt
+from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
 from timerpo.reward import LOC_MODES
 from timerpo.warmup import supervised_warmup
 
@@ -199,16 +196,6 @@ def ensure_data(folder: str, seed: int, progress: bool):
         raise data_gen.DataError(f"{folder}: sample {real.id!r} is a window of a real series (unknown class, no "
                                  f"ExpCoT); training needs generated data; score such folders with eval.py --data")
     return samples
-
-
-def make_prompt(policy: Policy, folder: str, samples: list, index: int, cot: str) -> Prompt:
-    sample = samples[index]
-    with Image.open(os.path.join(folder, sample.image)) as img:
-        encoded = encode_prompt(policy, img, build_prompt(sample.length))
-    # generic_cot() rather than the stored field: data folders written before the GenCoT became one generic
-    # text still hold per-sample texts with the answer in them.
-    target = sample.expcot if cot == "expcot" else generic_cot()
-    return Prompt(index=index, sample=sample, encoded=encoded, target_text=target)
 
 
 def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> list[int]:

@@ -4,7 +4,7 @@
     python bench/answer_figure.py --eval-dir runs/eval/expert-64 --data data/test --family noisy-point
 
 Reads an eval.py output folder (predictions.jsonl), re-scores the chosen completion with the same parser
-and metric code, and draws it as eval.py's gallery does (truth in the upper half of the plot, answer in the
+and metric code, and draws it as eval.py's gallery does (timerpo/plots.py) (truth in the upper half of the plot, answer in the
 lower half, the first lines of the reasoning below). The pick is the first prediction of `--family` in file
 order whose truth and answer both hold an interval, so the figure is reproducible and not hand-chosen.
 """
@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 import data_gen  # noqa: E402
 import eval as evaluation  # noqa: E402
 from timerpo.evaluate import score_prediction  # noqa: E402
-from timerpo.files import write_atomic  # noqa: E402
+from timerpo.files import png_bytes, write_atomic  # noqa: E402
+from timerpo.plots import gallery_font, gallery_tile  # noqa: E402
 
 
 def pick(eval_dir: str, data: str, family: str):
@@ -44,8 +45,8 @@ def main() -> int:
     args = p.parse_args()
     prediction = pick(args.eval_dir, args.data, args.family)
     suite = evaluation.read_suite(args.data, [prediction.sample])
-    tile = evaluation.gallery_tile(prediction, args.data, suite, evaluation.gallery_font())
-    write_atomic(args.out, evaluation.png_bytes(tile))
+    tile = gallery_tile(prediction, args.data, suite, gallery_font())
+    write_atomic(args.out, png_bytes(tile))
     print(f"{args.out}: {prediction.sample.id}, aff-F1 {prediction.loc.aff_f1:.2f}")
     return 0
 

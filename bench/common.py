@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
+from timerpo.algorithm import make_prompt  # noqa: E402
 from timerpo.policy import load_policy, save_policy  # noqa: E402
 
 
@@ -77,7 +78,7 @@ class OurLoop:
     def run_step(self) -> StepRecord:
         a, t0 = self.args, time.perf_counter()
         indices = train.step_prompt_indices(len(self.samples), a.prompts_per_step, self.step, a.seed)
-        prompts = [train.make_prompt(self.policy, a.data, self.samples, i, a.cot) for i in indices]
+        prompts = [make_prompt(self.policy, a.data, self.samples, i, a.cot) for i in indices]
         episodes, _, _, timer = train.rl_step(self.policy, self.ref, self.optimizer, prompts, self.step, a)
         wall = time.perf_counter() - t0
         self.step += 1

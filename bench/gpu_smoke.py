@@ -38,12 +38,12 @@ for path in (ROOT, HERE):
 
 import data_gen  # noqa: E402
 from memory_table import qwen25vl_config  # noqa: E402
-from timerpo.algorithm import (compute_advantages, ground_completions, rollout, score_outcomes, target_states,  # noqa: E402
-                               update_policy)
+from timerpo.algorithm import (compute_advantages, ground_completions, make_prompt, rollout, score_outcomes,  # noqa: E402
+                               target_states, update_policy)
 from timerpo.distributed import full_params, init_distributed, prepare_policy, rank_slice  # noqa: E402
 from timerpo.policy import Policy, make_image_processor  # noqa: E402
-from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer, tiny_corpus  # noqa: E402
-from train import make_prompt, step_prompt_indices  # noqa: E402
+from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer  # noqa: E402
+from train import step_prompt_indices  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 989.0
 
@@ -76,7 +76,7 @@ def build_policy(config: str, device: str) -> Policy:
         policy = build_tiny_policy(seed=0)
         policy.model.to(device)
         return policy
-    tok = build_tiny_tokenizer(tiny_corpus())
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus())
     names = dict(bos="<|endoftext|>", pad="<|endoftext|>", eos="<|im_end|>", image="<|image_pad|>",
                  video="<|video_pad|>", vision_start="<|vision_start|>", vision_end="<|vision_end|>")
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}

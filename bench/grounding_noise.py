@@ -26,7 +26,7 @@ from common import tiny_flags, warm_tiny  # noqa: E402  (also puts the repositor
 
 import data_gen  # noqa: E402
 import train  # noqa: E402
-from timerpo.algorithm import grounding_values, rollout, score_outcomes, target_states  # noqa: E402
+from timerpo.algorithm import grounding_values, make_prompt, rollout, score_outcomes, target_states  # noqa: E402
 from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import load_policy  # noqa: E402
 from timerpo.rollout import collate, completion_forward  # noqa: E402
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     cfg = train.parse_args(["--model", model, "--data", args.data, "--seed", str(args.seed)] + tiny_flags())
     policy = load_policy(model, seed=args.seed)
     samples = data_gen.load_samples(args.data)
-    prompts = [train.make_prompt(policy, args.data, samples, i, "expcot")
+    prompts = [make_prompt(policy, args.data, samples, i, "expcot")
                for i in data_gen.balanced_indices(samples, args.groups)]
     G = cfg.group_size
     episodes = rollout(policy, prompts, G, 0, args.seed, cfg.max_new_tokens, cfg.rollout_batch,

@@ -129,9 +129,10 @@ def measure_run(size: str, layers: int, depth: int, completion: int) -> tuple[in
     from timerpo.policy import Policy, encode_prompt, make_image_processor
     from timerpo.prompt import build_prompt
     from timerpo.rollout import collate, completion_forward
-    from timerpo.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, tiny_corpus
+    import data_gen
+    from timerpo.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer(tiny_corpus())
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus())
     names = dict(zip(("bos", "image", "video", "vision_start", "vision_end"),
                      ("<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")))
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}

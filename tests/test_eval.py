@@ -10,6 +10,7 @@ from PIL import Image
 
 import data_gen
 import eval as ev
+from timerpo import plots
 from timerpo.evaluate import score_prediction
 from timerpo.prompt import ANOMALY_LABELS, format_completion, parse_completion
 
@@ -201,12 +202,12 @@ def test_random_baseline_is_seeded_per_series(anomllm_dir, tmp_path):
 
 
 def test_expert_baseline_reports_the_detector(anomllm_dir, tmp_path):
-    import expert_cot
+    import baselines
 
     results, records = run_eval("baseline:expert", anomllm_dir, tmp_path / "out")
     rows = {r["id"]: r for r in truth(anomllm_dir)}
     for rec in records[::5]:
-        intervals, label, _ = expert_cot.detect(np.asarray(rows[rec["id"]]["series"], dtype=float))
+        intervals, label, _ = baselines.detect(np.asarray(rows[rec["id"]]["series"], dtype=float))
         assert rec["parsed"]["label"] == label
         assert rec["parsed"]["intervals"] == [list(iv) for iv in intervals]
     hits = sum(r["parsed"]["label"] == r["label"] for r in records)
@@ -268,7 +269,7 @@ def test_gallery_survives_odd_completions(anomllm_dir):
     samples = data_gen.load_samples(anomllm_dir, limit=3)
     texts = ["\x00\u202e<think>" + "é漢字 " * 200 + "</think><answer>nope</answer>", "", "<answer>[[5, 999999]]"]
     preds = [score_prediction(s, t) for s, t in zip(samples, texts)]
-    img = ev.draw_gallery(preds, anomllm_dir, "anomllm", "odd")
+    img = plots.draw_gallery(preds, anomllm_dir, "anomllm", "odd")
     assert img.size[1] > 3 * 100 / 2
     assert sum(p.parsed.intervals is None for p in preds) == 3
 

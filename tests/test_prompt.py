@@ -1,14 +1,20 @@
-"""Prompt text, canonical completion and the completion parser (method.md §1 and §2)."""
+"""Prompt text, generic reasoning, canonical completion and the completion parser (method.md §1, §2, §19)."""
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import data_gen as dg
 from timerpo.prompt import (
     LABELS,
     MAX_PARSE_CHARS,
     Parsed,
     build_prompt,
+    check_intervals,
+    check_truth,
     format_completion,
+    generic_cot,
     normalize_label,
     parse_completion,
 )
@@ -33,12 +39,6 @@ def check_invariants(parsed, length):
 
 
 # ------------------------------------------------------------------------------------------------ labels, prompt
-
-
-def test_labels_match_data_gen():
-    import data_gen  # a top-level module written alongside; the two label lists must agree
-
-    assert tuple(data_gen.LABELS) == LABELS
 
 
 def test_labels_are_the_six_of_the_paper():
@@ -257,3 +257,31 @@ def test_parser_survives_pathological_input(text):
 def test_parser_rejects_bad_length_clearly():
     with pytest.raises(ValueError, match="length"):
         parse_completion("<answer>[]</answer>", 0)
+
+
+def test_generic_cot_is_generic():
+    """No digit (so no number from a series and no interval), no label, the ExpCoT's three-part layout;
+    the stored gencot of generated samples is that same text whatever the sample."""
+    text = generic_cot()
+    assert [ln.split(":")[0] for ln in text.split("\n")] == ["Observation", "Reasoning & Validation", "Conclusion"]
+    assert not re.search(r"\d", text) and "[" not in text
+    assert not any(label in text for label in LABELS)
+    samples = [dg.build_sample("anomllm", fam, 0, 5)[0] for fam in ("range", "point", "freq", "trend")]
+    assert {s.gencot for s in samples} == {text}
+    assert any(s.intervals for s in samples)  # anomalous samples get the same text as normal ones
+
+
+def test_check_truth_is_the_one_interval_and_label_check():
+    """data_gen's loader and expert_cot both use it: integer pairs (numpy ones too), sorted, disjoint, in range,
+    and a label that fits."""
+    import numpy as np
+
+    assert check_truth(np.array([[3, 7], [9, 12]]), "trend", 20) == [[3, 7], [9, 12]]
+    assert check_intervals([], 5) == []
+    for bad in ([[3, 7], [5, 9]], [[0, 21]], [[7, 3]], [[1.0, 2.0]], [[1, 2, 3]], ["ab"]):
+        with pytest.raises(ValueError, match="invalid interval"):
+            check_intervals(bad, 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        check_truth([], "trend", 20)
+    with pytest.raises(ValueError, match="not one of"):
+        check_truth([[1, 2]], "spike", 20)

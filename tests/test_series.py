@@ -13,10 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import baselines
 import data_gen
 import eval as ev
 import expert_cot
 import series_io
+from timerpo import plots
 from timerpo.evaluate import score_prediction, summarize
 from timerpo.metrics import localization_scores, to_events
 from timerpo.prompt import format_completion
@@ -350,7 +352,7 @@ def test_expert_finds_a_planted_spike_and_level_shift_on_the_whole_timeline(tmp_
     assert record["scores"] == pytest.approx(dict.fromkeys(["aff_p", "aff_r", "aff_f1", "pw_p", "pw_r", "pw_f1"], 1.0))
     for w in record["windows"][1:3]:  # a window's own answer is the detector's on that window's plot
         window = np.round(series_io.normalise_window(x[w["offset"]:w["offset"] + 1000]), 5)
-        assert w["intervals"] == expert_cot.detect(window)[0] == series_io.cut_intervals(truth, w["offset"], 1000)
+        assert w["intervals"] == baselines.detect(window)[0] == series_io.cut_intervals(truth, w["offset"], 1000)
     # beside the trivial baselines, run through the same windows and merge
     assert set(record["baselines"]) == {"baseline-empty", "baseline-full", "baseline-random"}
     full = localization_scores([[0, N]], truth, N)
@@ -360,10 +362,10 @@ def test_expert_finds_a_planted_spike_and_level_shift_on_the_whole_timeline(tmp_
     assert "| baseline-expert | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 |" in tables
     assert "baseline-random" in tables and "per-source file" in tables
     with Image.open(os.path.join(out, "series.png")) as img:
-        assert img.size[0] == ev.SERIES_FIG_WIDTH and img.size[1] > ev.SERIES_FIG_HEIGHT
+        assert img.size[0] == plots.SERIES_FIG_WIDTH and img.size[1] > plots.SERIES_FIG_HEIGHT
         pixels = np.asarray(img.convert("RGB"))
-    plot = pixels[-ev.SERIES_FIG_HEIGHT:]
-    column = int(data_gen.x_to_pixel((SHIFT[0] + SHIFT[1]) / 2, N, ev.SERIES_FIG_WIDTH))
+    plot = pixels[-plots.SERIES_FIG_HEIGHT:]
+    column = int(data_gen.x_to_pixel((SHIFT[0] + SHIFT[1]) / 2, N, plots.SERIES_FIG_WIDTH))
     shaded = {tuple(p) for p in plot[10:-30, column]}
     assert any(p[1] > p[0] and p[1] > p[2] for p in shaded)  # the truth's green band
     assert any(p[0] > 200 and p[2] < 200 for p in shaded)  # the prediction's orange band

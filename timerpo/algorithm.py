@@ -9,24 +9,27 @@
     4. compute_advantages Â_main, Â_TsR, projection, fused A                      (advantage.py)
     5. update_policy      clipped surrogate − β KL + c_H H, token-mean, micro-batched, one AdamW step
 
-Episodes (one completion each) are the only thing passed between steps; each step fills its fields.
+A Prompt (make_prompt: one data row, encoded) goes in; Episodes (one completion each) are the only thing
+passed between steps; each step fills its fields.
 There is no separate "old log-prob" forward: with one update per rollout π_old is the current policy
 (see update_policy), and the states the OT needs come from the rollout's own KV-cache steps.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
 import ot
 from timerpo.advantage import timerpo_advantage
 from timerpo.distributed import SINGLE, Dist, as_float, grad_scale, grad_sync
 from timerpo.objective import timerpo_objective
-from timerpo.policy import EncodedPrompt, Policy, encode_text
-from timerpo.prompt import Parsed, parse_completion
+from timerpo.policy import EncodedPrompt, Policy, encode_prompt, encode_text
+from timerpo.prompt import Parsed, build_prompt, generic_cot, parse_completion
 from timerpo.reward import RewardParts, outcome_reward
 from timerpo.rollout import collate, completion_forward, completion_seed, sample_completions, text_hidden_states
 
@@ -58,6 +61,18 @@ class Episode:
     ref_logprobs: torch.Tensor | None = None  # [C_i]
     grounding: float | None = None  # W_i (OT cost) or the cosine similarity, by --grounding
     advantage: float | None = None
+
+
+def make_prompt(policy: Policy, folder: str, samples: list, index: int, cot: str) -> Prompt:
+    """The Prompt of data row `index` of `folder`: its plot and task text encoded, and its OT target text
+    (the sample's ExpCoT, or the generic reasoning for --cot gencot)."""
+    sample = samples[index]
+    with Image.open(os.path.join(folder, sample.image)) as img:
+        encoded = encode_prompt(policy, img, build_prompt(sample.length))
+    # generic_cot() rather than the stored field: data folders written before the GenCoT became one generic
+    # text still hold per-sample texts with the answer in them.
+    target = sample.expcot if cot == "expcot" else generic_cot()
+    return Prompt(index=index, sample=sample, encoded=encoded, target_text=target)
 
 
 def chunks(items: list, size: int):

@@ -1,4 +1,4 @@
-"""Atomic writes whose results get the usual permissions.
+"""Atomic writes whose results get the usual permissions, and the one PNG encoding that they write.
 
 `tempfile.mkstemp` and `mkdtemp` create 0600 files and 0700 folders, and safetensors writes its files 0600
 too, so a result renamed into place from one of them stays private whatever the umask says. The
@@ -9,6 +9,7 @@ with os.umask means setting it, which races with other threads.
 """
 from __future__ import annotations
 
+import io
 import os
 import secrets
 
@@ -73,3 +74,10 @@ def write_atomic(path: str, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def png_bytes(img) -> bytes:
+    """A PIL image as deterministic PNG bytes (no metadata, fixed zlib level 6), ready for write_atomic."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()

@@ -33,8 +33,7 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 # A sampled vision token would make the next forward look for an image that is not there.
 FORBIDDEN_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 IMAGE_TOKEN = "<|image_pad|>"
-# Qwen2.5-VL: 14 px patches merged 2 x 2, so one visual token covers 28 x 28 px.
-PIXELS_PER_TOKEN_SIDE = 28
+# Qwen2.5-VL: 14 px patches merged 2 x 2, so one visual token covers 28 x 28 px (data_gen.visual_tokens).
 MIN_PIXELS = 4 * 28 * 28
 MAX_PIXELS = 1280 * 28 * 28
 
@@ -110,11 +109,6 @@ def saved_image_stats(folder: str) -> dict:
     with open(path) as f:
         config = json.load(f)
     return {k: config[k] for k in ("image_mean", "image_std") if k in config}
-
-
-def visual_tokens(width: int, height: int) -> int:
-    """Visual tokens Qwen2.5-VL spends on a width x height image (sides already multiples of 28)."""
-    return (width // PIXELS_PER_TOKEN_SIDE) * (height // PIXELS_PER_TOKEN_SIDE)
 
 
 def chat_text(prompt: str, n_image_tokens: int) -> str:

@@ -1,4 +1,5 @@
-"""Task prompt, canonical completion text and the completion parser (method.md §1 and §2).
+"""Task prompt and labels, the ground-truth check (check_truth), the generic reasoning text, canonical completion
+text and the completion parser (method.md §1, §2 and §19).
 
 The parser reads untrusted model output: it never evaluates it, never raises, and every pattern it uses runs
 in linear time, so arbitrary text (huge numbers, NaN, deep brackets, any unicode) is safe to feed it.
@@ -10,8 +11,7 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass
 
-# The six class labels, five anomaly types then "normal" (method.md §1). data_gen.py keeps its own copy;
-# tests/test_prompt.py checks the two agree.
+# The six class labels, five anomaly types then "normal" (method.md §1); data_gen.py and expert_cot.py use these.
 LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
 ANOMALY_LABELS = LABELS[:-1]
 
@@ -29,6 +29,42 @@ def _check_length(length):
     if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
         raise ValueError(f"length must be a positive integer, got {length!r}")
     return length
+
+
+def _int_bounds(item):
+    """(s, e) when item is a pair of integers (Python or numpy; no floats), else None."""
+    try:
+        s, e = item
+    except (TypeError, ValueError):
+        return None
+    if not (isinstance(s, numbers.Integral) and isinstance(e, numbers.Integral)):
+        return None
+    return int(s), int(e)
+
+
+def check_intervals(intervals, length):
+    """True intervals as [[s, e], ...], or ValueError: integer pairs, sorted, disjoint, half-open [s, e) with
+    0 <= s < e <= length. Example: check_intervals([(3, 7), [9, 12]], 20) == [[3, 7], [9, 12]]."""
+    out, prev = [], 0
+    for item in intervals:
+        pair = _int_bounds(item)
+        if pair is None or not prev <= pair[0] < pair[1] <= length:
+            raise ValueError(f"invalid interval {item!r} in {intervals!r} (need sorted, disjoint, half-open "
+                             f"[s, e) with 0 <= s < e <= {length})")
+        out.append(list(pair))
+        prev = pair[1]
+    return out
+
+
+def check_truth(intervals, label, length):
+    """A ground truth (intervals, label) checked: check_intervals, and a label of LABELS that fits them
+    ("normal" exactly when there is no interval). Returns the intervals as [[s, e], ...]."""
+    if label not in LABELS:
+        raise ValueError(f"label {label!r} is not one of {LABELS}")
+    out = check_intervals(intervals, length)
+    if (label == "normal") != (not out):
+        raise ValueError(f"label {label!r} does not fit intervals {out}")
+    return out
 
 
 def build_prompt(length):
@@ -50,6 +86,21 @@ def build_prompt(length):
         "<class>LABEL</class>, LABEL being one of: " + ", ".join(LABELS) + ".\n"
         "If nothing is anomalous, write <answer>[]</answer> and <class>normal</class>."
     )
+
+
+GENERIC_COT = "\n".join([
+    "Observation: I look over the whole plot, first for values far outside the usual range, then for changes "
+    "in the slope or in the rhythm of the cycle, then for stretches whose shape does not match the rest.",
+    "Reasoning & Validation: I compare each stretch that stands out with the pattern around it and keep only "
+    "those that clearly break it; the kind of break decides the type.",
+    "Conclusion: I report the stretches that break the pattern, or none, and the type that fits them best.",
+])
+
+
+def generic_cot() -> str:
+    """The generic reasoning of the "w/o ExpCoT" ablation: the same text for every sample, so it carries
+    no number from the series, no ground-truth interval and no label (only the three-part layout)."""
+    return GENERIC_COT
 
 
 def _int_pair(item):

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+import data_gen
 from timerpo.policy import Policy, make_image_processor
 
 # Same strings as Qwen2.5-VL; the ids differ (they are the first entries of the small vocabulary).
@@ -31,25 +32,6 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, nu
 TINY_IMAGE_MEAN = (1.0, 1.0, 1.0)
 TINY_IMAGE_STD = (0.5, 0.5, 0.5)
 TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1])
-
-
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: prompts, answers in every class, and ExpCoT/GenCoT traces."""
-    import data_gen
-    from expert_cot import expert_cot, generic_cot
-    from timerpo.prompt import LABELS, build_prompt, format_completion
-
-    lines = [build_prompt(length) for length in (400, 1000)]
-    lines += [f"{i}" for i in range(0, 1001)]
-    for suite, families in (("anomllm", data_gen.ANOMLLM_FAMILIES), ("tods", data_gen.TODS_TYPES)):
-        for family in families:
-            for index in range(1):
-                series, intervals = data_gen.make_series(suite, family, index, seed=0)
-                label = data_gen.FAMILY_LABEL[family] if intervals else "normal"
-                lines.append(expert_cot(series, intervals, label))
-                lines.append(format_completion("", intervals, label))
-    lines += [format_completion("", [], label) for label in LABELS] + [generic_cot()]
-    return lines
 
 
 def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
@@ -94,7 +76,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
 
 def build_tiny_policy(seed: int = 0) -> Policy:
     """The default `--model tiny`: built on the spot, no files, no network, same seed → same weights."""
-    tokenizer = build_tiny_tokenizer(tiny_corpus())
+    tokenizer = build_tiny_tokenizer(data_gen.tokenizer_corpus())
     config = tiny_config(tokenizer)
     devices = []  # fork_rng needs an explicit list on CPU-only machines to stay quiet
     with torch.random.fork_rng(devices=devices):
