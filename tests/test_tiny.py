@@ -11,7 +11,7 @@ from timerpo.algorithm import Prompt
 from timerpo.policy import encode_prompt, load_policy, save_policy
 from timerpo.prompt import build_prompt
 from timerpo.rollout import collate, completion_forward
-from timerpo.warmup import supervised_warmup, warmup_completion
+from timerpo.warmup import snap_to_columns, supervised_warmup, warmup_completion
 
 
 def plot_prompt(policy, folder, sample, index=0):
@@ -63,3 +63,45 @@ def test_a_few_warmup_steps_lower_the_loss_on_a_fixed_batch(tiny_data):
                                vision_steps=2, aux_weight=1.0, progress=False)
     after = batch_loss(policy, prompts)
     assert len(losses) == 6 and after < 0.8 * before, (before, after)
+
+
+def steps_of_touched_columns(intervals, length):
+    """Brute force: every step whose pixel column (x(t) // 28) holds a step of some interval."""
+    column = [int(data_gen.x_to_pixel(t, length) // data_gen.CELL) for t in range(length)]
+    touched = {column[t] for s, e in intervals for t in range(s, e)}
+    return {t for t in range(length) if column[t] in touched}
+
+
+def steps_of(intervals):
+    return {t for s, e in intervals for t in range(s, e)}
+
+
+def test_snap_to_columns_covers_exactly_the_touched_columns():
+    rng = np.random.default_rng(0)
+    for length in (1000, 500):
+        for _ in range(200):
+            ends = sorted(rng.choice(length + 1, size=2 * rng.integers(1, 4), replace=False).tolist())
+            intervals = [ends[i:i + 2] for i in range(0, len(ends), 2)]
+            snapped = snap_to_columns(intervals, length)
+            assert steps_of(snapped) == steps_of_touched_columns(intervals, length)
+            assert all(a < b for a, b in snapped)
+            assert all(snapped[i][1] < snapped[i + 1][0] for i in range(len(snapped) - 1))  # merged if touching
+
+
+def test_snap_to_columns_keeps_odd_lengths_inside_the_series():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        length = int(rng.integers(64, 2000))
+        s = int(rng.integers(0, length - 1))
+        e = int(rng.integers(s + 1, length + 1))
+        [[a, b]] = snap_to_columns([[s, e]], length)
+        width = data_gen.CELL * length / data_gen.plot_box(data_gen.DEFAULT_WIDTH, data_gen.DEFAULT_HEIGHT)[2]
+        assert 0 <= a <= s < e <= b <= length
+        assert s - a <= width + 1 and b - e <= width + 1
+
+
+def test_snapped_warmup_target_has_no_empty_interval():
+    sample = data_gen.Sample(id="x", family="point", label="global point", length=1000, intervals=[[200, 201]],
+                             series=[0.0] * 1000, image="", expcot="", gencot="")
+    assert "[[188, 216]]" in warmup_completion(sample, snap=True)
+    assert "[[200, 201]]" in warmup_completion(sample)

@@ -43,19 +43,46 @@ SHORT_REASONING = {
 COLUMN_POS_WEIGHT = 8.0
 
 
-def warmup_completion(sample) -> str:
-    """The supervised target for one sample: short reasoning, the true intervals, the true class."""
-    return format_completion(SHORT_REASONING[sample.label], sample.intervals, sample.label)
+def warmup_completion(sample, snap: bool = False) -> str:
+    """The supervised target for one sample: short reasoning, the true intervals (widened to whole token
+    columns when `snap`), the true class."""
+    intervals = snap_to_columns(sample.intervals, sample.length) if snap else sample.intervals
+    return format_completion(SHORT_REASONING[sample.label], intervals, sample.label)
 
 
-def column_targets(sample, columns: int) -> torch.Tensor:
-    """1 for each token column whose time steps overlap one of the sample's intervals. [columns]
+def column_edges(length: int, columns: int = data_gen.DEFAULT_WIDTH // data_gen.CELL) -> torch.Tensor:
+    """Time step where each token column starts, and where the last one ends. [columns + 1], float
 
     Token column c covers pixels [28c, 28c + 28) of the plot, i.e. steps [x⁻¹(28c), x⁻¹(28c + 28)) with
     x the renderer's step-to-pixel map. Example (L = 1000, 1064 px wide): column 2 covers steps [20, 48).
     """
     left, _, plot_w, _ = data_gen.plot_box(data_gen.DEFAULT_WIDTH, data_gen.DEFAULT_HEIGHT)
-    edges = (torch.arange(columns + 1) * data_gen.CELL - left) * sample.length / plot_w  # [columns + 1]
+    return (torch.arange(columns + 1, dtype=torch.float64) * data_gen.CELL - left) * length / plot_w
+
+
+def snap_to_columns(intervals, length: int) -> list[list[int]]:
+    """Each interval widened to the token columns it touches, clipped to [0, L); touching ones merged.
+
+    Why (tiny warm-up only): a token column is the finest place the tiny model can see, so these are the
+    answers it can learn to read off the plot. With true ends, a 5-step point anomaly asks for two nearly
+    equal numbers and the tiny model learns to write `[[200, 200]]`, an empty (unparsable) interval.
+    Example (L = 1000): [[728, 771]] → [[720, 776]]; [[10, 23], [30, 40]] → [[0, 48]].
+    """
+    edges = column_edges(length)  # [columns + 1]
+    out: list[list[int]] = []
+    for s, e in sorted(intervals):
+        lo = max(0, int(edges[edges <= s].max().floor()))
+        hi = min(length, int(edges[edges >= e].min().ceil()))
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out
+
+
+def column_targets(sample, columns: int) -> torch.Tensor:
+    """1 for each token column whose time steps overlap one of the sample's intervals. [columns]"""
+    edges = column_edges(sample.length, columns)  # [columns + 1]
     out = torch.zeros(columns)
     for s, e in sample.intervals:
         out[(edges[:-1] < e) & (edges[1:] > s)] = 1.0
@@ -98,11 +125,12 @@ def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Pro
 
 
 def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, batch_size: int, lr: float,
-                      seed: int, vision_steps: int = 0, aux_weight: float = 0.0,
+                      seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
                       progress: bool = True) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
-    loss. Batches are drawn with replacement from all of `samples`. Returns the answer losses."""
+    loss. Batches are drawn with replacement from all of `samples`; `snap` widens the target intervals to
+    whole token columns (snap_to_columns). Returns the answer losses."""
     end = policy.tokenizer.convert_ids_to_tokens(policy.end_ids[0])
     visual = policy.model.model.visual
     heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}))
@@ -127,7 +155,7 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     bar = tqdm(range(steps), desc="warm-up (answers)", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         prompts = draw()
-        targets = [policy.tokenizer(warmup_completion(p.sample) + end, add_special_tokens=False)["input_ids"]
+        targets = [policy.tokenizer(warmup_completion(p.sample, snap) + end, add_special_tokens=False)["input_ids"]
                    for p in prompts]
         batch = collate(policy, [p.encoded for p in prompts], targets)
         with capture_output(visual) as seen:
