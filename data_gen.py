@@ -1,8 +1,10 @@
-"""Synthetic training / evaluation data for TimerPO (PAPER.md sections 4 and 5).
+"""Synthetic training / evaluation data for TimerPO (method.md §4 and §5).
 
 Two suites:
-  * ``anomllm``: the eight training families of the paper (L = 1000), parameters from the PAPER.md table;
+  * ``anomllm``: the eight training families of the paper (L = 1000), parameters from the table of method.md §4;
   * ``tods``: five TODS-style types (L = 400), incl. ``shapelet``, the type never seen in training.
+A third "suite", ``series``, imports real series instead (series_io.py): windows of a file or a folder, the
+class of their anomalies unknown.
 
 Every series is a pure function of (seed, suite, family, index): its numpy Generator comes from a
 SeedSequence of those values, never from a global RNG or OS entropy, so any subset of a run regenerates
@@ -12,6 +14,7 @@ The renderer draws the series only (axes, ticks, grid, one line). It has no para
 ground truth; ``draw_intervals`` exists for evaluation galleries and must never feed a model input.
 
 CLI:  python data_gen.py --out data/train --suite anomllm --per-family 400 --seed 3407
+      python data_gen.py --out data/nab --suite series --input NAB/realKnownCause --labels NAB/labels.json
 """
 from __future__ import annotations
 
@@ -24,16 +27,20 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from timerpo.files import write_atomic
+
 DATA_VERSION = "1"
 
 LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
+# The class of a real anomaly (suite "series"): truth-side only, never an answer, never scored.
+UNKNOWN = "unknown"
+SERIES_SUITE = "series"
 ANOMLLM_FAMILIES = ("range", "point", "freq", "trend", "flat-trend", "noisy-point", "noisy-freq", "noisy-trend")
 TODS_TYPES = ("global", "contextual", "seasonal", "trend", "shapelet")
 SUITES = ("anomllm", "tods")
@@ -70,7 +77,7 @@ class Sample:
     family: str
     label: str
     length: int
-    intervals: list[list[int]]
+    intervals: list[list[int]] | None  # None: a real series without labels (label UNKNOWN)
     series: list[float]
     image: str
     expcot: str
@@ -94,7 +101,7 @@ def sample_id(suite: str, family: str, index: int, seed: int) -> str:
 
 @dataclass(frozen=True)
 class IntervalSpec:
-    """Renewal process of PAPER.md section 4: gap ~ max(Exp(gap_mean), gap_min), then an anomaly of length
+    """Renewal process of method.md §4: gap ~ max(Exp(gap_mean), gap_min), then an anomaly of length
     max(Exp(len_mean), len_min); both floored to integers; at most ``cap`` intervals (None: no cap);
     stop when an anomaly would start at or after L; the last one is cut at L."""
     gap_mean: float
@@ -197,8 +204,8 @@ def synth_anomllm(rng, family, length, intervals):
 
 
 # --------------------------------------------------------------------------------------------- tods
-# TODS-style recipe (PAPER.md section 4): base 1.5·sin(2π·0.04·t) + N(0, 0.05), L = 400, every series has
-# an anomaly. Choices (the spec gives only a recipe): point types get 3-6 single points, collective types
+# TODS-style recipe (method.md §4): base 1.5·sin(2π·0.04·t) + N(0, 0.05), L = 400, every series has
+# an anomaly. Choices (the recipe fixes no counts): point types get 3-6 single points, collective types
 # 1-2 windows of 12-24 steps (≈5 % of the points), kept 20 steps from the ends and 30 steps apart.
 
 TODS_BASE_FREQ = 0.04
@@ -308,6 +315,7 @@ MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 36, 28, 6, 18
 # scale keeps amplitude comparable across samples (autoscaling would blow a pure-noise normal range series
 # up to look like an anomaly). TODS-style series (amplitude 1.5, spikes) use the series' own min/max.
 SUITE_YLIM = {"anomllm": (-1.25, 1.25), "tods": None}
+SUITE_YLIM[SERIES_SUITE] = SUITE_YLIM["anomllm"]  # real windows are scaled to [-1, 1] (series_io.py)
 
 BACKGROUND = (255, 255, 255)
 GRID = (226, 226, 226)
@@ -454,33 +462,15 @@ def png_bytes(img: Image.Image) -> bytes:
 
 # --------------------------------------------------------------------------------------------- io
 
-UMASK = os.umask(0)
-os.umask(UMASK)  # read once at import (reading it means setting it)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same directory, then os.replace (readers never see half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def render_settings(suite: str) -> dict:
-    """Render settings recorded in manifest.json."""
+def render_settings(suite: str, length: int | None = None) -> dict:
+    """Render settings recorded in manifest.json; ``length`` defaults to the suite's series length."""
     ylim = SUITE_YLIM[suite]
+    length = SUITE_LENGTH[suite] if length is None else length
     return {
         "width": DEFAULT_WIDTH, "height": DEFAULT_HEIGHT,
         "visual_tokens": visual_tokens(DEFAULT_WIDTH, DEFAULT_HEIGHT),
         "plot_area": list(plot_box(DEFAULT_WIDTH, DEFAULT_HEIGHT)),
-        "steps_per_token_column": round(SUITE_LENGTH[suite] * CELL / plot_box(DEFAULT_WIDTH, DEFAULT_HEIGHT)[2], 3),
+        "steps_per_token_column": round(length * CELL / plot_box(DEFAULT_WIDTH, DEFAULT_HEIGHT)[2], 3),
         "ylim": list(ylim) if ylim is not None else "auto (series min/max ± 8 %)",
         "line_color": list(LINE), "font": "PIL bitmap default", "ground_truth_drawn": False,
     }
@@ -498,7 +488,7 @@ def build_sample(suite: str, family: str, index: int, seed: int) -> tuple:
         id=sid, family=family, label=label, length=int(series.size), intervals=intervals,
         series=series.tolist(), image=f"images/{sid}.png",
         expcot=expert_cot.expert_cot(series, intervals, label),
-        gencot=expert_cot.generic_cot(label, intervals),
+        gencot=expert_cot.generic_cot(),
     )
     return sample, png_bytes(render_sample(sample, suite))
 
@@ -512,7 +502,7 @@ def _work(args):
     """Pool task: build one sample and write its PNG atomically; return its jsonl line."""
     suite, family, index, seed, out_dir = args
     sample, png = build_sample(suite, family, index, seed)
-    atomic_write(os.path.join(out_dir, sample.image), png)
+    write_atomic(os.path.join(out_dir, sample.image), png)
     return sample.to_json()
 
 
@@ -567,9 +557,9 @@ def generate(out_dir: str, suite: str, per_family: int, seed: int, families=None
                 lines.append(line)
                 bar.update()
     bar.close()
-    atomic_write(os.path.join(out_dir, "samples.jsonl"), ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(os.path.join(out_dir, "samples.jsonl"), ("\n".join(lines) + "\n").encode("utf-8"))
     samples = [Sample(**json.loads(line)) for line in lines]
-    atomic_write(os.path.join(out_dir, "manifest.json"), manifest_bytes(suite, seed, per_family, families, samples))
+    write_atomic(os.path.join(out_dir, "manifest.json"), manifest_bytes(suite, seed, per_family, families, samples))
     return samples
 
 
@@ -597,11 +587,17 @@ def check_sample_fields(obj, where: str) -> None:
     missing = [f for f in SAMPLE_FIELDS if f not in obj]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
-    if obj["label"] not in LABELS:
-        raise DataError(f"{where}: label {obj['label']!r} is not one of {LABELS}")
+    if obj["label"] not in LABELS and obj["label"] != UNKNOWN:
+        raise DataError(f"{where}: label {obj['label']!r} is not one of {LABELS + (UNKNOWN,)}")
     length = obj["length"]
     if not isinstance(obj["series"], list) or len(obj["series"]) != length:
         raise DataError(f"{where}: series has {len(obj['series'])} values but length is {length}")
+    if obj["label"] == UNKNOWN:
+        check_unknown_truth(obj, where)
+        if obj["intervals"] is None:
+            return
+    elif obj["intervals"] is None:
+        raise DataError(f"{where}: intervals null (no labels) needs label {UNKNOWN!r}, got {obj['label']!r}")
     prev_end = 0
     for item in obj["intervals"]:
         if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(v, int) for v in item)
@@ -609,8 +605,15 @@ def check_sample_fields(obj, where: str) -> None:
             raise DataError(f"{where}: invalid interval {item!r} in {obj['intervals']!r} (need sorted, "
                             f"disjoint, half-open [s, e) with 0 <= s < e <= {length})")
         prev_end = item[1]
-    if (obj["label"] == "normal") != (len(obj["intervals"]) == 0):
+    if obj["label"] != UNKNOWN and (obj["label"] == "normal") != (len(obj["intervals"]) == 0):
         raise DataError(f"{where}: label {obj['label']!r} does not fit intervals {obj['intervals']!r}")
+
+
+def check_unknown_truth(obj, where: str) -> None:
+    """An unknown class belongs to real anomalies (non-empty intervals) or to a series without labels
+    (intervals null); with no anomaly the class is known: 'normal'."""
+    if obj["intervals"] is not None and not obj["intervals"]:
+        raise DataError(f"{where}: label {UNKNOWN!r} with intervals [] (a window without anomaly is 'normal')")
 
 
 def load_samples(data_dir: str, limit: int | None = None, families=None) -> list:
@@ -647,21 +650,34 @@ def load_samples(data_dir: str, limit: int | None = None, families=None) -> list
 # --------------------------------------------------------------------------------------------- cli
 
 def parse_args(argv=None):
+    import series_io  # local: the synthetic suites do not need the real-series reader
+
     parser = argparse.ArgumentParser(
-        description="Generate synthetic anomaly series, plots and expert reasoning (samples.jsonl, "
-                    "images/<id>.png, manifest.json).",
+        description="Generate synthetic anomaly series, plots and expert reasoning, or import real series "
+                    "as plots (samples.jsonl, images/<id>.png, manifest.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--suite", choices=SUITES, default="anomllm",
-                        help="anomllm: 8 training families (L=1000); tods: 5 TODS-style types incl. shapelet (L=400)")
-    parser.add_argument("--per-family", type=int, default=400, help="series per family")
-    parser.add_argument("--seed", type=int, default=3407, help="data seed (public: train 3407, test 42)")
+    parser.add_argument("--suite", choices=SUITES + (SERIES_SUITE,), default="anomllm",
+                        help="anomllm: 8 training families (L=1000); tods: 5 TODS-style types incl. shapelet "
+                             "(L=400); series: windows of the real series in --input")
+    parser.add_argument("--per-family", type=int, default=400, help="series per family (synthetic suites)")
+    parser.add_argument("--seed", type=int, default=3407,
+                        help="data seed (public: train 3407, test 42; synthetic suites)")
     parser.add_argument("--families", default=None,
                         help="comma-separated subset, e.g. point,freq (default: all of the suite)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: min(2, CPUs); 1 for < 64 samples)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    parser.add_argument("--input", default=None,
+                        help="--suite series: a file or a folder of files: TimeEval/GutenTAG CSV "
+                             "(timestamp,value[s],is_anomaly), TSB-UAD .out (value,label, no header), NAB CSV "
+                             "(timestamp,value; labels from --labels) or a one-column CSV (no labels)")
+    series_io.add_window_flags(parser, "--suite series")
+    args = parser.parse_args(argv)
+    series_io.check_window_flags(parser, args, args.suite == SERIES_SUITE, "--suite series", extra=("input",))
+    if args.suite == SERIES_SUITE and args.input is None:
+        parser.error("--suite series needs --input FILE_OR_FOLDER")
+    return args
 
 
 def balanced_indices(samples: list, n) -> list[int]:
@@ -682,8 +698,30 @@ def balanced_indices(samples: list, n) -> list[int]:
     return sorted(picked)
 
 
+def import_series(args) -> int:
+    """--suite series: read and check every file first, then write the windows (series_io.py)."""
+    import series_io
+
+    try:
+        series = series_io.read_all(args.input, args.column, args.labels)
+        for s in series:
+            series_io.check_windowing(s, args.window, args.stride)
+    except series_io.SeriesError as exc:
+        print(f"data_gen: error: {exc}", file=sys.stderr)
+        return 2
+    for s in series:
+        for note in s.notes:
+            print(f"data_gen: warning: {note}", file=sys.stderr)
+    samples, _ = series_io.write_windows(args.out, series, args.window, args.stride, args.labels,
+                                         progress=not args.no_progress)
+    print(f"wrote {len(samples)} windows of {len(series)} series to {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite == SERIES_SUITE:
+        return import_series(args)
     families = None if args.families is None else [f.strip() for f in args.families.split(",") if f.strip()]
     try:
         samples = generate(args.out, args.suite, args.per_family, args.seed, families=families,

@@ -1,8 +1,9 @@
-"""Evaluation: the paper's tables for a checkpoint or a baseline on a generated data folder.
+"""Evaluation of a checkpoint or a baseline: the paper's tables on a data folder, or one whole real series.
 
     python eval.py --model baseline:empty --data data/test
     python eval.py --model runs/<run>/ckpt-000060/model --data data/test --limit 400
     python eval.py --model qwen2.5-vl-3b --data data/test --temperature 0.4
+    python eval.py --model baseline:expert --series nyc_taxi.csv --labels NAB/labels.json
 
 Reads top to bottom: flags → data → completion texts (a baseline's or a model's) → scoring (the same parser
 and metric code as the reward, timerpo/evaluate.py) → tables → files in OUT:
@@ -27,6 +28,17 @@ paper's groups (the paper reports no such table), so the headline row has one co
 (never seen in training) included, and Avg over the five types; plus the per-type table. For tods the
 summary's `groups` is left empty and `avg_group_f1` null, so no one reads the tods `trend` type as the
 paper's Trend column.
+
+Whole series (--series FILE, reading and windowing in series_io.py): the series is cut into windows (written
+to OUT/windows like `data_gen.py --suite series` would), every window is answered as above, and the windows'
+intervals are shifted back by their offsets and united on the series' own index. OUT also gets
+    intervals.json     the merged intervals (and their timestamps when the file has any), the truth, the
+                       whole-series scores and every window's own answer
+    series.png         the whole series with the predicted spans, and the true spans when labelled
+With labels, the merged answer is scored on the full timeline (affiliation P/R/F1 and point-wise P/R/F1,
+timerpo/metrics.py), printed beside the trivial baselines (empty, full, random) run through the same windows
+and merge, and beside the per-window tables. Real anomalies have no known class, so Cls Acc there counts
+only the windows without anomaly (true class normal).
 """
 from __future__ import annotations
 
@@ -54,9 +66,12 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data_gen
-from timerpo.checkpoint import latest_checkpoint, write_atomic
+import series_io
+from timerpo.checkpoint import latest_checkpoint
 from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
-from timerpo.metrics import PAPER_GROUPS, group_of, to_events
+from timerpo.files import write_atomic
+from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
+from timerpo.policy import ModelNotFound
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
 BASELINES = ("empty", "full", "random", "expert")
@@ -71,9 +86,11 @@ HELP = {
     "model": "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run folder "
              "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert",
     "data": "generated data folder (python data_gen.py --out DIR ...)",
+    "series": "one real series file (TimeEval/GutenTAG or NAB CSV, TSB-UAD .out, one-column CSV): detect on "
+              "every window, merge the intervals onto the whole series, score it as a whole when labelled",
     "limit": "evaluate N samples, spread evenly over families (default: all)",
     "temperature": "sampling temperature: 0 = greedy; 0.4 = the paper's validation sampling",
-    "out": "output folder (default: runs/eval/<model-tag>-<data-folder-name>)",
+    "out": "output folder (default: runs/eval/<model-tag>-<data-folder-name or series-file-name>)",
     "batch_size": "prompts generated together (models only)",
     "max_new_tokens": "completion length cap (default: a run folder's own, 72 for tiny, 1024 otherwise)",
     "seed": "seed of sampling streams (models) and of the random baseline",
@@ -92,7 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help=HELP["model"])
-    p.add_argument("--data", required=True, help=HELP["data"])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help=HELP["data"])
+    source.add_argument("--series", help=HELP["series"])
     p.add_argument("--limit", type=int, default=None, help=HELP["limit"])
     p.add_argument("--temperature", type=float, default=0.0, help=HELP["temperature"])
     p.add_argument("--out", default=None, help=HELP["out"])
@@ -103,7 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help=HELP["dtype"])
     p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
     p.add_argument("--workers", type=int, default=None, help=HELP["workers"])
+    series_io.add_window_flags(p, "--series")
     args = p.parse_args(argv)
+    series_io.check_window_flags(p, args, args.series is not None, "--series")
+    if args.series is not None and args.limit is not None:
+        p.error("--limit does not apply to --series: every window is evaluated to cover the whole series")
     if args.model.startswith("baseline:") and args.model.split(":", 1)[1] not in BASELINES:
         p.error(f"--model {args.model!r}: unknown baseline; choose one of "
                 + ", ".join("baseline:" + b for b in BASELINES))
@@ -121,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_new_tokens is None:
         args.max_new_tokens = run_max_new_tokens(args.model) or \
             DEFAULT_MAX_NEW_TOKENS["tiny" if args.model == "tiny" else "other"]
-    args.out = args.out or default_out(args.model, args.data, args.temperature)
+    args.out = args.out or default_out(args.model, args.data or series_io.series_name(args.series),
+                                       args.temperature)
     return args
 
 
@@ -158,15 +182,17 @@ def default_out(model: str, data: str, temperature: float) -> str:
 
 
 def read_suite(data_dir: str, samples: list) -> str:
-    """'anomllm' or 'tods': the manifest's word, else guessed from the family names."""
+    """'anomllm', 'tods' or 'series': the manifest's word, else guessed from the family names."""
     manifest = os.path.join(data_dir, "manifest.json")
     try:
         with open(manifest) as f:
             suite = json.load(f).get("suite")
-        if suite in data_gen.SUITES:
+        if suite in data_gen.SUITES + (data_gen.SERIES_SUITE,):
             return suite
     except (OSError, ValueError, AttributeError):
         pass  # no or unreadable manifest: fall back to the families
+    if any(s.label == data_gen.UNKNOWN for s in samples):
+        return data_gen.SERIES_SUITE
     families = {s.family for s in samples}
     only_tods = families - set(data_gen.ANOMLLM_FAMILIES)
     return "tods" if only_tods and families <= set(data_gen.TODS_TYPES) else "anomllm"
@@ -319,16 +345,24 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def normal_share(p: Prediction) -> float:
+    """1 when the truth has no anomaly, 0 when it has, NaN without labels."""
+    if p.sample.intervals is None:
+        return math.nan
+    return float(not to_events(p.sample.intervals, p.sample.length))
+
+
 def family_rows(predictions: list[Prediction], suite: str = "anomllm") -> list[dict]:
-    """One row per family (or tods type), in order of first appearance: counts and mean scores."""
+    """One row per family (tods type, or source file of a series folder), in order of first appearance:
+    counts and mean scores (unscored NaN entries skipped, timerpo/evaluate.py)."""
     by_family: dict[str, list[Prediction]] = {}
     for p in predictions:
         by_family.setdefault(p.sample.family, []).append(p)
     rows = []
     for family, ps in by_family.items():
         rows.append({
-            "family": family, "group": None if suite == "tods" else group_of(family), "n": len(ps),
-            "normal_share": mean(not to_events(p.sample.intervals, p.sample.length) for p in ps),
+            "family": family, "group": group_of(family) if suite == "anomllm" else None, "n": len(ps),
+            "normal_share": mean(normal_share(p) for p in ps),
             "cls_acc": mean(p.reward.cls for p in ps),
             "aff_p": mean(p.loc.aff_p for p in ps), "aff_r": mean(p.loc.aff_r for p in ps),
             "aff_f1": mean(p.loc.aff_f1 for p in ps),
@@ -341,7 +375,13 @@ def family_rows(predictions: list[Prediction], suite: str = "anomllm") -> list[d
 
 
 def headline_table(tag: str, suite: str, summary: dict, rows: list[dict]) -> str:
-    """anomllm: the paper's Table 1 row; tods: one column per type and Avg over the types (all in %)."""
+    """anomllm: the paper's Table 1 row; tods: one column per type and Avg over the types; series: mean
+    per-window scores with the number of windows that could be scored (all in %)."""
+    if suite == data_gen.SERIES_SUITE:
+        return markdown_table(
+            ["Method", "Windows", "Labelled", "Known class", "Cls Acc", "Aff-F1", "PW-F1", "Unparsable"],
+            [[tag, summary["n"], summary["n_labelled"], summary["n_known_class"], pct(summary["cls_acc"]),
+              pct(summary["aff_f1"]), pct(summary["pw_f1"]), summary["unparsable"]]])
     if suite == "tods":
         types = [r["family"] for r in rows]
         return markdown_table(["Method", "Cls Acc"] + types + ["Avg F1"],
@@ -354,28 +394,32 @@ def headline_table(tag: str, suite: str, summary: dict, rows: list[dict]) -> str
 
 
 def family_table(rows: list[dict], suite: str) -> str:
-    first = "Type" if suite == "tods" else "Family"
-    headers = [first] + ([] if suite == "tods" else ["Group"]) + [
+    """Per-family table (anomllm, with the paper group), per-type (tods) or per-source file (series)."""
+    first = {"tods": "Type", data_gen.SERIES_SUITE: "Source"}.get(suite, "Family")
+    grouped = suite == "anomllm"
+    headers = [first] + (["Group"] if grouped else []) + [
         "n", "Normal %", "Cls Acc", "Aff-P", "Aff-R", "Aff-F1", "PW-P", "PW-R", "PW-F1", "Reward", "Unparsable"]
     body = []
     for r in rows:
-        body.append([r["family"]] + ([] if suite == "tods" else [r["group"] or "–"]) + [
+        body.append([r["family"]] + ([r["group"] or "–"] if grouped else []) + [
             r["n"], pct(r["normal_share"]), pct(r["cls_acc"]), pct(r["aff_p"]), pct(r["aff_r"]),
-            pct(r["aff_f1"]), pct(r["pw_p"]), pct(r["pw_r"]), pct(r["pw_f1"]), f"{r['reward']:.3f}",
-            r["unparsable"]])
+            pct(r["aff_f1"]), pct(r["pw_p"]), pct(r["pw_r"]), pct(r["pw_f1"]),
+            "–" if math.isnan(r["reward"]) else f"{r['reward']:.3f}", r["unparsable"]])
     return markdown_table(headers, body)
 
 
 def build_summary(predictions: list[Prediction], suite: str) -> tuple[dict, list[dict]]:
     """summarize() plus the per-family rows.
 
-    anomllm: summarize's `groups` are the paper's Table 1 columns (PAPER.md section 8), mean affiliation F1
+    anomllm: summarize's `groups` are the paper's Table 1 columns (method.md §22), mean affiliation F1
     over the series of each group of families, and `avg_group_f1` their plain, unweighted mean: Frequency
     series scoring 1 and 0 with one Trend series scoring 1 give Frequency 0.5, Trend 1.0, Avg 0.75 (a
     series-weighted mean would say 2/3). tods: no paper groups; `avg_type_f1` is the plain mean over types.
     """
     summary = summarize(predictions)
     rows = family_rows(predictions, suite)
+    if suite == data_gen.SERIES_SUITE:  # real series: no paper groups, and a file is not an anomaly type
+        summary["groups"], summary["avg_group_f1"] = {}, None
     if suite == "tods":
         summary["groups"], summary["avg_group_f1"] = {}, None
         summary["avg_type_f1"] = mean(r["aff_f1"] for r in rows)
@@ -425,7 +469,7 @@ def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], ta
     write_atomic(os.path.join(out_dir, "predictions.jsonl"),
                  "".join(json.dumps(prediction_record(p), ensure_ascii=False) + "\n" for p in predictions))
     write_atomic(os.path.join(out_dir, "tables.md"), tables_md)
-    data_gen.atomic_write(os.path.join(out_dir, "gallery.png"), png_bytes(gallery))
+    write_atomic(os.path.join(out_dir, "gallery.png"), png_bytes(gallery))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -493,20 +537,31 @@ def load_plot(p: Prediction, data_dir: str, suite: str) -> Image.Image:
         return data_gen.render_series(p.sample.series, ylim=data_gen.SUITE_YLIM.get(suite))
 
 
+def score_text(x: float) -> str:
+    """'0.57', or '–' for an unscored (NaN) value."""
+    return "–" if math.isnan(x) else f"{x:.2f}"
+
+
+def class_verdict(cls: float) -> str:
+    """'right', 'wrong', or 'not scored' when the true class is unknown (NaN)."""
+    return "not scored" if math.isnan(cls) else ("right" if cls else "wrong")
+
+
 def gallery_tile(p: Prediction, data_dir: str, suite: str, font) -> Image.Image:
     """Header (id, scores, truth, prediction), the plot with truth shaded in the upper half and the
     prediction in the lower half, then the first two lines of the reasoning."""
     plot = load_plot(p, data_dir, suite)
     length = p.sample.length
-    plot = data_gen.draw_intervals(plot, length, p.sample.intervals, color=GT_COLOR, row=0, rows=2)
+    plot = data_gen.draw_intervals(plot, length, p.sample.intervals or [], color=GT_COLOR, row=0, rows=2)
     if p.parsed.intervals:
         plot = data_gen.draw_intervals(plot, length, p.parsed.intervals, color=PRED_COLOR, row=1, rows=2)
     width = plot.size[0]
     chars = max(40, int((width - 8) / average_char_width(font)))
     head = [
-        (TEXT_COLOR, clean_text(f"{p.sample.id}   family {p.sample.family}   aff-F1 {p.loc.aff_f1:.2f}   "
-                                f"pw-F1 {p.loc.pw_f1:.2f}   class {'right' if p.reward.cls else 'wrong'}", chars)),
-        (GT_COLOR, clean_text(f"truth: {true_label(p.sample)}  {intervals_text(p.sample.intervals)}", chars)),
+        (TEXT_COLOR, clean_text(f"{p.sample.id}   family {p.sample.family}   aff-F1 {score_text(p.loc.aff_f1)}   "
+                                f"pw-F1 {score_text(p.loc.pw_f1)}   class {class_verdict(p.reward.cls)}", chars)),
+        (GT_COLOR, clean_text(f"truth: {true_label(p.sample)}  " + (
+            "unlabelled" if p.sample.intervals is None else intervals_text(p.sample.intervals)), chars)),
         (PRED_COLOR, clean_text(f"pred:  {p.parsed.label or '(no class)'}  {intervals_text(p.parsed.intervals)}",
                                 chars)),
     ]
@@ -538,6 +593,15 @@ def average_char_width(font) -> float:
     return max(1.0, font.getlength(sample) / len(sample))
 
 
+def draw_legend(draw, y: int, items: list, font) -> None:
+    """Colour swatches with their names in one row at height y."""
+    x = TILE_GAP
+    for color, name in items:
+        draw.rectangle([x, y + 2, x + 22, y + 12], fill=color)
+        draw.text((x + 28, y), name, fill=TEXT_COLOR, font=font)
+        x += 40 + int(draw.textlength(name, font=font))
+
+
 def draw_gallery(predictions: list[Prediction], data_dir: str, suite: str, title: str,
                  columns: int = 2) -> Image.Image:
     """A grid of gallery tiles under a title and a colour legend."""
@@ -551,12 +615,8 @@ def draw_gallery(predictions: list[Prediction], data_dir: str, suite: str, title
                     "white")
     draw = ImageDraw.Draw(img)
     draw.text((TILE_GAP, 6), clean_text(title, 300), fill=TEXT_COLOR, font=font)
-    legend = [(GT_COLOR, "ground truth (upper half of the plot)"), (PRED_COLOR, "prediction (lower half)")]
-    x = TILE_GAP
-    for color, name in legend:
-        draw.rectangle([x, 24, x + 22, 34], fill=color)
-        draw.text((x + 28, 22), name, fill=TEXT_COLOR, font=font)
-        x += 40 + int(draw.textlength(name, font=font))
+    draw_legend(draw, 22, [(GT_COLOR, "ground truth (upper half of the plot)"),
+                           (PRED_COLOR, "prediction (lower half)")], font)
     if not tiles:
         draw.text((TILE_GAP, header), "(no samples)", fill=TEXT_COLOR, font=font)
     for k, tile in enumerate(tiles):
@@ -566,12 +626,240 @@ def draw_gallery(predictions: list[Prediction], data_dir: str, suite: str, title
 
 
 # ---------------------------------------------------------------------------------------------------
+# Whole series (--series)
+
+TRIVIAL_BASELINES = ("empty", "full", "random")
+SERIES_FIG_WIDTH, SERIES_FIG_HEIGHT = 2016, 196  # the renderer wants multiples of 28 px
+MERGE_RULE = "union of the windows' intervals shifted by their offsets (series_io.merge_windows)"
+
+
+def merge_predictions(predictions: list[Prediction], offsets: list[int], length: int) -> list[list[int]]:
+    """The windows' answered intervals united on the series' index; an unparsable answer adds none."""
+    return series_io.merge_windows([(o, p.parsed.intervals or []) for o, p in zip(offsets, predictions)], length)
+
+
+def interval_classes(merged, predictions: list[Prediction], offsets: list[int]) -> list[list[str]]:
+    """For each merged interval, the classes answered by the windows that contributed to it (window order)."""
+    out = []
+    for s, e in merged:
+        classes = []
+        for o, p in zip(offsets, predictions):
+            inside = any(s <= o + a < e for a, _ in p.parsed.intervals or [])
+            if inside and p.parsed.label and p.parsed.label not in classes:
+                classes.append(p.parsed.label)
+        out.append(classes)
+    return out
+
+
+def series_row(method: str, merged, truth, length: int) -> dict:
+    """One whole-series result: the merged intervals and, with labels, their scores on the full timeline."""
+    scores = None if truth is None else vars(localization_scores(merged, truth, length))
+    return {"method": method, "intervals": merged, "scores": scores}
+
+
+def trivial_rows(samples: list, offsets: list[int], series, seed: int, skip: str | None) -> list[dict]:
+    """Whole-series rows of the trivial baselines, run through the same windows and merge as the model."""
+    rows = []
+    for name in TRIVIAL_BASELINES:
+        if name == skip:
+            continue
+        texts, _ = baseline_texts(name, samples, seed)
+        merged = merge_predictions([score_prediction(s, t) for s, t in zip(samples, texts)], offsets, series.length)
+        rows.append(series_row(f"baseline-{name}", merged, series.intervals, series.length))
+    return rows
+
+
+def series_table(rows: list[dict]) -> str:
+    """Whole-series scores of each method (in %), the first row being the evaluated one."""
+    body = []
+    for r in rows:
+        sc = r["scores"] or {}
+        body.append([r["method"]] + [pct(sc.get(k)) for k in ("aff_p", "aff_r", "aff_f1", "pw_p", "pw_r", "pw_f1")]
+                    + [len(r["intervals"]), intervals_text(r["intervals"], limit=4)])
+    return markdown_table(["Method", "Aff-P", "Aff-R", "Aff-F1", "PW-P", "PW-R", "PW-F1", "n", "Intervals"], body)
+
+
+def series_heading(series, window: int, stride: int, n_windows: int) -> str:
+    """One line naming the series, its windows and its truth."""
+    truth = "unlabelled" if series.intervals is None else f"true anomalies {intervals_text(series.intervals)}"
+    return (f"{series.name}: {series.length} points, {n_windows} windows of {window} (stride {stride}), "
+            f"{truth}")
+
+
+def intervals_record(args, series, tag: str, rows: list[dict], predictions: list[Prediction],
+                     offsets: list[int]) -> dict:
+    """intervals.json: the merged answer on the series' index (and timestamps), truth, scores, windows."""
+    merged = rows[0]["intervals"]
+    return {
+        "source": series.path, "name": series.name, "format": series.fmt, "column": series.column,
+        "length": series.length, "window": args.window, "stride": args.stride, "model": args.model, "tag": tag,
+        "merge": MERGE_RULE, "intervals": merged,
+        "timestamps": series_io.timestamp_spans(merged, series.timestamps),
+        "classes": interval_classes(merged, predictions, offsets),
+        "truth": series.intervals,
+        "truth_timestamps": (None if series.intervals is None
+                             else series_io.timestamp_spans(series.intervals, series.timestamps)),
+        "scores": rows[0]["scores"], "baselines": {r["method"]: r["scores"] for r in rows[1:]},
+        "windows": [{"id": p.sample.id, "offset": o, "intervals": p.parsed.intervals, "class": p.parsed.label,
+                     "unparsable": p.parsed.intervals is None} for o, p in zip(offsets, predictions)],
+    }
+
+
+def draw_series(series, merged, title: str) -> Image.Image:
+    """The whole series (scaled to [-1, 1] like its windows) with the true spans in the upper half of the
+    plot and the predicted spans in the lower half (the full height without labels), under a title (which
+    carries the whole-series scores) and a legend."""
+    font = gallery_font()
+    length = series.length
+    plot = data_gen.render_series(series_io.normalise_window(series.values), SERIES_FIG_WIDTH, SERIES_FIG_HEIGHT,
+                                  ylim=series_io.SERIES_YLIM)
+    bands = 1 if series.intervals is None else 2
+    if series.intervals is not None:
+        plot = data_gen.draw_intervals(plot, length, series.intervals, color=GT_COLOR, row=0, rows=2)
+    plot = data_gen.draw_intervals(plot, length, merged, color=PRED_COLOR, row=bands - 1, rows=bands)
+    legend = [(PRED_COLOR, "prediction" + (" (lower half)" if bands == 2 else ""))]
+    if bands == 2:
+        legend.insert(0, (GT_COLOR, "ground truth (upper half)"))
+    lines = [title, f"values {series.values.min():.6g} .. {series.values.max():.6g}, drawn min-max scaled to "
+                    f"[-1, 1]; x: index on the whole series"]
+    header = LINE_HEIGHT * len(lines) + 24
+    img = Image.new("RGB", (plot.size[0], header + plot.size[1]), "white")
+    draw = ImageDraw.Draw(img)
+    for k, line in enumerate(lines):
+        draw.text((TILE_GAP, 4 + k * LINE_HEIGHT), clean_text(line, 300), fill=TEXT_COLOR, font=font)
+    draw_legend(draw, 6 + len(lines) * LINE_HEIGHT, legend, font)
+    img.paste(plot, (0, header))
+    return img
+
+
+def read_one_series(args):
+    """The --series file, read and checked (its windows too); SeriesError for anything unusable."""
+    if os.path.isdir(args.series):
+        raise series_io.SeriesError(f"{args.series}: --series takes one file; import a folder with "
+                                    f"`python data_gen.py --suite series --input {args.series} --out DIR`")
+    series = series_io.read_all(args.series, args.column, args.labels)[0]
+    series_io.check_windowing(series, args.window, args.stride)
+    return series
+
+
+def series_main(args) -> int:
+    """eval.py --series: read and check, load the model, write the windows, answer them, merge, score, write."""
+    started = time.perf_counter()
+    tag = model_tag(args.model, args.temperature)
+    try:
+        series = read_one_series(args)
+    except series_io.SeriesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for note in series.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    try:
+        policy = load_model(args)
+    except ModelNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    # -- windows, answers, merge --------------------------------------------------------------------
+    windows_dir = os.path.join(args.out, "windows")
+    samples, manifest = series_io.write_windows(windows_dir, [series], args.window, args.stride, args.labels)
+    offsets = [w["offset"] for w in manifest["sources"][0]["windows"]]
+    predictions, info = window_predictions(args, windows_dir, samples, list(range(len(samples))), policy)
+    merged = merge_predictions(predictions, offsets, series.length)
+    rows = [series_row(tag, merged, series.intervals, series.length)]
+    if series.intervals is not None:
+        rows += trivial_rows(samples, offsets, series, args.seed, baseline_name(args.model))
+
+    # -- tables -------------------------------------------------------------------------------------
+    heading = series_heading(series, args.window, args.stride, len(samples))
+    whole = series_table(rows)
+    summary, fam_rows, headline, per_family, window_md = window_tables(
+        tag, data_gen.SERIES_SUITE, predictions, info, windows_dir)
+    note = ("Whole-series scores: the merged intervals against the labels on the full timeline; the trivial "
+            "baselines went through the same windows and merge." if series.intervals is not None
+            else "No labels: nothing is scored.")
+    tables_md = f"## {tag} on the whole series {heading}\n\n{whole}\n\n{note}\n\n{window_md}"
+    print(tables_md)
+
+    # -- files --------------------------------------------------------------------------------------
+    scores = rows[0]["scores"]
+    score_line = ("" if scores is None else f"; whole series: Aff-P {pct(scores['aff_p'])} Aff-R "
+                  f"{pct(scores['aff_r'])} Aff-F1 {pct(scores['aff_f1'])} PW-F1 {pct(scores['pw_f1'])}")
+    picture = draw_series(series, merged, f"{tag} on {heading}{score_line}")
+    gallery = draw_gallery(predictions, windows_dir, data_gen.SERIES_SUITE,
+                           f"{tag} on the windows of {series.name}: {summary['n']} windows, "
+                           f"{summary['unparsable']} unparsable")
+    results = {"model": args.model, "tag": tag, "suite": data_gen.SERIES_SUITE, "summary": summary,
+               "families": fam_rows, "baseline": info or None, "whole_series": rows,
+               "tables": {"whole_series": whole, "headline": headline, "families": per_family},
+               "args": vars(args), "seconds": time.perf_counter() - started}
+    write_outputs(args.out, results, predictions, tables_md, gallery)
+    record = intervals_record(args, series, tag, rows, predictions, offsets)
+    write_atomic(os.path.join(args.out, "intervals.json"), json.dumps(jsonable(record), indent=1) + "\n")
+    write_atomic(os.path.join(args.out, "series.png"), png_bytes(picture))
+    print(f"[eval] wrote {args.out}/intervals.json, series.png, results.json, predictions.jsonl, tables.md, "
+          f"gallery.png, windows/ ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_model(args):
+    """The policy of --model on --device, None for a baseline; raises ModelNotFound."""
+    if baseline_name(args.model):
+        return None
+    import torch
+
+    from timerpo.policy import load_policy
+    from timerpo.precision import DTYPES, cast_parameters, default_dtype, enable_tf32
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_policy(resolve_model(args.model), device=device, seed=args.seed)
+    # Evaluation never updates the weights: bf16 means bf16 weights outright (buffers stay fp32), and on CUDA
+    # the decode step is compiled, as in train.py's rollouts.
+    cast_parameters(policy.model, DTYPES[args.dtype or default_dtype(device)])
+    enable_tf32(device)
+    policy.compile_decode = device.startswith("cuda")
+    return policy
+
+
+def window_predictions(args, data_dir: str, all_samples: list, indices: list[int], policy) -> tuple[list, dict]:
+    """Scored predictions for the selected samples, from the baseline or the policy, and the baseline's info."""
+    baseline = baseline_name(args.model)
+    if baseline:
+        samples = [all_samples[i] for i in indices]
+        texts, info = baseline_texts(baseline, samples, args.seed, not args.no_progress, args.workers)
+        return [score_prediction(s, t) for s, t in zip(samples, texts)], info
+    return model_predictions(policy, data_dir, all_samples, indices, args), {}
+
+
+def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dict, data_dir: str) -> tuple:
+    """(summary, rows, headline, per-family table, markdown with notes) of per-sample predictions."""
+    summary, rows = build_summary(predictions, suite)
+    headline = headline_table(tag, suite, summary, rows)
+    per_family = family_table(rows, suite)
+    kind = {"tods": "per-type (tods: shapelet is the type unseen in training)",
+            data_gen.SERIES_SUITE: "per-source file"}.get(suite, "per-family")
+    notes = [f"{summary['n']} samples from {data_dir} ({suite} suite); unparsable completions: "
+             f"{summary['unparsable']} (scored 0)."]
+    if suite == data_gen.SERIES_SUITE:
+        notes.append(f"Real anomalies have no known class: Cls Acc counts only the {summary['n_known_class']} "
+                     f"windows without anomaly (true class normal).")
+        if summary["n_labelled"] < summary["n"]:
+            notes.append(f"{summary['n'] - summary['n_labelled']} windows of unlabelled series are not scored.")
+    if "full_label" in info:
+        notes.append(f"baseline:full predicts [[0, L]] with class '{info['full_label']}' (most common true "
+                     f"anomaly class of these samples).")
+    tables_md = (f"## {tag} on {os.path.basename(os.path.normpath(data_dir))}\n\n{headline}\n\n"
+                 f"### {kind}\n\n{per_family}\n\n" + "\n".join(notes) + "\n")
+    return summary, rows, headline, per_family, tables_md
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.series is not None:
+        return series_main(args)
     started = time.perf_counter()
-    progress = not args.no_progress
     tag = model_tag(args.model, args.temperature)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -584,46 +872,18 @@ def main(argv=None) -> int:
         print(f"error: {os.path.join(args.data, 'samples.jsonl')} holds no samples", file=sys.stderr)
         return 2
     indices = data_gen.balanced_indices(all_samples, args.limit)
-    samples = [all_samples[i] for i in indices]
-    suite = read_suite(args.data, samples)
+    suite = read_suite(args.data, [all_samples[i] for i in indices])
 
     # -- completions and scores ---------------------------------------------------------------------
-    info = {}
-    baseline = baseline_name(args.model)
-    if baseline:
-        texts, info = baseline_texts(baseline, samples, args.seed, progress, args.workers)
-        predictions = [score_prediction(s, t) for s, t in zip(samples, texts)]
-    else:
-        import torch
-
-        from timerpo.policy import ModelNotFound, load_policy
-        from timerpo.precision import DTYPES, cast_parameters, default_dtype, enable_tf32
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            policy = load_policy(resolve_model(args.model), device=device, seed=args.seed)
-        except ModelNotFound as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        # Evaluation never updates the weights: bf16 means bf16 weights outright (buffers stay fp32), and on CUDA
-        # the decode step is compiled, as in train.py's rollouts.
-        cast_parameters(policy.model, DTYPES[args.dtype or default_dtype(device)])
-        enable_tf32(device)
-        policy.compile_decode = device.startswith("cuda")
-        predictions = model_predictions(policy, args.data, all_samples, indices, args)
+    try:
+        policy = load_model(args)
+    except ModelNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    predictions, info = window_predictions(args, args.data, all_samples, indices, policy)
 
     # -- tables -------------------------------------------------------------------------------------
-    summary, rows = build_summary(predictions, suite)
-    headline = headline_table(tag, suite, summary, rows)
-    per_family = family_table(rows, suite)
-    kind = "per-type (tods: shapelet is the type unseen in training)" if suite == "tods" else "per-family"
-    notes = [f"{summary['n']} samples from {args.data} ({suite} suite); unparsable completions: "
-             f"{summary['unparsable']} (scored 0)."]
-    if "full_label" in info:
-        notes.append(f"baseline:full predicts [[0, L]] with class '{info['full_label']}' (most common true "
-                     f"anomaly class of these samples).")
-    tables_md = (f"## {tag} on {os.path.basename(os.path.normpath(args.data))}\n\n{headline}\n\n"
-                 f"### {kind}\n\n{per_family}\n\n" + "\n".join(notes) + "\n")
+    summary, rows, headline, per_family, tables_md = window_tables(tag, suite, predictions, info, args.data)
     print(tables_md)
 
     # -- files --------------------------------------------------------------------------------------

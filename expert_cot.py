@@ -1,4 +1,4 @@
-"""Expert chain of thought (ExpCoT) from classical time-series analyses (PAPER.md section 6).
+"""Expert chain of thought (ExpCoT) from classical time-series analyses (method.md §6).
 
 Small analyses, each returning a dataclass of numbers and half-open [s, e) intervals:
   zscore_scan, histogram_outlier_score   global scan for extreme values
@@ -11,12 +11,12 @@ On top of them:
   detect(series)                          blind staged scan, the classical baseline (never sees ground truth);
                                           besides the scans above it localises with a cycle residual and an
                                           analytic-signal (Hilbert) frequency scan
-  generic_cot(label, intervals)           generic reasoning without numbers ("w/o ExpCoT" ablation)
+  generic_cot()                           one generic reasoning text ("w/o ExpCoT" ablation)
 
-Public thresholds (section 6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ;
+Public thresholds (method.md §6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ;
 period windows beyond 3σ, stable if the period std < 1; discord z > 3.5 with m = 50; noisy series (noise σ
 above 5 % of the robust σ: the noisy-* families and the pure-noise range family) are Savitzky–Golay denoised (window 31,
-order 2) before the gradient and pattern scans. Choices where the spec is silent are documented at each
+order 2) before the gradient and pattern scans. Choices where those thresholds leave room are documented at each
 function. numpy/scipy only.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def noise_sigma(x) -> float:
 
 
 def denoise(x) -> np.ndarray:
-    """Savitzky–Golay smoothing, window 31, order 2 (section 6 denoising of noisy families)."""
+    """Savitzky–Golay smoothing, window 31, order 2 (method.md §6: denoising of noisy families)."""
     window = min(DENOISE_WINDOW, (len(x) - 1) // 2 * 2 + 1)
     return savgol_filter(np.asarray(x, dtype=float), window, DENOISE_ORDER)
 
@@ -141,7 +141,7 @@ class ZScan:
 
 
 def zscore_scan(series, trigger: float = Z_TRIGGER, flag: float = Z_FLAG, merge_gap: int = 3) -> ZScan:
-    """Global k-sigma scan with the section-6 thresholds (|z|max > 5 triggers, |z| > 3 flags).
+    """Global k-sigma scan with the thresholds of method.md §6 (|z|max > 5 triggers, |z| > 3 flags).
 
     z uses the median and MAD instead of mean and std: a contaminated std shrinks the very z-scores the
     scan looks for. Flagged points form runs (gaps ≤ ``merge_gap`` joined); only runs holding a point above
@@ -426,7 +426,7 @@ def discord_scan(series, m: int = MP_WINDOW, threshold: float = DISCORD_Z,
 # --------------------------------------------------------------------------------------------- staged scan
 
 class StagedScan:
-    """Blind staged scan of one series (section 6): global → structural → pattern.
+    """Blind staged scan of one series (method.md §6): global → structural → pattern.
 
     Every analysis is computed lazily and cached, so a trace only pays for the scans it quotes. ``y`` is
     the series used by the gradient and pattern scans: the Savitzky–Golay denoised copy when noisy.
@@ -532,6 +532,22 @@ def activity_ratio(series, intervals) -> float:
         return float("nan")
     d = np.abs(np.diff(x))  # [L-1]
     return float(d[inside].mean() / max(d[outside].mean(), 1e-12))
+
+
+def local_periods(series, intervals, light: bool) -> tuple[float, float]:
+    """(dominant period outside, dominant period inside) in steps: 1 / the median local frequency
+    (`local_frequency`) over the steps outside all intervals, and over the steps inside them (NaN if empty).
+
+    The 100-step sliding rFFT cannot resolve the usual seasonal episode (7-40 steps): the unchanged
+    cycle fills most of every window, so its period std often stays below 1. The analytic signal's phase
+    is local, so its period inside an episode is the episode's own. Example: sin(2π·Σf) with f = 0.03
+    and f = 0.09 on [400, 430) gives ≈ (33.3, 11.1).
+    """
+    freq = local_frequency(series, light)  # [L-1]
+    inside, outside = steps_inside(freq.size + 1, intervals)
+    if not inside.any() or not outside.any():
+        return float("nan"), float("nan")
+    return 1.0 / float(np.median(freq[outside])), 1.0 / float(np.median(freq[inside]))
 
 
 def increment_autocorrelation(series, intervals) -> float:
@@ -678,15 +694,7 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
                        "point anomalies.")
     ratio = activity_ratio(scan.x, intervals)
     if label == "seasonal":
-        text = f"{head}the values stay in range ({range_clause(scan, intervals)}) but the rhythm changes."
-        if np.isfinite(ratio):
-            text += (f" Inside {iv} the mean step size differs from the rest by activity ratio = "
-                     f"{fmt(ratio, 2)}, so the cycle runs {'faster' if ratio > 1 else 'slower'} there")
-            text += (f", while the increments stay smooth (increment autocorrelation = {fmt(ac, 2)}), as in a "
-                     "sine rather than noise." if np.isfinite(ac) and ac >= 0.5 else ".")
-        else:
-            text += f" The matrix profile marks the change: {shape_clause(scan, intervals)}."
-        return text + " A change in the frequency of the cycle is a seasonal anomaly."
+        return seasonal_validation(scan, intervals, head, iv, ac)
     if label == "shapelet":
         text = (f"{head}the values stay in range ({range_clause(scan, intervals)}) but the shape breaks: "
                 f"{shape_clause(scan, intervals)}.")
@@ -697,6 +705,25 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
         return text + (" A stretch that keeps the range and length of the cycle but not its waveform is a "
                        "shapelet anomaly.")
     return normal_validation(scan)
+
+
+def seasonal_validation(scan: StagedScan, intervals, head: str, iv: str, ac: float) -> str:
+    """Seasonal evidence: dominant-period statistics inside against outside the intervals."""
+    text = f"{head}the values stay in range ({range_clause(scan, intervals)}) but the rhythm changes."
+    outside, inside = local_periods(scan.x, intervals, light=scan.noisy)
+    if not (np.isfinite(outside) and np.isfinite(inside)):
+        return text + (f" The matrix profile marks the change: {shape_clause(scan, intervals)}. A change in "
+                       "the frequency of the cycle is a seasonal anomaly.")
+    p = scan.period
+    if p.periodic and p.stable:
+        text += (f" The sliding rFFT stays stable (period std = {fmt(p.period_std, 2)}) because the episode "
+                 "is shorter than its window, so the local period from the analytic signal decides.")
+    text += (f" The dominant period is period outside = {fmt(outside, 2)} steps and period inside = "
+             f"{fmt(inside, 2)} steps in {iv} (period ratio = {fmt(inside / outside, 2)}), so the cycle runs "
+             f"{'faster' if inside < outside else 'slower'} there")
+    text += (f", while the increments stay smooth (increment autocorrelation = {fmt(ac, 2)}), as in a sine "
+             "rather than noise." if np.isfinite(ac) and ac >= 0.5 else ".")
+    return text + " A change in the frequency of the cycle is a seasonal anomaly."
 
 
 def normal_validation(scan: StagedScan) -> str:
@@ -755,32 +782,19 @@ def expert_cot(series, intervals, label: str, scan: StagedScan | None = None) ->
                       conclusion_text(intervals, label)])
 
 
-GENERIC_REASONS = {
-    "global point": "some points jump far beyond the range that the rest of the series keeps, which marks "
-                    "global point anomalies.",
-    "contextual point": "a short stretch stays inside the usual range but does not follow the pattern around "
-                        "it, which marks contextual point anomalies.",
-    "seasonal": "the cycle speeds up or slows down for a while and then returns to its usual rhythm, which "
-                "marks a seasonal anomaly.",
-    "trend": "the series rises at a clearly different rate for a while, which marks a trend anomaly.",
-    "shapelet": "one stretch keeps the range and the rhythm but follows a different waveform, which marks a "
-                "shapelet anomaly.",
-    "normal": "the values stay in range, the slope and the rhythm stay steady and no stretch breaks the "
-              "pattern, so the series looks normal.",
-}
+GENERIC_COT = "\n".join([
+    "Observation: I look over the whole plot, first for values far outside the usual range, then for changes "
+    "in the slope or in the rhythm of the cycle, then for stretches whose shape does not match the rest.",
+    "Reasoning & Validation: I compare each stretch that stands out with the pattern around it and keep only "
+    "those that clearly break it; the kind of break decides the type.",
+    "Conclusion: I report the stretches that break the pattern, or none, and the type that fits them best.",
+])
 
 
-def generic_cot(label: str, intervals) -> str:
-    """Generic reasoning with no numbers or analyses ("w/o ExpCoT" ablation); only the conclusion states
-    the intervals."""
-    if label not in GENERIC_REASONS:
-        raise ValueError(f"label {label!r} is not one of {tuple(GENERIC_REASONS)}")
-    intervals = [[int(s), int(e)] for s, e in intervals]
-    return "\n".join([
-        "Observation: I look over the whole plot, first for values far outside the usual range, then for "
-        "changes in the slope or the rhythm of the cycle, then for stretches whose shape does not match the rest.",
-        "Reasoning & Validation: " + GENERIC_REASONS[label],
-        conclusion_text(intervals, label)])
+def generic_cot() -> str:
+    """The generic reasoning of the "w/o ExpCoT" ablation: the same text for every sample, so it carries
+    no number from the series, no ground-truth interval and no label (only the three-part layout)."""
+    return GENERIC_COT
 
 
 # --------------------------------------------------------------------------------------------- blind detection
@@ -826,6 +840,22 @@ class FrequencyScan:
     erratic: list
 
 
+def local_frequency(y, light: bool) -> np.ndarray:
+    """Cycles per step at every step t → t+1, from the phase of the analytic signal. [L] -> [L-1]
+
+    A fitted line is removed first so level and overall trend do not bend the phase; ``light`` adds a
+    9-step Savitzky–Golay smoothing against noise; a 5-step median filter removes phase-slip spikes.
+    Example: sin(2π·0.03·t) gives ≈ 0.03 everywhere (a period of 33.3 steps).
+    """
+    y = np.asarray(y, dtype=float)
+    t = np.arange(y.size)
+    hp = y - np.polyval(np.polyfit(t, y, 1), t)  # [L] cycle without level or overall trend
+    if light:
+        hp = savgol_filter(hp, 9, 2)
+    phase = np.unwrap(np.angle(hilbert(hp)))  # [L]
+    return medfilt(np.diff(phase) / (2 * np.pi), 5)  # [L-1]
+
+
 def frequency_scan(y, period: float, light: bool, band_hi: float = 1.8, band_lo: float = 0.55,
                    edge: int = 5, min_len: int = 5) -> FrequencyScan:
     """Local frequency from the phase of the analytic signal (scipy.signal.hilbert), in units of the base.
@@ -839,13 +869,7 @@ def frequency_scan(y, period: float, light: bool, band_hi: float = 1.8, band_lo:
     Example: the phase-continuous sin(2π·Σf) with f = 0.03, and 0.09 on [400, 420), gives one steady
     episode ≈ [400, 420) with median ratio ≈ 3.
     """
-    y = np.asarray(y, dtype=float)
-    t = np.arange(y.size)
-    hp = y - np.polyval(np.polyfit(t, y, 1), t)  # [L] cycle without level or overall trend
-    if light:
-        hp = savgol_filter(hp, 9, 2)
-    phase = np.unwrap(np.angle(hilbert(hp)))  # [L]
-    ratio = medfilt(np.diff(phase) / (2 * np.pi), 5) * period  # [L-1], step t → t+1
+    ratio = local_frequency(y, light) * period  # [L-1], step t → t+1
     steady, erratic = [], []
     for s, e in merge_close(runs((ratio > band_hi) | (ratio < band_lo)), 3):
         if e - s < min_len or s < edge or e > ratio.size - edge:

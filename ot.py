@@ -1,12 +1,17 @@
-"""Entropic optimal transport between hidden-state sequences (PAPER.md section 7, "Grounded reward").
+"""Entropic optimal transport between hidden-state sequences: the distance W of the grounded reward.
+
+The method, in the order of its equations (method.md §8 to §11):
+    cosine_cost            C_jk = max(0, 1 - cos(x_j, y_k))                                       §8
+    norm_softmax_marginal  a = softmax of the hidden-state L2 norms over the valid tokens           §9
+    sinkhorn               entropic plan T, the textbook log-domain Sinkhorn iteration              §10
+    ot_distance            W = <T, C>                                                              §11
+Beside it: `sinkhorn_fast`, the same iterates computed by log-stabilised scaling, which `ot_distance` runs
+because at the paper's sizes it is several times faster on CPU (bench/bench_sinkhorn.py measures both against
+POT; tests compare it with `sinkhorn`), and `mean_pooled_cosine`, the "cosine instead of OT" ablation.
 
 Pure torch, batched over problems. Rows/columns of different lengths share one batch through zero-mass
 entries (padding). Sinkhorn always runs in float64, whatever the dtype of the inputs (hidden states may be
 bf16); the cosine cost matrix is one batched matmul in float32 (float64 if the inputs are float64).
-
-Notation, per problem: cost C [n, m], marginals a [n] and b [m] with equal total mass, regularisation eps.
-The entropic plan is the coupling T = diag(u) K diag(v) with Gibbs kernel K_ij = exp(-C_ij / eps), i.e. the
-minimiser of <T, C> + eps * sum_ij T_ij (log T_ij - 1) subject to T 1 = a, T^T 1 = b. W = <T, C>.
 
 Note: this module's import name is `ot`, the same as the POT package. Benchmarks that need both load this file
 under another module name (see bench/bench_sinkhorn.py).
@@ -19,12 +24,12 @@ from typing import NamedTuple
 
 import torch
 
-# |log u|, |log v| above this trigger a log-domain step. Kernel entries are <= max(a) right after a log-domain
-# step, so scalings within exp(+-100) keep every product far from float64 overflow (~e^709), and mass lost to
-# kernel entries that underflowed (< e^-745) can grow back to at most e^(-745 + 200): negligible.
+# sinkhorn_fast: |log u|, |log v| above this trigger a log-domain step. Kernel entries are <= max(a) right after
+# a log-domain step, so scalings within exp(+-100) keep every product far from float64 overflow (~e^709), and
+# mass lost to kernel entries that underflowed (< e^-745) can grow back to at most e^(-745 + 200): negligible.
 _LOG_SCALING_LIMIT = 100.0
-# On CPU, Sinkhorn works through the batch in blocks of at most this many bytes of float64 [n, m] matrices, so
-# the ~20 passes per block (cost, kernel, 2 matrix-vector products per iteration) hit cache, not memory.
+# sinkhorn_fast on CPU works through the batch in blocks of at most this many bytes of float64 [n, m] matrices,
+# so the ~20 passes per block (cost, kernel, 2 matrix-vector products per iteration) hit cache, not memory.
 _CPU_BLOCK_BYTES = 4 << 20
 # Relative tolerance for "a and b carry the same total mass".
 _MASS_RTOL = 1e-6
@@ -32,23 +37,9 @@ _MASS_RTOL = 1e-6
 _NORM_GUARD = 1e-12
 
 
-class SinkhornResult(NamedTuple):
-    """Output of `sinkhorn_with_error`.
-
-    plan: [B, n, m] float64 transport plan, exactly 0 on padded rows/columns.
-    marginal_err: [B] float64, ||T 1 - a||_1 + ||T^T 1 - b||_1 (misplaced mass, same units as a and b).
-    n_iter: Sinkhorn iterations actually run (< requested only when `tol` stopped early).
-    log_steps: how many of them ran in the log domain (iteration 1 always does; see `sinkhorn_with_error`).
-    """
-
-    plan: torch.Tensor
-    marginal_err: torch.Tensor
-    n_iter: int
-    log_steps: int
-
-
 def _check_problem(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int) -> None:
-    """Raise ValueError with the offending value for malformed Sinkhorn inputs."""
+    """Raise ValueError with the offending value for malformed Sinkhorn inputs (shapes, eps, n_iter, marginals
+    finite and >= 0 with equal total mass, cost finite wherever both marginals are > 0)."""
     if cost.dim() != 3:
         raise ValueError(f"sinkhorn: cost must be [B, n, m], got shape {tuple(cost.shape)}")
     B, n, m = cost.shape
@@ -66,11 +57,8 @@ def _check_problem(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: fl
         if bad.any():
             k, i = (int(t) for t in bad.nonzero()[0])
             raise ValueError(f"sinkhorn: marginal {name}[{k}, {i}] = {marg[k, i].item()!r}; need finite and >= 0")
-
-
-def _check_mass(a: torch.Tensor, b: torch.Tensor, live: torch.Tensor) -> None:
-    """Both marginals of every non-empty problem must carry the same total mass (to relative 1e-6)."""
-    mass_a, mass_b = a.sum(1), b.sum(1)  # [B]
+    mass_a, mass_b = a.to(torch.float64).sum(1), b.to(torch.float64).sum(1)  # [B]
+    live = (mass_a > 0) & (mass_b > 0)
     mismatch = live & ((mass_a - mass_b).abs() > _MASS_RTOL * torch.maximum(mass_a, mass_b))
     if mismatch.any():
         k = int(mismatch.nonzero()[0, 0])
@@ -78,15 +66,63 @@ def _check_mass(a: torch.Tensor, b: torch.Tensor, live: torch.Tensor) -> None:
             f"sinkhorn: problem {k} has total mass sum(a) = {mass_a[k].item():.9g} but sum(b) = "
             f"{mass_b[k].item():.9g}; balanced OT needs them equal"
         )
+    bad_cost = (a > 0)[:, :, None] & (b > 0)[:, None, :] & ~torch.isfinite(cost)  # [B, n, m]
+    if bad_cost.any():
+        k, i, j = (int(t) for t in bad_cost.nonzero()[0])
+        raise ValueError(f"sinkhorn: cost[{k}, {i}, {j}] = {cost[k, i, j].item()!r} at a valid pair; need finite")
+
+
+@torch.no_grad()
+def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int = 50) -> torch.Tensor:
+    """Entropic OT plan by the textbook log-domain Sinkhorn iteration (method.md §10), batched and masked.
+
+    cost [B, n, m], marginals a [B, n] and b [B, m] of equal total mass, eps > 0 -> plan T [B, n, m] float64.
+    From f = g = 0, n_iter times (columns first, then rows; the order of POT's `sinkhorn_log`):
+        g_k = eps log b_k - eps log sum_j exp((f_j - C_jk) / eps)
+        f_j = eps log a_j - eps log sum_k exp((g_k - C_jk) / eps)
+    then T_jk = exp((f_j + g_k - C_jk) / eps). The code keeps f / eps and g / eps. After the last iteration
+    the rows of T match a exactly; the columns match b up to the error that more iterations would remove.
+
+    Padding: a_j = 0 or b_k = 0 marks a padded row/column. Its plan entries are exactly 0 and the rest equals
+    the unpadded problem; cost values on padded pairs are ignored (may even be NaN). A problem whose a or b
+    has zero total mass gets an all-zero plan. No gradient flows (none through W, method.md §11).
+
+    This is the reference. `ot_distance` runs `sinkhorn_fast`, which computes the same iterates faster.
+    Example: C = [[0, 1], [1, 0]], a = b = [0.5, 0.5], eps = 0.1 gives T = [[s, r], [r, s]] / (2 (1 + e^-10))
+    with s = 1, r = e^-10, so W = <T, C> = e^-10 / (1 + e^-10) ~= 4.54e-5.
+    """
+    _check_problem(cost, a, b, eps, n_iter)
+    a, b = a.to(torch.float64), b.to(torch.float64)  # [B, n], [B, m]
+    live = (a.sum(1) > 0) & (b.sum(1) > 0)  # [B] problems with mass on both sides
+    rows, cols = (a > 0) & live[:, None], (b > 0) & live[:, None]  # [B, n], [B, m]
+    # log of the Gibbs kernel K = exp(-C / eps); -inf on padded pairs, so padding never enters a sum
+    log_k = torch.where(rows[:, :, None] & cols[:, None, :], cost.to(torch.float64) / -eps, -math.inf)
+    f, g = torch.zeros_like(a), torch.zeros_like(b)  # f / eps [B, n], g / eps [B, m]
+    for _ in range(n_iter):
+        g = torch.where(cols, b.log() - torch.logsumexp(log_k + f[:, :, None], dim=1), -math.inf)
+        f = torch.where(rows, a.log() - torch.logsumexp(log_k + g[:, None, :], dim=2), -math.inf)
+    return torch.exp(log_k + f[:, :, None] + g[:, None, :])
+
+
+class SinkhornResult(NamedTuple):
+    """Output of `sinkhorn_fast`.
+
+    plan: [B, n, m] float64 transport plan, exactly 0 on padded rows/columns.
+    marginal_err: [B] float64, ||T 1 - a||_1 + ||T^T 1 - b||_1 (misplaced mass, same units as a and b).
+    n_iter: Sinkhorn iterations actually run (< requested only when `tol` stopped early).
+    log_steps: how many of them ran in the log domain (iteration 1 always does; see `sinkhorn_fast`).
+    """
+
+    plan: torch.Tensor
+    marginal_err: torch.Tensor
+    n_iter: int
+    log_steps: int
 
 
 def _log_domain_step(neg_c: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, lf: torch.Tensor,
                      rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Sinkhorn iteration on the dimensionless potentials (column update first, then rows).
-
-    lg_j = log b_j - logsumexp_i(-C_ij/eps + lf_i),   lf_i = log a_i - logsumexp_j(-C_ij/eps + lg_j).
-    `neg_c` is -C/eps with -inf on padded pairs, so padding never enters a sum; padded potentials are -inf.
-    """
+    """One iteration of `sinkhorn` on the dimensionless potentials lf = f/eps, lg = g/eps; `neg_c` is -C/eps
+    with -inf on padded pairs, padded potentials are -inf."""
     lse_cols = torch.logsumexp(neg_c + lf[:, :, None], dim=1)  # [B, m]
     lg = torch.where(cols, log_b - lse_cols, -math.inf)  # [B, m]
     lse_rows = torch.logsumexp(neg_c + lg[:, None, :], dim=2)  # [B, n]
@@ -101,40 +137,26 @@ def _scalings_ok(u: torch.Tensor, rows: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def sinkhorn_with_error(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int = 50,
-                        tol: float | None = None) -> SinkhornResult:
-    """Entropic OT plan by Sinkhorn (PAPER.md sec. 7: eps = 0.08, 50 iterations), batched, float64.
+def sinkhorn_fast(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int = 50,
+                  tol: float | None = None) -> SinkhornResult:
+    """The iterates of `sinkhorn` (method.md §10), computed by log-stabilised scaling; also the marginal error.
 
-    Iteration k (k = 1..n_iter), from f = g = 0 (the same order as POT's `sinkhorn_log`):
-        g_j = eps log b_j - eps log sum_i exp((f_i - C_ij) / eps)      (columns first)
-        f_i = eps log a_i - eps log sum_j exp((g_j - C_ij) / eps)      (then rows)
-    and T_ij = exp((f_i + g_j - C_ij) / eps). After the last iteration rows match a exactly; the column
-    error is what `marginal_err` measures.
+    Why it exists: a logsumexp over [n, m] per half-iteration costs one exp per matrix entry, 100 times per
+    call. Here iteration 1 runs in the log domain (safe for any eps), then the kernel K = exp((f + g - C)/eps)
+    is formed once and later iterations run as v = b / (K^T u), u = a / (K v): two matrix-vector products.
+    Whenever a scaling leaves exp(+-100) or is not finite (tiny eps), that iteration is redone in the log
+    domain from the last good state (u, v absorbed into f, g) and K is rebuilt. Both routes compute the same
+    iterates as `sinkhorn` (tested against it at equal iteration counts). On CPU the batch is solved in blocks
+    of problems of at most ~4 MiB of float64 [n, m] each, so every pass over the matrices stays in cache;
+    other devices take the whole batch at once. bench/bench_sinkhorn.py measures it against `sinkhorn` and POT.
 
-    How (log-stabilised scaling): iteration 1 runs in the log domain, which is safe for any eps. Then
-    K = exp((f + g - C)/eps) is formed once and later iterations run as v = b / (K^T u), u = a / (K v): two
-    matrix-vector products instead of two logsumexps over [n, m]. Whenever a scaling leaves exp(+-100) or is
-    not finite (tiny eps), that iteration is redone in the log domain from the last good state (u, v absorbed
-    into f, g) and K is rebuilt. Both routes compute the same iterates, so the result does not depend on
-    which one ran. On CPU the batch is solved in blocks of problems of at most ~4 MiB of float64 [n, m] each,
-    so every pass over the matrices stays in cache (measured ~3x faster on one core at 1024 x 512);
-    other devices take the whole batch at once.
-
-    Padding: a_i = 0 or b_j = 0 marks a padded row/column. Its plan entries are exactly 0 and the rest equals
-    the unpadded problem; cost values on padded pairs are ignored (may even be NaN). A problem whose a or b
-    has zero total mass gets an all-zero plan and marginal_err = 0.
-
+    Inputs, padding and output plan as for `sinkhorn`; an empty problem also gets marginal_err = 0.
     tol: if given, stop once every problem's column error ||T^T 1 - b||_1 <= tol (rows are exact then).
     n_iter and log_steps of the result are the largest over the blocks.
-    No gradient flows (PAPER.md: none through W). Runs on the device of `cost`.
-
-    Example: C = [[0, 1], [1, 0]], a = b = [0.5, 0.5], eps = 0.1 gives T = [[s, r], [r, s]] / (2 (1 + e^-10))
-    with s = 1, r = e^-10, so W = <T, C> = e^-10 / (1 + e^-10) ~= 4.54e-5.
     """
     _check_problem(cost, a, b, eps, n_iter)
     a64, b64 = a.to(torch.float64), b.to(torch.float64)  # [B, n], [B, m]
     live = (a64.sum(1) > 0) & (b64.sum(1) > 0)  # [B] problems with mass on both sides
-    _check_mass(a64, b64, live)
     B, n, m = cost.shape
     block = max(1, _CPU_BLOCK_BYTES // max(1, 8 * n * m)) if cost.device.type == "cpu" else max(1, B)
     plan = torch.empty(B, n, m, dtype=torch.float64, device=cost.device)  # [B, n, m]
@@ -142,28 +164,22 @@ def sinkhorn_with_error(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ep
     done = log_steps = 1
     for s in range(0, B, block):
         k = slice(s, s + block)
-        d, l = _sinkhorn_block(cost[k], a64[k], b64[k], live[k], eps, n_iter, tol, plan[k], err[k], offset=s)
+        d, l = _sinkhorn_fast_block(cost[k], a64[k], b64[k], live[k], eps, n_iter, tol, plan[k], err[k])
         done, log_steps = max(done, d), max(log_steps, l)
     return SinkhornResult(plan, err, done, log_steps)
 
 
-def _sinkhorn_block(cost: torch.Tensor, a64: torch.Tensor, b64: torch.Tensor, live: torch.Tensor, eps: float,
-                    n_iter: int, tol: float | None, plan_out: torch.Tensor, err_out: torch.Tensor,
-                    offset: int) -> tuple[int, int]:
-    """Solve the problems of one block (see `sinkhorn_with_error`), writing plan_out [b, n, m] and err_out [b].
+def _sinkhorn_fast_block(cost: torch.Tensor, a64: torch.Tensor, b64: torch.Tensor, live: torch.Tensor, eps: float,
+                         n_iter: int, tol: float | None, plan_out: torch.Tensor,
+                         err_out: torch.Tensor) -> tuple[int, int]:
+    """Solve the problems of one block (see `sinkhorn_fast`), writing plan_out [b, n, m] and err_out [b].
 
-    Returns (iterations run, of which in the log domain). `offset` is the block's first batch index (errors).
+    Returns (iterations run, of which in the log domain).
     """
     rows = (a64 > 0) & live[:, None]  # [b, n]
     cols = (b64 > 0) & live[:, None]  # [b, m]
     pairs = rows[:, :, None] & cols[:, None, :]  # [b, n, m]
-    cost64 = cost.to(torch.float64)  # [b, n, m]
-    bad_cost = pairs & ~torch.isfinite(cost64)
-    if bad_cost.any():
-        k, i, j = (int(t) for t in bad_cost.nonzero()[0])
-        raise ValueError(f"sinkhorn: cost[{k + offset}, {i}, {j}] = {cost64[k, i, j].item()!r} at a valid pair; "
-                         "need finite")
-    neg_c = torch.where(pairs, cost64 / -eps, -math.inf)  # [b, n, m]; -C/eps, -inf on padding
+    neg_c = torch.where(pairs, cost.to(torch.float64) / -eps, -math.inf)  # [b, n, m]; -C/eps, -inf on padding
     log_a = torch.log(a64)  # [b, n]; -inf on padding, masked again wherever used
     log_b = torch.log(b64)  # [b, m]
 
@@ -195,12 +211,6 @@ def _sinkhorn_block(cost: torch.Tensor, a64: torch.Tensor, b64: torch.Tensor, li
     return done, log_steps
 
 
-def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int = 50,
-             tol: float | None = None) -> torch.Tensor:
-    """Entropic OT plan [B, n, m] (float64); see `sinkhorn_with_error` for the equations and padding rules."""
-    return sinkhorn_with_error(cost, a, b, eps, n_iter, tol).plan
-
-
 def _check_states(name: str, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Validate hidden states [B, n, D] and return the mask as bool [B, n] (all True when None)."""
     if h.dim() != 3:
@@ -225,7 +235,7 @@ def _unit_rows(h: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PAPER.md sec. 7 cost: C_jk = max(0, 1 - cos(x_j, y_k)), [B, n, D] x [B, m, D] -> [B, n, m].
+    """method.md §8, cost: C_jk = max(0, 1 - cos(x_j, y_k)), [B, n, D] x [B, m, D] -> [B, n, m].
 
     One batched matmul in float32 (float64 inputs stay float64). A zero vector has cos = 0 with anything,
     i.e. cost 1. Values are also clipped at 2, which only removes rounding beyond cos = -1.
@@ -237,7 +247,7 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def norm_softmax_marginal(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PAPER.md sec. 7 marginal: softmax over valid tokens of the hidden-state L2 norms, [B, n, D] -> [B, n].
+    """method.md §9, marginal: softmax over valid tokens of the hidden-state L2 norms, [B, n, D] -> [B, n].
 
     float64; exactly 0 on padding; a row without valid tokens is all 0 (an empty side).
     Example: norms [1, 2, 5] with mask [1, 1, 0] give [e^1, e^2, 0] / (e^1 + e^2) = [0.269, 0.731, 0].
@@ -251,9 +261,10 @@ def norm_softmax_marginal(h: torch.Tensor, mask: torch.Tensor | None = None) -> 
 
 def ot_distance(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor, y_mask: torch.Tensor | None,
                 eps: float = 0.08, n_iter: int = 50) -> torch.Tensor:
-    """PAPER.md sec. 7: W = <T, C> between hidden-state sequences, [B, n, D] vs [B, m, D] -> W [B] float64.
+    """method.md §11: W = <T, C> between hidden-state sequences, [B, n, D] vs [B, m, D] -> W [B] float64.
 
-    C = cosine_cost(x, y), marginals = norm_softmax_marginal on each side, T = sinkhorn(C, a, b, eps, n_iter).
+    C = cosine_cost(x, y), marginals = norm_softmax_marginal on each side, T = sinkhorn(C, a, b, eps, n_iter)
+    (computed by `sinkhorn_fast`).
     W is the transport cost only (no entropy term), in [0, 2]. A problem with no valid token on either side
     gets W = 1 (the cost of two orthogonal sequences). No gradient flows (computed under no_grad).
     Example: identical one-token sequences give W = 0; a token and its negation give W = 2.
@@ -265,7 +276,7 @@ def ot_distance(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor, y
         cost = cosine_cost(x, y)  # [B, n, m] float32; Sinkhorn converts it to float64 block by block
         a = norm_softmax_marginal(x, x_mask)  # [B, n]
         b = norm_softmax_marginal(y, y_mask)  # [B, m]
-        plan = sinkhorn(cost, a, b, eps, n_iter)  # [B, n, m]
+        plan = sinkhorn_fast(cost, a, b, eps, n_iter).plan  # [B, n, m]; the iterates of `sinkhorn`
         w = (plan * torch.nan_to_num(cost)).sum(dim=(1, 2))  # [B]; padded cost may be NaN, its plan is 0
         empty = ~(x_mask.any(1) & y_mask.any(1))  # [B]
         return torch.where(empty, 1.0, w)
@@ -275,7 +286,7 @@ def mean_pooled_cosine(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Te
                        y_mask: torch.Tensor | None) -> torch.Tensor:
     """Cosine similarity of the mean-pooled valid tokens, [B, n, D] vs [B, m, D] -> [B] float64 in [-1, 1].
 
-    The "cosine instead of OT" ablation (PAPER.md sec. 7). Pooling is a plain mean over valid tokens, in
+    The "cosine instead of OT" ablation (method.md §19). Pooling is a plain mean over valid tokens, in
     float32 (float64 inputs stay float64). An empty side, or a pooled vector of norm < 1e-12, gives 0, the
     similarity of orthogonal vectors (matching W = 1 for OT).
     Example: x tokens [1, 0], [0, 1] pool to [0.5, 0.5]; against y = [[1, 0]] the cosine is 1/sqrt(2).

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from bench.common import tiny_flags  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.plots import line_chart  # noqa: E402
 
 ARMS = {  # arm -> train.py flags
@@ -40,6 +40,9 @@ ARMS = {  # arm -> train.py flags
     "no-projection": ["--advantage", "no-projection", "--cot", "expcot"],
     "gencot": ["--advantage", "timerpo", "--cot", "gencot"],
 }
+# Reference rows, not RL arms: the post-warm-up policy itself, and the control that spends the RL phase's
+# wall time on more supervised warm-up steps instead (bench/sft_control.py).
+CONTROLS = ("warm-up", "sft-more")
 GROUPS = ("Frequency", "Trend", "Range", "Point")
 
 
@@ -65,6 +68,18 @@ def train_arm(arm: str, seed: int, args, out: str) -> str:
     return os.path.join(out, name)
 
 
+def control_arm(arm: str, seed: int, args, out: str) -> str:
+    """The model folder of a control row (see CONTROLS); sft-more is trained here on first use."""
+    reference = os.path.join(out, f"timerpo-s{seed}", "reference")
+    if arm == "warm-up":
+        return reference
+    folder = os.path.join(out, f"sft-more-s{seed}")
+    rl_seconds = sum(r["time_step"] for r in training_log(os.path.join(out, f"timerpo-s{seed}")))
+    run([sys.executable, "bench/sft_control.py", "--model", reference, "--data", args.data, "--seed", str(seed),
+         "--seconds", str(rl_seconds), "--out", folder], folder + ".log", args.threads)
+    return folder
+
+
 def eval_arm(run_dir: str, args) -> dict:
     out = run_dir + "-eval"
     if os.path.exists(os.path.join(out, "results.json")):  # finished before: read it back
@@ -78,14 +93,34 @@ def eval_arm(run_dir: str, args) -> dict:
 
 
 def training_log(run_dir: str) -> list[dict]:
-    """The run's metrics.jsonl rows, one per RL step."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    """The run's metrics.jsonl rows, one per RL step ([] for a control row, which has no RL)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1; 0 for a single seed)."""
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def last50(log: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in log[-50:]])) if log else float("nan")
+
+
+def paired_rows(rows: dict, seeds: list[int]) -> list[str]:
+    """Per-seed paired differences of Avg F1 (points): TimerPO − each other row, e.g. TimerPO − GRPO and
+    TimerPO − warm-up (what the RL phase adds)."""
+    out = ["", "| paired difference, Avg F1 points | per seed | mean ± std |", "|---|---|---|"]
+    for other in rows:
+        if other == "timerpo" or "timerpo" not in rows:
+            continue
+        diff = [100 * (a["avg_group_f1"] - b["avg_group_f1"]) for a, b in zip(rows["timerpo"], rows[other])]
+        out.append(f"| timerpo − {other} | " + ", ".join(f"{d:+.1f}" for d in diff)
+                   + " | {:+.1f} ± {:.1f} |".format(*spread(diff)))
+    return out
 
 
 def smooth(values: np.ndarray, k: int = 10) -> np.ndarray:
@@ -95,7 +130,8 @@ def smooth(values: np.ndarray, k: int = 10) -> np.ndarray:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (3 in the report)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="arms to run")
+    p.add_argument("--arms", nargs="+", default=list(ARMS) + list(CONTROLS), choices=list(ARMS) + list(CONTROLS),
+                   help="arms to run; warm-up and sft-more are the no-RL reference and the more-SFT control")
     p.add_argument("--steps", type=int, default=train.TINY["steps"], help="RL steps per arm (equal budget)")
     p.add_argument("--data", default="data/train", help="training data folder")
     p.add_argument("--eval-data", default="data/test", help="held-out data folder (anomllm, seed 42)")
@@ -118,7 +154,9 @@ def main() -> int:
             futures[("timerpo", seed)].result()  # this seed's warm-up must exist first
         t0 = time.time()
         run_dir = os.path.join(args.out, f"{arm}-s{seed}")
-        if not os.path.exists(os.path.join(run_dir + "-eval", "results.json")):  # else: finished before
+        if arm in CONTROLS:
+            run_dir = control_arm(arm, seed, args, args.out)
+        elif not os.path.exists(os.path.join(run_dir + "-eval", "results.json")):  # else: finished before
             train_arm(arm, seed, args, args.out)
         res = eval_arm(run_dir, args)
         with lock:
@@ -142,8 +180,8 @@ def main() -> int:
         summ = rows[arm]
         cells = {"Cls Acc": [s["cls_acc"] for s in summ], "Avg F1": [s["avg_group_f1"] for s in summ],
                  "reward": [s["reward"] for s in summ],
-                 "train reward last 50": [float(np.mean([r["reward"] for r in log[-50:]])) for log in logs[arm]],
-                 "zero-std last 50": [float(np.mean([r["zero_std_frac"] for r in log[-50:]])) for log in logs[arm]]}
+                 "train reward last 50": [last50(log, "reward") for log in logs[arm]],
+                 "zero-std last 50": [last50(log, "zero_std_frac") for log in logs[arm]]}
         cells.update({g: [s["groups"].get(g, float("nan")) for s in summ] for g in GROUPS})
         report[arm] = {k: dict(zip(("mean", "std"), spread(v)), values=v) for k, v in cells.items()}
         pct = lambda k: "{:.1f} ± {:.1f}".format(*(100 * x for x in spread(cells[k])))  # noqa: E731
@@ -151,9 +189,12 @@ def main() -> int:
         table.append(f"| {arm} | {pct('Cls Acc')} | " + " | ".join(pct(g) for g in GROUPS)
                      + f" | {pct('Avg F1')} | {raw('reward')} | {raw('train reward last 50')} "
                        f"| {raw('zero-std last 50')} |")
+    table += paired_rows(rows, args.seeds)
     print("\n".join(table))
     series = {}
     for arm, arm_logs in logs.items():
+        if not all(arm_logs):
+            continue
         mean = smooth(np.mean(np.array([[r["reward"] for r in log] for log in arm_logs]), axis=0))
         series[arm] = (list(range(1, len(mean) + 1)), mean.tolist())
     line_chart(series, os.path.join(args.results, "ablation_curves.png"),

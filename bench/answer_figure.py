@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 import data_gen  # noqa: E402
 import eval as evaluation  # noqa: E402
 from timerpo.evaluate import score_prediction  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 
 
 def pick(eval_dir: str, data: str, family: str):
@@ -44,7 +45,7 @@ def main() -> int:
     prediction = pick(args.eval_dir, args.data, args.family)
     suite = evaluation.read_suite(args.data, [prediction.sample])
     tile = evaluation.gallery_tile(prediction, args.data, suite, evaluation.gallery_font())
-    data_gen.atomic_write(args.out, evaluation.png_bytes(tile))
+    write_atomic(args.out, evaluation.png_bytes(tile))
     print(f"{args.out}: {prediction.sample.id}, aff-F1 {prediction.loc.aff_f1:.2f}")
     return 0
 

@@ -4,11 +4,11 @@
     python bench/bench_data_gen.py --data data/train    # only the table for an existing directory
 
 Table, per family: anomaly-free share, mean interval count per series and mean interval length, each next
-to a reference. References: the spec's measured shares/counts (PAPER.md section 4: range 30 %, point 29 %,
+to a reference. References: the public generator's measured shares/counts (method.md §4: range 30 %, point 29 %,
 freq 10 %, trend 55 %; counts range 1.1, point 1.2, freq 2.2, trend 0.45), carried over to the families
 that share the interval parameters (flat-trend and noisy-trend = trend, noisy-x = x). Lengths have no
-spec value: their reference is the expectation of the interval process itself, estimated here by an
-independent vectorised simulation (200,000 series per parameter set) written from the spec's description,
+published value: their reference is the expectation of the interval process itself, estimated here by an
+independent vectorised simulation (200,000 series per parameter set) written from the description in method.md §4,
 not from data_gen's code. Tolerances: share ±6 points, count and length ±20 %.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import data_gen  # noqa: E402
 
 SPEC_SHARE = {"range": 0.30, "point": 0.29, "freq": 0.10, "trend": 0.55}
 SPEC_COUNT = {"range": 1.1, "point": 1.2, "freq": 2.2, "trend": 0.45}
-# Families that share interval parameters with one of the spec's four.
+# Families that share interval parameters with one of the four measured ones.
 SAME_PARAMS = {"flat-trend": "trend", "noisy-point": "point", "noisy-freq": "freq", "noisy-trend": "trend"}
-PARAMS = {  # gap mean, gap min, length mean, length min, cap (PAPER.md section 4 table)
+PARAMS = {  # gap mean, gap min, length mean, length min, cap (the table of method.md §4)
     "range": (800.0, 10, 20.0, 5, 8), "point": (800.0, 200, 30.0, 5, 8),
     "freq": (450.0, 20, 15.0, 7, None), "trend": (1700.0, 800, 100.0, 50, 8),
 }
@@ -83,7 +83,7 @@ def print_table(samples):
         mark = ["ok" if o else "FAIL" for o in ok]
         print(f"{fam:12s} {n:4d} | {100 * free:5.1f}% {100 * ref_free:5.1f}% {mark[0]:4s} | {count:6.2f} "
               f"{ref_count:6.2f} {mark[1]:4s} | {mlen:7.1f} {sim_len:7.1f} {mark[2]:4s}")
-    print("references: share/count from PAPER.md section 4 (flat-trend, noisy-* use their clean family's "
+    print("references: share/count from method.md §4 (flat-trend, noisy-* use their clean family's "
           "value); length = expectation of the interval process (independent simulation)")
     for base, params in PARAMS.items():
         f, c, ln = simulate_process(params)

@@ -29,7 +29,7 @@ from common import ROOT, tiny_args, warm_tiny  # noqa: E402
 
 import train  # noqa: E402
 from timerpo.algorithm import chunks, rollout  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import load_policy  # noqa: E402
 from timerpo.rollout import completion_seed  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OurLoop, peak_rss_mb, step_bench_parser, warm_tiny  # noqa: E402
 
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 
 MODES = {"timerpo": [], "grpo": ["--advantage", "grpo"]}
 PHASES = ("rollout", "forward", "grounding", "update", "other")
@@ -44,7 +44,7 @@ def profile(records) -> dict:
 
 def main() -> int:
     args = step_bench_parser(__doc__, "mode", "step_profile.json").parse_args()
-    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache)
+    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache, args.warmup_vision_steps)
     kept = {mode: [] for mode in MODES}
     for rep in range(args.reps):
         for mode in (list(MODES) if rep % 2 == 0 else list(MODES)[::-1]):

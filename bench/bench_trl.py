@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OurLoop, StepRecord, peak_rss_mb, step_bench_parser, tiny_args, warm_tiny  # noqa: E402
 
 import data_gen  # noqa: E402
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.policy import SYSTEM_PROMPT, encode_prompt, load_policy  # noqa: E402
 from timerpo.prompt import build_prompt  # noqa: E402
 from timerpo.reward import score_completion  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> int:
         import trl
     except ImportError:
         raise SystemExit("TRL is a benchmark-only dependency: pip install -r requirements-dev.txt")
-    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache)
+    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache, args.warmup_vision_steps)
     runs = {"ours": [], "trl": []}
     for rep in range(args.reps):
         for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):

@@ -34,7 +34,7 @@ class StepRecord:
 def tiny_flags() -> list[str]:
     """train.py's tiny preset spelled out as flags, warm-up excluded: a model folder alone would get the
     paper preset."""
-    return [f for key, value in train.TINY.items() if key != "warmup_steps"
+    return [f for key, value in train.TINY.items() if not key.startswith("warmup")
             for f in ("--" + key.replace("_", "-"), str(value))]
 
 
@@ -45,12 +45,15 @@ def tiny_args(model_dir: str, data: str, seed: int, extra: list[str] = ()) -> "t
     return train.parse_args(flags + tiny_flags() + list(extra))
 
 
-def warm_tiny(data: str, seed: int, warmup_steps: int, cache: str = os.path.join(ROOT, "runs", "bench")) -> str:
-    """The tiny model after `warmup_steps` of format warm-up (train.py's), saved once and reused."""
-    folder = os.path.join(cache, f"warm-tiny-s{seed}-w{warmup_steps}")
+def warm_tiny(data: str, seed: int, warmup_steps: int, cache: str = os.path.join(ROOT, "runs", "bench"),
+              vision_steps: int = train.TINY["warmup_vision_steps"]) -> str:
+    """The tiny model after train.py's warm-up (`vision_steps` plot-reading, `warmup_steps` answer steps),
+    saved once and reused."""
+    folder = os.path.join(cache, f"warm-tiny-s{seed}-v{vision_steps}-w{warmup_steps}")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
-    args = train.parse_args(["--data", data, "--seed", str(seed), "--warmup-steps", str(warmup_steps)])
+    args = train.parse_args(["--data", data, "--seed", str(seed), "--warmup-steps", str(warmup_steps),
+                             "--warmup-vision-steps", str(vision_steps)])
     samples = train.ensure_data(data, 3407, progress=True)
     policy = load_policy("tiny", seed=seed)
     t0 = time.time()
@@ -91,7 +94,10 @@ def step_bench_parser(doc: str, sides: str, results_name: str) -> argparse.Argum
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--reps", type=int, default=3, help=f"repetitions per {sides}, alternating (3)")
     p.add_argument("--steps", type=int, default=10, help="RL steps per repetition (10)")
-    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up of the start model (train.py's 150)")
+    p.add_argument("--warmup-steps", type=int, default=train.TINY["warmup_steps"],
+                   help="answer warm-up steps of the start model (train.py's)")
+    p.add_argument("--warmup-vision-steps", type=int, default=train.TINY["warmup_vision_steps"],
+                   help="plot-reading warm-up steps of the start model (train.py's)")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "train"), help="training data folder")
     p.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench"), help="where the warmed-up model is kept")
     p.add_argument("--seed", type=int, default=0, help="seed of the start model and of the loops")

@@ -41,7 +41,7 @@ from gpu_smoke import (H200_BF16_DENSE_TFLOPS, build_policy, flop_terms, peak_me
                        smoke_data, sync)
 from timerpo.algorithm import (compute_advantages, ground_completions, rollout, score_outcomes,  # noqa: E402
                                target_states, update_policy)
-from timerpo.checkpoint import write_atomic  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.distributed import SINGLE  # noqa: E402
 from timerpo.precision import enable_tf32, setup_precision  # noqa: E402
 from timerpo.rollout import decode_bytes_per_row, rollout_batch_for_memory  # noqa: E402

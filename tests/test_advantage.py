@@ -17,11 +17,13 @@ DELTA, EPS = 1e-6, 1e-8
 
 # ---------------------------------------------------------------- numpy oracles
 
-def np_centre(x, G, norm):
+def np_centre(x, G, norm, floor=None):
     g = np.asarray(x, dtype=np.float64).reshape(-1, G)
     out = g - g.mean(1, keepdims=True)
     if norm == "std":
         out = out / (np.std(g, axis=1, ddof=1, keepdims=True) + DELTA)
+    elif norm == "std-floor":
+        out = out / np.maximum(np.std(g, axis=1, ddof=1, keepdims=True), floor)
     out[np.ptp(g, axis=1) == 0] = 0.0
     return out.reshape(-1)
 
@@ -220,3 +222,44 @@ def test_property_random_groups(data, K, G, alpha, norm):
     assert (overlap[big] <= 1e-6 * np.linalg.norm(main.reshape(-1, G), axis=1)[big]).all()
     # Hence the outcome component of A is exactly A_main: <A, A_main> = ||A_main||^2 (up to that overlap).
     np.testing.assert_allclose(per_group_dot(A, main, G)[big], per_group_dot(main, main, G)[big], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the separate normalisation of Â_TsR
+
+@pytest.mark.parametrize("tsr_norm", ["std", "mean", "std-floor"])
+@pytest.mark.parametrize("mode", ["timerpo", "no-projection"])
+def test_tsr_norm_modes_against_numpy(tsr_norm, mode):
+    rng = np.random.default_rng(7)
+    R, W = sample_inputs(rng)
+    # Half the groups have a spread of W far below the floor, the other half far above it.
+    W = W.reshape(-1, 5)
+    W[::2] = 0.4 + 1e-4 * rng.normal(size=W[::2].shape)
+    W = W.reshape(-1)
+    floor = 0.05
+    res = timerpo_advantage(torch.tensor(R), torch.tensor(W), 5, mode=mode, alpha=0.3, norm="std",
+                            tsr_norm=tsr_norm, tsr_floor=floor)
+    s = np.exp(-W / 0.5)
+    tsr = np_centre(s, 5, tsr_norm, floor)
+    np.testing.assert_allclose(res.grounded.numpy(), tsr, rtol=1e-12, atol=1e-15)
+    main = np_centre(R, 5, "std")
+    perp, _ = np_project(tsr, main, 5)
+    expected = main + 0.3 * (perp if mode == "timerpo" else tsr)
+    np.testing.assert_allclose(res.advantages.numpy(), expected, rtol=1e-12, atol=1e-15)
+    spread = np.abs(res.grounded.numpy().reshape(-1, 5)).max(1)
+    if tsr_norm == "std-floor":
+        # Noise-sized spreads stay noise-sized; real spreads are scaled to unit std as with "std".
+        assert (spread[::2] < 1e-2).all() and (spread[1::2] > 0.5).all()
+    if tsr_norm == "std":
+        assert (spread > 0.5).all()  # the paper reading: any spread becomes unit-sized
+
+
+def test_tsr_norm_defaults_to_main_norm_and_checks_floor():
+    rng = np.random.default_rng(8)
+    R, W = map(torch.tensor, sample_inputs(rng))
+    for norm in ("std", "mean"):
+        same = timerpo_advantage(R, W, 5, norm=norm).advantages
+        assert torch.equal(same, timerpo_advantage(R, W, 5, norm=norm, tsr_norm=norm).advantages)
+    with pytest.raises(ValueError, match="tsr_floor"):
+        timerpo_advantage(R, W, 5, tsr_norm="std-floor", tsr_floor=0.0)
+    with pytest.raises(ValueError, match="norm must be"):
+        timerpo_advantage(R, W, 5, tsr_norm="floor")

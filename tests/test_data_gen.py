@@ -11,7 +11,7 @@ from PIL import Image
 
 import data_gen as dg
 
-SPEC_PARAMS = {  # PAPER.md section 4 table, written out independently of data_gen's constants
+SPEC_PARAMS = {  # the table of method.md §4, written out independently of data_gen's constants
     "range": (800.0, 10, 20.0, 5, 8), "point": (800.0, 200, 30.0, 5, 8),
     "freq": (450.0, 20, 15.0, 7, None), "trend": (1700.0, 800, 100.0, 50, 8),
 }

@@ -1,5 +1,7 @@
 """train.py under torchrun on CPU (gloo): 2 ranks make the same update as 1 process on the same global batch,
-DDP and FSDP agree, a 2-rank checkpoint resumes on 1 process, a failing rank ends the job quickly.
+DDP and FSDP agree, a 2-rank checkpoint resumes on 1 process and a 1-process one on 2 ranks (without
+reading the pickles planted beside it), an older pickled checkpoint is refused, a failing rank ends the
+job quickly.
 
 The oracle is the 1-process run itself (tested on its own in test_train.py / test_algorithm.py). One AdamW
 step moves each weight by about lr whatever the gradient's scale, so the weight comparison checks that
@@ -19,8 +21,9 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import train
-from timerpo.checkpoint import restore_optimizer
-from timerpo.distributed import Dist, DistError, load_optimizer, rank_slice, save_optimizer
+from tests.planted import make_malicious_older_format, plant_pickles
+from timerpo.checkpoint import load_optimizer, quiet_single_process, restore_optimizer, save_optimizer
+from timerpo.distributed import Dist, DistError, rank_slice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 2e-5  # the tiny preset's; the weights move by ~LR in one step
@@ -31,7 +34,7 @@ COMPARED = ("reward", "loss", "grad_norm", "entropy", "kl", "clip_frac", "adv_st
 def run_args(data, out, name, steps, extra=()):
     """Tiny flags: 4 prompts x 3 completions of <= 10 tokens; beta > 0 keeps the reference model in play."""
     return ["--data", data, "--eval-data", data, "--out", str(out), "--name", name, "--steps", str(steps),
-            "--prompts-per-step", "4", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "0",
+            "--prompts-per-step", "4", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "0", "--warmup-vision-steps", "0",
             "--eval-samples", "2", "--eval-every", "100", "--save-every", "1", "--micro-batch", "4",
             "--rollout-batch", "6", "--expcot-max-tokens", "48", "--lr", str(LR), "--beta", "0.001",
             "--no-progress", *extra]
@@ -99,13 +102,43 @@ def test_ddp_and_fsdp_agree(runs):
 
 
 def test_two_rank_checkpoint_resumes_on_one_process(runs, tiny_data):
-    assert os.path.isfile(runs / "fsdp" / "ckpt-000001" / "optimizer" / ".metadata")  # DCP, not torch.save
+    optimizer = runs / "fsdp" / "ckpt-000001" / "optimizer"
+    assert sorted(os.listdir(optimizer)) == ["index.json", "rank-00000.safetensors", "rank-00001.safetensors"]
     shutil.copytree(runs / "fsdp", runs / "resumed")
     check(launch(run_args(tiny_data, runs, "resumed", 2, ["--resume"])))
     rows = read_metrics(runs / "resumed")
     assert [r["step"] for r in rows] == [1, 2]
     assert_same_metrics(rows[1], read_metrics(runs / "single")[1])
     assert max_diff(weights(runs / "resumed", 2), weights(runs / "single", 2)) <= 1e-5
+
+
+def test_planted_pickles_are_never_read_under_torchrun(runs, tiny_data):
+    """The 1-process checkpoint after step 1, with payloads planted beside its safe files, resumes on 2 FSDP
+    ranks (another number of ranks) and makes the 1-process step 2; the payloads never run."""
+    run = runs / "planted"
+    shutil.copytree(runs / "single", run)
+    shutil.rmtree(run / "ckpt-000002")
+    (run / "latest").write_text("ckpt-000001\n")
+    marker = runs / "pwned-planted"
+    plant_pickles(run, marker)
+    check(launch(run_args(tiny_data, runs, "planted", 2, ["--resume", "--dist", "fsdp"]), nproc=2))
+    assert not marker.exists()
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_same_metrics(rows[1], read_metrics(runs / "single")[1])
+    assert max_diff(weights(run, 2), weights(runs / "single", 2)) <= 1e-5
+
+
+def test_older_checkpoint_is_refused_under_torchrun(runs, tiny_data):
+    run = runs / "older"
+    shutil.copytree(runs / "fsdp", run)
+    marker = runs / "pwned-older"
+    make_malicious_older_format(run, marker)
+    proc = launch(run_args(tiny_data, runs, "older", 2, ["--resume", "--dist", "fsdp"]), nproc=2)
+    assert proc.returncode != 0
+    assert "pickles that can run any code when loaded, so it is refused" in proc.stderr
+    assert not marker.exists()
+    assert [r["step"] for r in read_metrics(run)] == [1]
 
 
 def test_a_failing_rank_ends_the_job_quickly(tiny_data, tmp_path):
@@ -175,14 +208,27 @@ def assert_same_optimizer_state(a, b):
     assert plain(sa["param_groups"]) == plain(sb["param_groups"])
 
 
-def test_optimizer_round_trips_through_dcp_and_the_legacy_format(tiny_policy, tmp_path):
+def test_optimizer_round_trips_through_safetensors(tiny_policy, tmp_path):
     pol, opt = stepped_optimizer(tiny_policy)
     save_optimizer(pol, opt, str(tmp_path / "optimizer"), Dist())
+    assert sorted(os.listdir(tmp_path / "optimizer")) == ["index.json", "rank-00000.safetensors"]
     fresh = torch.optim.AdamW(pol.model.parameters(), lr=1e-3)
     load_optimizer(pol, fresh, str(tmp_path / "optimizer"), Dist())
     assert_same_optimizer_state(opt, fresh)
+
+
+def test_trusted_older_optimizer_formats_still_load(tiny_policy, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    pol, opt = stepped_optimizer(tiny_policy)
+    with quiet_single_process():
+        dcp.save(get_optimizer_state_dict(pol.model, opt), checkpoint_id=str(tmp_path / "optimizer"), no_dist=True)
+    from_dcp = torch.optim.AdamW(pol.model.parameters(), lr=1e-3)
+    restore_optimizer(str(tmp_path), {"pickled": True}, pol, from_dcp)
+    assert_same_optimizer_state(opt, from_dcp)
     legacy = torch.optim.AdamW(pol.model.parameters(), lr=1e-3)  # a checkpoint from before DCP
-    restore_optimizer(str(tmp_path), {"optimizer": opt.state_dict()}, pol, legacy)
+    restore_optimizer(str(tmp_path), {"pickled": True, "optimizer": opt.state_dict()}, pol, legacy)
     assert_same_optimizer_state(opt, legacy)
 
 
@@ -210,7 +256,7 @@ def load_bench(name):
 
 
 def test_memory_table_configs_have_the_released_sizes():
-    """QWEN_VL_NOTES.md measured the real 3B at 3.755 B parameters, vision 669 M; the 7B is the '8.29 B' model."""
+    """method.md §17: the real 3B has 3.755 B parameters, vision 669 M; the 7B is the '8.29 B' model."""
     mt = load_bench("memory_table")
     c3, c7 = (mt.parameter_counts(mt.qwen25vl_config(s)) for s in ("3b", "7b"))
     assert round(c3["total"] / 1e6) == 3755 and round(c3["vision"] / 1e6) == 669

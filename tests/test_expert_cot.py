@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import stats
-from scipy.signal import savgol_filter
+from scipy.signal import medfilt, savgol_filter
 
 import data_gen as dg
 import expert_cot as ec
@@ -279,6 +279,26 @@ class Oracle:
             b += list(d[1:])
         return stats.pearsonr(a, b)[0]
 
+    def local_periods(self):
+        """1 / median local frequency outside and inside; the analytic signal built by hand with the FFT."""
+        t = np.arange(self.L)
+        fit = stats.linregress(t, self.x)
+        hp = self.x - (fit.intercept + fit.slope * t)
+        if self.noisy:
+            hp = savgol_filter(hp, 9, 2)
+        spec = np.fft.fft(hp)
+        gain = np.zeros(self.L)
+        gain[0] = 1.0
+        gain[1:(self.L + 1) // 2] = 2.0
+        if self.L % 2 == 0:
+            gain[self.L // 2] = 1.0
+        phase = np.unwrap(np.angle(np.fft.ifft(spec * gain)))
+        freq = medfilt(np.diff(phase) / (2 * np.pi), 5)
+        mk = self.mask()
+        inside = [t for s, e in self.iv for t in range(s, e - 1)]
+        outside = [t for t in range(self.L - 1) if not mk[t] and not mk[t + 1]]
+        return 1 / np.median(freq[outside]), 1 / np.median(freq[inside])
+
     def activity(self):
         mk = self.mask()
         inside = [abs(self.x[t + 1] - self.x[t]) for s, e in self.iv for t in range(s, e - 1)]
@@ -347,11 +367,14 @@ def quoted_checks(o: Oracle):
         (r"discord z = " + NUM, [(1, 2, lambda: discord()[2])]),
         (r"increment autocorrelation = " + NUM, [(1, 2, lambda: o.increment_ac())]),
         (r"activity ratio = " + NUM, [(1, 2, lambda: o.activity())]),
+        (r"period outside = " + NUM, [(1, 2, lambda: o.local_periods()[0])]),
+        (r"period inside = " + NUM, [(1, 2, lambda: o.local_periods()[1])]),
+        (r"period ratio = " + NUM, [(1, 2, lambda: o.local_periods()[1] / o.local_periods()[0])]),
         (r"L = " + INT + " points", [(1, None, lambda: o.L)]),
     ]
 
 
-# Fixed parameters and thresholds of PAPER.md section 6 that a trace may name (no recomputation needed).
+# Fixed parameters and thresholds of method.md §6 that a trace may name (no recomputation needed).
 CONSTANT_PHRASES = [
     "the trigger 5", "below 5)", "(window 31, order 2)", "(window 100)", "(below 1)", "(1 or more)",
     "(window 21, order 2)", "above 3.5", "below 3.5", "above 3", "below 3", "below 0.30", "above 0.05",
@@ -361,7 +384,7 @@ CONSTANT_PHRASES = [
 
 def check_trace_numbers(text, x, intervals):
     """Assert every number in ``text`` is either recomputed by the oracle within its printed precision, part
-    of the conclusion's interval list (which must equal ``intervals``), or a named section-6 constant."""
+    of the conclusion's interval list (which must equal ``intervals``), or a named constant of method.md §6."""
     o = Oracle(x, intervals)
     rest = text
     for pattern, parts in quoted_checks(o):
@@ -466,15 +489,16 @@ def test_expert_cot_rejects_inconsistent_truth():
         ec.detect(x[:40])
 
 
-def test_generic_cot_has_no_numbers_but_the_answer():
-    for label in dg.LABELS:
-        iv = [] if label == "normal" else [[12, 40], [300, 331]]
-        text = ec.generic_cot(label, iv)
-        assert [ln.split(":")[0] for ln in text.split("\n")] == ["Observation", "Reasoning & Validation", "Conclusion"]
-        body, conclusion = text.rsplit("\n", 1)
-        assert not re.search(r"\d", body) and label in conclusion
-        assert re.findall(r"\d+", conclusion) == [str(v) for pair in iv for v in pair]
-    assert len({ec.generic_cot(lb, []) for lb in ("normal",)}) == 1
+def test_generic_cot_is_generic():
+    """No digit (so no number from a series and no interval), no label, the ExpCoT's three-part layout;
+    the stored gencot of generated samples is that same text whatever the sample."""
+    text = ec.generic_cot()
+    assert [ln.split(":")[0] for ln in text.split("\n")] == ["Observation", "Reasoning & Validation", "Conclusion"]
+    assert not re.search(r"\d", text) and "[" not in text
+    assert not any(label in text for label in dg.LABELS)
+    samples = [dg.build_sample("anomllm", fam, 0, 5)[0] for fam in ("range", "point", "freq", "trend")]
+    assert {s.gencot for s in samples} == {text}
+    assert any(s.intervals for s in samples)  # anomalous samples get the same text as normal ones
 
 
 # --------------------------------------------------------------------------------------------- detect
@@ -513,3 +537,32 @@ def test_detect_calls_clean_series_normal():
         intervals, label, trace = ec.detect(x)
         assert (intervals, label) == ([], "normal")
         assert trace.endswith("intervals [].")
+
+
+def test_seasonal_evidence_quotes_the_period_inside_and_outside():
+    """Anomalous freq series: the trace quotes both dominant periods; a 3x faster or slower episode shows
+    as a period ratio far from 1, also where the 100-step window scan calls the period stable."""
+    ratios, stable_seen = [], 0
+    for family in ("freq", "noisy-freq"):
+        for i in range(40):
+            x, iv = dg.make_series("anomllm", family, i, 11)
+            if not iv:
+                continue
+            x = np.round(x, 5)
+            text = ec.expert_cot(x, iv, "seasonal")
+            match = re.search(r"period ratio = " + NUM, text)
+            assert match and "period inside = " in text and "period outside = " in text, text
+            ratios.append(float(match.group(1)))
+            stable = ec.StagedScan(x).period.stable
+            stable_seen += stable
+            assert ("stays stable" in text) == stable
+    clear = np.mean([(r <= 0.6) or (r >= 1.7) for r in ratios])
+    assert stable_seen > 0 and clear >= 0.75, (stable_seen, clear)
+
+
+def test_local_periods_of_a_known_frequency_plan():
+    f = np.full(1000, 0.03)
+    f[400:430] = 0.09
+    x = np.sin(2 * np.pi * np.cumsum(f))
+    outside, inside = ec.local_periods(x, [[400, 430]], light=False)
+    assert outside == pytest.approx(1 / 0.03, rel=0.03) and inside == pytest.approx(1 / 0.09, rel=0.1)

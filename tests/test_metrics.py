@@ -1,4 +1,4 @@
-"""Metrics against independent oracles: METRICS.md check values, 0/1 vectors, scipy quadrature."""
+"""Metrics against independent oracles: the check values of method.md §21, 0/1 vectors, scipy quadrature."""
 import math
 
 import numpy as np
@@ -307,7 +307,7 @@ def test_class_accuracy():
         class_accuracy([], [])
 
 
-def test_paper_groups_follow_paper_section_8():
+def test_paper_groups_follow_method_section_22():
     expected = {
         "freq": "Frequency", "noisy-freq": "Frequency",
         "trend": "Trend", "flat-trend": "Trend", "noisy-trend": "Trend",

@@ -1,4 +1,4 @@
-"""The section-7 objective against a hand computation in plain Python floats."""
+"""The objective of method.md §16 against a hand computation in plain Python floats."""
 import math
 
 import torch

@@ -1,5 +1,9 @@
 """Tests for ot.py against independent oracles: a textbook numpy log-domain Sinkhorn, exact OT from
-scipy's linprog, the 1-D quantile closed form, scipy's cdist/softmax, and closed-form 2x2 problems."""
+scipy's linprog, the 1-D quantile closed form, scipy's cdist/softmax, and closed-form 2x2 problems.
+
+`ot.sinkhorn` (the textbook iteration) is checked against the numpy oracle; `ot.sinkhorn_fast` (what
+ot_distance runs) against `ot.sinkhorn` at equal iteration counts, and on converged problems against the
+exact-OT oracles. POT is the oracle of bench/bench_sinkhorn.py (its smoke test checks the agreement)."""
 
 import math
 
@@ -71,7 +75,7 @@ def t64(x):
 
 
 def converge(C, a, b, eps, tol=1e-12, n_iter=20000):
-    res = ot.sinkhorn_with_error(t64(C)[None], t64(a)[None], t64(b)[None], eps, n_iter, tol=tol)
+    res = ot.sinkhorn_fast(t64(C)[None], t64(a)[None], t64(b)[None], eps, n_iter, tol=tol)
     return res.plan[0].numpy(), res
 
 
@@ -91,19 +95,51 @@ def test_two_by_two_closed_form():
 def test_matches_textbook_log_domain_at_equal_iterations(eps, n_iter):
     rng = np.random.default_rng(1)
     C, a, b = random_problem(rng, 9, 6, scale=2.0)
-    res = ot.sinkhorn_with_error(t64(C)[None], t64(a)[None], t64(b)[None], eps, n_iter)
-    np.testing.assert_allclose(res.plan[0].numpy(), ref_sinkhorn(C, a, b, eps, n_iter), rtol=1e-9, atol=1e-14)
+    ref = ref_sinkhorn(C, a, b, eps, n_iter)
+    plan = ot.sinkhorn(t64(C)[None], t64(a)[None], t64(b)[None], eps, n_iter)
+    np.testing.assert_allclose(plan[0].numpy(), ref, rtol=1e-9, atol=1e-14)
+    res = ot.sinkhorn_fast(t64(C)[None], t64(a)[None], t64(b)[None], eps, n_iter)
+    torch.testing.assert_close(res.plan, plan, rtol=1e-9, atol=1e-14)
     assert res.n_iter == n_iter
 
 
 @pytest.mark.parametrize("n_iter", [60, 200])
-def test_log_domain_redo_matches_textbook(n_iter):
+def test_fast_log_domain_redo_matches_reference(n_iter):
     # A forced detour: 0.8 of the mass must take a cost-1 edge, so at eps = 0.003 the scalings drift by
-    # a factor ~9 per iteration and leave exp(+-100); those iterations are redone in the log domain.
+    # a factor ~9 per iteration and leave exp(+-100); sinkhorn_fast redoes those iterations in the log domain.
     C, a, b = DETOUR
-    res = ot.sinkhorn_with_error(t64(C)[None], t64(a)[None], t64(b)[None], 0.003, n_iter)
+    plan = ot.sinkhorn(t64(C)[None], t64(a)[None], t64(b)[None], 0.003, n_iter)
+    np.testing.assert_allclose(plan[0].numpy(), ref_sinkhorn(C, a, b, 0.003, n_iter), rtol=1e-9, atol=1e-15)
+    res = ot.sinkhorn_fast(t64(C)[None], t64(a)[None], t64(b)[None], 0.003, n_iter)
     assert res.log_steps > 1  # the route under test did run
-    np.testing.assert_allclose(res.plan[0].numpy(), ref_sinkhorn(C, a, b, 0.003, n_iter), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(res.plan, plan, rtol=1e-9, atol=1e-15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 4), n=st.integers(1, 12), m=st.integers(1, 12), log10_eps=st.floats(-3, 0),
+       n_iter=st.integers(1, 80), seed=st.integers(0, 2**31 - 1))
+def test_property_fast_equals_reference(B, n, m, log10_eps, n_iter, seed):
+    # Random batches with random padding, eps from 1e-3 (log-domain redos) to 1: the same iterates.
+    g = torch.Generator().manual_seed(seed)
+    C = 2 * torch.rand(B, n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) * (torch.rand(B, n, generator=g) < 0.8)
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) * (torch.rand(B, m, generator=g) < 0.8)
+    a = a / a.sum(1, keepdim=True).clamp_min(1e-300)
+    b = b / b.sum(1, keepdim=True).clamp_min(1e-300)
+    b[a.sum(1) == 0] = 0.0  # a problem with one empty side is empty on both (equal mass)
+    a[b.sum(1) == 0] = 0.0
+    eps = 10.0 ** log10_eps
+    plan = ot.sinkhorn(C, a, b, eps, n_iter)
+    res = ot.sinkhorn_fast(C, a, b, eps, n_iter)
+    torch.testing.assert_close(res.plan, plan, rtol=1e-8, atol=1e-14)
+
+
+def test_reference_catches_a_wrong_iteration():
+    # The property above can fail: one iteration fewer is a different plan.
+    rng = np.random.default_rng(2)
+    C, a, b = random_problem(rng, 9, 6, scale=2.0)
+    args = t64(C)[None], t64(a)[None], t64(b)[None], 0.05
+    assert (ot.sinkhorn_fast(*args, 10).plan - ot.sinkhorn(*args, 9)).abs().max() > 1e-6
 
 
 def test_marginals_within_1e6_after_convergence():
@@ -197,14 +233,14 @@ def test_batch_equals_loop_and_padded_equals_unpadded(eps):
     singles = []
     for k, (Ck, ak, bk) in enumerate(problems):
         C[k, :len(ak), :len(bk)], A[k, :len(ak)], B[k, :len(bk)] = Ck, ak, bk
-        singles.append(ot.sinkhorn(t64(Ck)[None], t64(ak)[None], t64(bk)[None], eps, 60)[0].numpy())
-    res = ot.sinkhorn_with_error(t64(C), t64(A), t64(B), eps, 60)
+        singles.append(ref_sinkhorn(Ck, ak, bk, eps, 60))
+    res = ot.sinkhorn_fast(t64(C), t64(A), t64(B), eps, 60)
     assert (res.log_steps > 1) == (eps < 0.01)
-    plan = res.plan.numpy()
-    for k, (Ck, ak, bk) in enumerate(problems):
-        nk, mk = Ck.shape
-        np.testing.assert_allclose(plan[k, :nk, :mk], singles[k], rtol=1e-9, atol=1e-15)
-        assert (plan[k, nk:, :] == 0).all() and (plan[k, :, mk:] == 0).all()
+    for plan in (ot.sinkhorn(t64(C), t64(A), t64(B), eps, 60).numpy(), res.plan.numpy()):
+        for k, (Ck, ak, bk) in enumerate(problems):
+            nk, mk = Ck.shape
+            np.testing.assert_allclose(plan[k, :nk, :mk], singles[k], rtol=1e-9, atol=1e-15)
+            assert (plan[k, nk:, :] == 0).all() and (plan[k, :, mk:] == 0).all()
 
 
 def test_cpu_blocks_give_the_same_result(monkeypatch):
@@ -215,24 +251,27 @@ def test_cpu_blocks_give_the_same_result(monkeypatch):
     b = torch.softmax(torch.randn(5, 7, generator=g, dtype=torch.float64), -1)
     b[3] = 0.0  # an empty problem inside a block of its own
     a[3] = 0.0
-    whole = ot.sinkhorn_with_error(C, a, b, 0.05, 40)
+    whole = ot.sinkhorn_fast(C, a, b, 0.05, 40)
     monkeypatch.setattr(ot, "_CPU_BLOCK_BYTES", 1)
-    blocks = ot.sinkhorn_with_error(C, a, b, 0.05, 40)
+    blocks = ot.sinkhorn_fast(C, a, b, 0.05, 40)
     torch.testing.assert_close(blocks.plan, whole.plan, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(blocks.marginal_err, whole.marginal_err, rtol=1e-9, atol=1e-15)
     assert blocks.n_iter == whole.n_iter
     C[4, 2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"cost\[4, 2, 5\]"):  # the index is the batch's, not the block's
-        ot.sinkhorn(C, a, b, 0.05, 10)
+        ot.sinkhorn_fast(C, a, b, 0.05, 10)
 
 
 def test_empty_problem_gives_zero_plan():
     C = torch.rand(2, 3, 4, dtype=torch.float64)
     a = torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.0, 0.0]], dtype=torch.float64)
     b = torch.tensor([[0.25] * 4, [0.25] * 4], dtype=torch.float64)
-    res = ot.sinkhorn_with_error(C, a, b, 0.08, 10)
+    res = ot.sinkhorn_fast(C, a, b, 0.08, 10)
     assert torch.isfinite(res.plan).all() and (res.plan[1] == 0).all() and res.marginal_err[1] == 0
     assert res.plan[0].sum().item() == pytest.approx(1.0, abs=1e-12)
+    plan = ot.sinkhorn(C, a, b, 0.08, 10)
+    assert torch.isfinite(plan).all() and (plan[1] == 0).all()
+    torch.testing.assert_close(plan, res.plan, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -242,10 +281,10 @@ def test_no_nan_or_inf_at_tiny_eps(dtype):
     C[0, 0, 0], C[0, 1, 1] = 0.0, 2.0  # both ends of the cosine range
     a = torch.softmax(3 * torch.randn(3, 40, generator=g, dtype=torch.float64), -1)
     b = torch.softmax(3 * torch.randn(3, 30, generator=g, dtype=torch.float64), -1)
-    res = ot.sinkhorn_with_error(C, a, b, 1e-3, 50)
-    assert res.plan.dtype == torch.float64
-    assert torch.isfinite(res.plan).all() and (res.plan >= 0).all()
-    torch.testing.assert_close(res.plan.sum(2), a, rtol=0, atol=1e-12)  # the last update fits the rows
+    for plan in (ot.sinkhorn(C, a, b, 1e-3, 50), ot.sinkhorn_fast(C, a, b, 1e-3, 50).plan):
+        assert plan.dtype == torch.float64
+        assert torch.isfinite(plan).all() and (plan >= 0).all()
+        torch.testing.assert_close(plan.sum(2), a, rtol=0, atol=1e-12)  # the last update fits the rows
 
 
 def test_bf16_hidden_states_through_ot_distance():
@@ -260,7 +299,7 @@ def test_bf16_hidden_states_through_ot_distance():
 def test_tol_stops_early_and_reports_iterations():
     rng = np.random.default_rng(11)
     C, a, b = random_problem(rng, 5, 5, scale=0.2)
-    res = ot.sinkhorn_with_error(t64(C)[None], t64(a)[None], t64(b)[None], 0.5, 1000, tol=1e-9)
+    res = ot.sinkhorn_fast(t64(C)[None], t64(a)[None], t64(b)[None], 0.5, 1000, tol=1e-9)
     assert 1 < res.n_iter < 1000 and res.marginal_err[0] <= 1e-9
 
 
@@ -287,10 +326,11 @@ def test_property_matches_textbook_and_keeps_row_marginals(n, m, eps, n_iter, se
 def test_bad_input_raises_clear_error(mutate, match):
     C = torch.rand(1, 3, 4, dtype=torch.float64)
     a, b = torch.full((1, 3), 1 / 3, dtype=torch.float64), torch.full((1, 4), 0.25, dtype=torch.float64)
-    with pytest.raises(ValueError, match=match):
-        ot.sinkhorn(*mutate(C, a, b), 0.08, 10)
-    with pytest.raises(ValueError, match="eps"):
-        ot.sinkhorn(C, a, b, 0.0, 10)
+    for solve in (ot.sinkhorn, ot.sinkhorn_fast):
+        with pytest.raises(ValueError, match=match):
+            solve(*mutate(C, a, b), 0.08, 10)
+        with pytest.raises(ValueError, match="eps"):
+            solve(C, a, b, 0.0, 10)
 
 
 # ---------------------------------------------------------------- cost, marginals, W, pooled cosine

@@ -1,4 +1,4 @@
-"""Prompt text, canonical completion and the completion parser (PAPER.md sections 1 and 2)."""
+"""Prompt text, canonical completion and the completion parser (method.md §1 and §2)."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -1,4 +1,4 @@
-"""Outcome reward R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc on hand-made completions (PAPER.md section 3)."""
+"""Outcome reward R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc on hand-made completions (method.md §3)."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from timerpo.prompt import format_completion, parse_completion
 from timerpo.reward import LOC_MODES, RewardParts, outcome_reward, score_completion
 
-# METRICS.md check 1 (values from the metric's authors): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)].
+# The first check of method.md §21 (values from the metric's authors): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)].
 CHECK_L, CHECK_PRED, CHECK_GT = 10, [(4, 5), (8, 9)], [(3, 4), (7, 10)]
 CHECK_AFF_P, CHECK_AFF_R = 0.818182, 0.844276
 
@@ -69,7 +69,8 @@ def test_unknown_class_keeps_format_but_not_class():
 def test_unparsable_answer_scores_zero_localization_and_format():
     text = "<think>r</think><answer>somewhere in the middle</answer><class>trend</class>"
     assert as_tuple(parts(text, [(10, 30)], "trend")) == approx_parts(0.0, 1.0, 0.0, 0.2)
-    # Nothing valid left from a non-empty list is "wrong", not "no anomaly", even on a normal series.
+    # Nothing valid left from a non-empty list is "wrong", not "no anomaly", even on a normal series, and earns
+    # no format point (the public release gives it one: method.md §23).
     text = "<think>r</think><answer>[[300, 400]]</answer><class>normal</class>"
     assert as_tuple(parts(text, [], "normal")) == approx_parts(0.0, 1.0, 0.0, 0.2)
 

@@ -1,6 +1,9 @@
-"""train.py end to end on the tiny model: a short run, exact resume, crash-safe checkpoints, clean errors."""
+"""train.py end to end on the tiny model: a short run, exact resume, crash-safe checkpoints that load
+without running code, clean errors."""
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 import train
+from tests.planted import make_genuine_older_format, make_malicious_older_format, payload, plant_pickles
 from timerpo.checkpoint import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +20,7 @@ TIMING_KEYS = {"time_rollout", "time_forward", "time_grounding", "time_update", 
 
 def small_args(data, out, name, steps, extra=()):
     return ["--data", data, "--eval-data", data, "--out", str(out), "--name", name, "--steps", str(steps),
-            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "3",
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "10", "--warmup-steps", "3", "--warmup-vision-steps", "2",
             "--eval-samples", "4", "--eval-every", "2", "--save-every", "1", "--micro-batch", "4",
             "--rollout-batch", "6", "--expcot-max-tokens", "48", "--no-progress", *extra]
 
@@ -46,10 +50,16 @@ def test_short_run_writes_logs_curves_and_checkpoints(full_run):
     assert latest_checkpoint(str(full_run)).endswith("ckpt-000003")
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path, full_run):
-    assert train.main(small_args(tiny_data, tmp_path, "cut", 2)) == 0
-    assert train.main(small_args(tiny_data, tmp_path, "cut", 3, ["--resume"])) == 0
-    resumed = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def cut_run(tiny_data, tmp_path_factory):
+    """The same run stopped after 2 of its 3 steps; tests resume copies of it."""
+    out = tmp_path_factory.mktemp("cut")
+    assert train.main(small_args(tiny_data, out, "cut", 2)) == 0
+    return out / "cut"
+
+
+def assert_resumed_exactly(run_dir, full_run):
+    resumed = read_jsonl(run_dir / "metrics.jsonl")
     straight = read_jsonl(full_run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key, value in straight[2].items():
@@ -58,19 +68,59 @@ def test_resume_continues_exactly(tiny_data, tmp_path, full_run):
         assert resumed[2][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
+def test_planted_payload_runs_code_when_unpickled(tmp_path):
+    """The payload of the tests below is live: the old loaders would have run it."""
+    marker = tmp_path / "pwned"
+    pickle.loads(payload(marker))
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "trainer_state.pt").write_bytes(payload(marker))
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "trainer_state.pt", weights_only=False)  # the old load_trainer_state
+    assert marker.exists()
+
+
+def test_resume_continues_exactly_and_reads_no_pickle(tiny_data, tmp_path, cut_run, full_run):
+    shutil.copytree(cut_run, tmp_path / "cut")
+    marker = tmp_path / "pwned"
+    plant_pickles(tmp_path / "cut", marker)
+    assert train.main(small_args(tiny_data, tmp_path, "cut", 3, ["--resume"])) == 0
+    assert not marker.exists()
+    assert_resumed_exactly(tmp_path / "cut", full_run)
+
+
+def test_older_checkpoint_is_refused_and_runs_nothing(tiny_data, tmp_path, cut_run, capsys):
+    shutil.copytree(cut_run, tmp_path / "cut")
+    marker = tmp_path / "pwned"
+    make_malicious_older_format(tmp_path / "cut", marker)
+    assert train.main(small_args(tiny_data, tmp_path, "cut", 3, ["--resume"])) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0
+    assert "pickles that can run any code" in err and "--trust-checkpoint" in err
+    assert [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == [1, 2]  # nothing was run
+
+
+def test_trusted_older_checkpoint_resumes_exactly(tiny_data, tmp_path, cut_run, full_run):
+    shutil.copytree(cut_run, tmp_path / "cut")
+    make_genuine_older_format(tmp_path / "cut")
+    assert train.main(small_args(tiny_data, tmp_path, "cut", 3, ["--resume", "--trust-checkpoint"])) == 0
+    assert_resumed_exactly(tmp_path / "cut", full_run)
+    assert os.path.isfile(os.path.join(latest_checkpoint(str(tmp_path / "cut")), "trainer_state.json"))
+
+
 KILL_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
 from timerpo.tiny import build_tiny_policy
-from timerpo.checkpoint import save_checkpoint
+import timerpo.checkpoint as ckpt
 pol = build_tiny_policy(0)
 opt = torch.optim.AdamW(pol.model.parameters())
-save_checkpoint({run!r}, 1, pol, opt)
-real_save = torch.save
+ckpt.save_checkpoint({run!r}, 1, pol, opt)
 def dying_save(*a, **k):
     os._exit(9)  # the process dies mid-checkpoint: no cleanup, no finally blocks
-torch.save = dying_save
-save_checkpoint({run!r}, 2, pol, opt)
+ckpt.save_trainer_state = dying_save  # the last file written before the rename
+ckpt.save_checkpoint({run!r}, 2, pol, opt)
 """
 
 

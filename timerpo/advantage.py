@@ -1,4 +1,4 @@
-"""TimerPO advantages (PAPER.md section 7): GRPO outcome advantage plus an OT-grounded term projected
+"""TimerPO advantages (method.md §7 and §12 to §15): GRPO outcome advantage plus an OT-grounded term projected
 orthogonally to it, per group of G completions of one prompt.
 
 Completions of one prompt are contiguous: a flat tensor [N] with N = (number of prompts) * G is viewed as
@@ -15,6 +15,9 @@ import torch
 MODES = ("timerpo", "grpo", "no-projection")
 GROUNDINGS = ("ot", "cosine")
 NORMS = ("std", "mean")
+# Â_TsR has its own normalisation switch: s comes out of Sinkhorn, so a group's spread of s can be mostly
+# numerical noise, which "std" would blow up to unit size. "std-floor" divides by max(std_G s, floor).
+TSR_NORMS = ("std", "mean", "std-floor")
 
 
 def _grouped(values, group_size: int, name: str) -> torch.Tensor:
@@ -33,28 +36,37 @@ def _grouped(values, group_size: int, name: str) -> torch.Tensor:
     return t.view(-1, group_size)  # [N / G, G]
 
 
-def _check_norm(norm: str, group_size: int) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm == "std" and group_size < 2:
+def _check_norm(norm: str, group_size: int, allowed=NORMS) -> None:
+    if norm not in allowed:
+        raise ValueError(f"norm must be one of {allowed}, got {norm!r}")
+    if norm != "mean" and group_size < 2:
         raise ValueError("norm='std' needs group_size >= 2 (sample std of one value is undefined)")
 
 
-def _centre_and_scale(groups: torch.Tensor, norm: str, delta: float) -> torch.Tensor:
-    """(x - mean_G x) / (std_G x + delta) for norm="std", x - mean_G x for "mean"; groups [K, G] -> [K, G].
+def _centre_and_scale(groups: torch.Tensor, norm: str, delta: float, floor: float = 0.0) -> torch.Tensor:
+    """Centre each group and optionally scale it; groups [K, G] -> [K, G].
+
+        std:        (x - mean_G x) / (std_G x + delta)
+        mean:        x - mean_G x
+        std-floor:  (x - mean_G x) / max(std_G x, floor)
 
     std_G is the sample standard deviation (Bessel-corrected, ddof = 1), as torch.std and common GRPO code use.
     A group whose values are all equal gets exactly 0 (not rounding noise divided by delta).
+    Example (std-floor, floor 0.1): x = [0.50, 0.52] has std 0.0141 < 0.1, so the result is [-0.1, 0.1];
+    with "std" it would be [-0.707, 0.707] whatever the size of the spread.
     """
     centred = groups - groups.mean(dim=1, keepdim=True)  # [K, G]
+    std = groups.std(dim=1, correction=1, keepdim=True) if norm != "mean" else None  # [K, 1]
     if norm == "std":
-        centred = centred / (groups.std(dim=1, correction=1, keepdim=True) + delta)  # [K, G]
+        centred = centred / (std + delta)  # [K, G]
+    elif norm == "std-floor":
+        centred = centred / std.clamp(min=floor)  # [K, G]
     flat = groups.amax(dim=1) == groups.amin(dim=1)  # [K]
     return torch.where(flat[:, None], 0.0, centred)
 
 
 def group_advantage(rewards, group_size: int, norm: str = "std", delta: float = 1e-6) -> torch.Tensor:
-    """PAPER.md sec. 7, main advantage: A_main,i = (R_i - mean_G R) / (std_G R + delta), [N] -> [N].
+    """method.md §7, main advantage: A_main,i = (R_i - mean_G R) / (std_G R + delta), [N] -> [N].
 
     norm="std" uses the sample std (ddof = 1); norm="mean" only subtracts the group mean (the public code).
     A group whose rewards are all equal gets A_main = 0 exactly.
@@ -66,7 +78,7 @@ def group_advantage(rewards, group_size: int, norm: str = "std", delta: float = 
 
 
 def grounded_reward(W, tau: float = 0.5) -> torch.Tensor:
-    """PAPER.md sec. 7, grounded reward: s_i = exp(-W_i / tau), [N] -> [N] float64.
+    """method.md §12, grounded reward: s_i = exp(-W_i / tau), [N] -> [N] float64.
 
     Example: tau = 0.5, W = [0, 0.5, 1] gives s = [1, e^-1, e^-2] = [1, 0.3679, 0.1353] (W = 1 is an empty side).
     """
@@ -77,7 +89,7 @@ def grounded_reward(W, tau: float = 0.5) -> torch.Tensor:
 
 
 def projection_coefficient(aux, main, group_size: int, eps: float = 1e-8) -> torch.Tensor:
-    """PAPER.md sec. 7, per-group coefficient of the orthogonal projection:
+    """method.md §14, per-group coefficient of the orthogonal projection:
     c_g = <aux, main>_g / (||main||_g^2 + eps), [N / G].
 
     Example: aux = [1, -1], main = [2, -2] (one group) gives c = 4 / (8 + eps) ~= 0.5.
@@ -88,7 +100,7 @@ def projection_coefficient(aux, main, group_size: int, eps: float = 1e-8) -> tor
 
 
 def orthogonal_projection(aux, main, group_size: int, eps: float = 1e-8, return_coef: bool = False):
-    """PAPER.md sec. 7, orthogonal projection per group: aux_perp = aux - c_g * main, with c_g from
+    """method.md §14, orthogonal projection per group: aux_perp = aux - c_g * main, with c_g from
     `projection_coefficient`. [N], [N] -> [N] (and c [N / G] when return_coef).
 
     The residual overlap is <aux_perp, main>_g = <aux, main>_g * eps / (||main||_g^2 + eps): orthogonal up to
@@ -112,7 +124,7 @@ class AdvantageResult:
     advantages: [N] final A_i, broadcast to every completion token by the caller.
     main: [N] A_main (outcome, GRPO).
     grounded_reward: [N] s_i (exp(-W/tau) for OT grounding, the similarity itself for cosine), or None.
-    grounded: [N] A_TsR = s - mean_G s (optionally / std), or None.
+    grounded: [N] A_TsR = s - mean_G s (scaled as `tsr_norm` says), or None.
     projected: [N] A_TsR made orthogonal to A_main per group, or None.
     coef: [N / G] projection coefficient per group, or None.
     zero_std_frac: fraction of groups whose outcome rewards are all equal (A_main = 0 there).
@@ -130,14 +142,15 @@ class AdvantageResult:
 
 def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha: float = 0.3, norm: str = "std",
                       tau: float = 0.5, grounding: str = "ot", delta: float = 1e-6,
-                      eps: float = 1e-8) -> AdvantageResult:
-    """PAPER.md sec. 7, final advantage, per group of G completions:
+                      eps: float = 1e-8, tsr_norm: str | None = None, tsr_floor: float = 0.0) -> AdvantageResult:
+    """method.md §13 to §15, grounded and final advantage, per group of G completions:
 
         timerpo:        A = A_main + alpha * A_perp_TsR
         no-projection:  A = A_main + alpha * A_TsR
         grpo:           A = A_main (alpha is ignored; W may be None)
-    with A_main = group_advantage(rewards, G, norm, delta), A_TsR = centre (and for norm="std" scale) of s the
-    same way, A_perp_TsR = orthogonal_projection(A_TsR, A_main, G, eps), and the grounded reward
+    with A_main = group_advantage(rewards, G, norm, delta), A_TsR = s centred per group and scaled as
+    `tsr_norm` says (std | mean | std-floor with `tsr_floor`; None = the same as `norm`),
+    A_perp_TsR = orthogonal_projection(A_TsR, A_main, G, eps), and the grounded reward
         grounding="ot":     W is the OT distance [N], s = exp(-W / tau);
         grounding="cosine": W is the mean-pooled cosine similarity [N] (ot.mean_pooled_cosine), s = W as is
                             (larger = closer, like exp(-W/tau); centring makes any offset irrelevant).
@@ -152,6 +165,10 @@ def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha:
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     _check_norm(norm, group_size)
+    tsr_norm = norm if tsr_norm is None else tsr_norm
+    _check_norm(tsr_norm, group_size, TSR_NORMS)
+    if tsr_norm == "std-floor" and not (math.isfinite(tsr_floor) and tsr_floor > 0):
+        raise ValueError(f"tsr_norm 'std-floor' needs a finite tsr_floor > 0, got {tsr_floor!r}")
     r = _grouped(rewards, group_size, "rewards")  # [K, G]
     main = _centre_and_scale(r, norm, delta).reshape(-1)  # [N]
     zero_std_frac = float((r.amax(dim=1) == r.amin(dim=1)).to(torch.float64).mean())
@@ -163,7 +180,7 @@ def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha:
     s = grounded_reward(W, tau) if grounding == "ot" else _grouped(W, 1, "W (similarity)").reshape(-1)  # [N]
     if s.numel() != main.numel():
         raise ValueError(f"W has {s.numel()} values but rewards has {main.numel()}")
-    grounded = _centre_and_scale(s.view(-1, group_size), norm, delta).reshape(-1)  # [N]
+    grounded = _centre_and_scale(s.view(-1, group_size), tsr_norm, delta, tsr_floor).reshape(-1)  # [N]
     projected, coef = orthogonal_projection(grounded, main, group_size, eps, return_coef=True)
     if mode == "grpo":
         advantages = main

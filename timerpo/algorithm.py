@@ -91,7 +91,7 @@ def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, s
 # -- 2 ---------------------------------------------------------------------------------------------
 
 def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
-    """Step 2: parse each completion and score it against ITS OWN sample (section 3 reward)."""
+    """Step 2: parse each completion and score it against ITS OWN sample (method.md §3)."""
     for ep in episodes:
         s = ep.prompt.sample
         ep.parsed = parse_completion(ep.text, s.length)
@@ -123,7 +123,7 @@ def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, 
 @torch.no_grad()
 def ground_completions(episodes: list[Episode], targets, micro_batch: int, grounding: str = "ot",
                        ot_eps: float = 0.08, ot_iters: int = 50) -> None:
-    """Step 3, PAPER.md sec. 7: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
+    """Step 3, method.md §8 to §11: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
     kept by the rollout, and its group's target states; then the states are dropped. No gradient flows
     through W.
 
@@ -145,7 +145,7 @@ def ground_completions(episodes: list[Episode], targets, micro_batch: int, groun
 
 @torch.no_grad()
 def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
-    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of PAPER.md sec. 7.
+    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16.
 
     Each group's prompt (image + prefix) runs once per micro-batch (shared_prompt_logprobs), not once per
     completion."""
@@ -160,13 +160,13 @@ def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch:
 # -- 4 ---------------------------------------------------------------------------------------------
 
 def compute_advantages(episodes: list[Episode], group_size: int, mode: str, alpha: float, norm: str,
-                       tau: float, grounding: str):
+                       tau: float, grounding: str, tsr_norm: str | None = None, tsr_floor: float = 0.0):
     """Step 4: Â_main from the outcome rewards, Â_TsR from W, projected and fused (advantage.py)."""
     rewards = torch.tensor([ep.reward.total for ep in episodes], dtype=torch.float64)  # [N]
     have_grounding = all(ep.grounding is not None for ep in episodes)  # False in grpo mode (never computed)
     ground = torch.tensor([ep.grounding for ep in episodes], dtype=torch.float64) if have_grounding else None  # [N]
     result = timerpo_advantage(rewards, ground, group_size, mode=mode, alpha=alpha, norm=norm, tau=tau,
-                               grounding=grounding)
+                               grounding=grounding, tsr_norm=tsr_norm, tsr_floor=tsr_floor)
     for ep, a in zip(episodes, result.advantages.tolist()):
         ep.advantage = a
     return result
@@ -185,7 +185,7 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
 def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], micro_batch: int,
                   clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float,
                   n_tokens_total: int | None = None, dist: Dist | None = None) -> dict:
-    """Step 5: the section-7 objective over all episodes, accumulated over micro-batches, then one
+    """Step 5: the objective of method.md §16 over all episodes, accumulated over micro-batches, then one
     AdamW step. A non-finite loss or gradient skips the step (and says so in the returned stats).
 
     π_old in the ratio is the update forward's own log-probs, detached. That is exact here, not an

@@ -16,9 +16,9 @@ the root; rollouts and no-grad forwards run inside `full_params`, which all-gath
 it gathered until the phase ends (one all-gather per phase instead of one per generated token, at the cost
 of a full parameter copy in the compute dtype on each rank while it lasts).
 
-Checkpoints: the model is written by rank 0 in the hub's format (FSDP first gathers a full state dict);
-the optimizer goes through torch.distributed.checkpoint (DCP), keyed by parameter name, so a checkpoint
-written by N ranks loads on M ranks, one process included.
+Checkpoints (timerpo/checkpoint.py): the model is written by rank 0 in the hub's format (FSDP first
+gathers a full state dict); each rank writes its shard of the optimizer state as safetensors keyed by
+parameter name, so a checkpoint written by N ranks loads on M ranks, one process included.
 """
 from __future__ import annotations
 
@@ -306,55 +306,3 @@ def full_model_state_dict(policy, d: Dist) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-@contextmanager
-def quiet_single_process():
-    """DCP warns on every call without a process group; in one process that is the intended use."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def save_optimizer(policy, optimizer, folder: str, d: Dist) -> None:
-    """Optimizer state through DCP, keyed by parameter name (collective under torchrun)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(policy.model, optimizer)
-    with quiet_single_process():
-        dcp.save(state, checkpoint_id=folder, no_dist=not d.initialized)
-
-
-def load_optimizer(policy, optimizer, folder: str, d: Dist) -> None:
-    """Load a DCP optimizer state written by any number of ranks into this job's optimizer (resharded)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    # The template: AdamW state tensors of the right (sharded) shapes, filled in place by dcp.load. A fresh
-    # optimizer gets them from a zero-lr step, which torch only takes when no gradient is set.
-    optimizer.zero_grad(set_to_none=True)
-    state = get_optimizer_state_dict(policy.model, optimizer)
-    try:
-        with quiet_single_process():
-            dcp.load(state, checkpoint_id=folder, no_dist=not d.initialized)
-    except (RuntimeError, CheckpointException) as err:  # CheckpointException wraps each rank's traceback
-        reason = str(err).strip().splitlines()[-1]
-        raise DistError(f"cannot load the optimizer state in {folder}: {reason} (was that run started with the "
-                        f"same --freeze-vision setting?)") from None
-    set_optimizer_state_dict(policy.model, optimizer, state)
-
-
-def load_legacy_optimizer(policy, optimizer, state: dict) -> None:
-    """Load an optimizer state_dict saved by torch.save (checkpoints from before DCP; index-keyed).
-
-    Indices follow `model.parameters()` order (how train.py builds AdamW), so they map to parameter names;
-    set_optimizer_state_dict then shards the full tensors for FSDP.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = [n for n, _ in policy.model.named_parameters()]
-    named = {"state": {names[i]: v for i, v in state["state"].items()},
-             "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
-    set_optimizer_state_dict(policy.model, optimizer, named, options=StateDictOptions(full_state_dict=True))

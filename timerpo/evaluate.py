@@ -1,18 +1,24 @@
 """Held-out evaluation of a policy: one completion per sample, parsed and scored with the same metric
 code as the reward (timerpo/metrics.py). Used by train.py every --eval-every steps and by eval.py.
+
+Windows of real series (data_gen suite "series") may lack parts of the truth: a real anomaly's class is
+unknown (label data_gen.UNKNOWN), and a series without labels has no intervals either (None). What is
+unknown is not scored: its scores are NaN and every mean here skips NaN, so class accuracy counts only
+samples of known class and the localization means only labelled samples.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
+from data_gen import UNKNOWN
 from timerpo.algorithm import Prompt, chunks
 from timerpo.metrics import PAPER_GROUPS, LocScores, class_accuracy, group_of, localization_scores
 from timerpo.policy import Policy
-from timerpo.prompt import Parsed, parse_completion
-from timerpo.reward import RewardParts, outcome_reward
+from timerpo.prompt import ANOMALY_LABELS, Parsed, parse_completion
+from timerpo.reward import RewardParts, format_reward, outcome_reward
 from timerpo.rollout import completion_seed, sample_completions
 
 # Evaluation draws live in their own seed space, apart from every training step's. Not -1: SeedSequence
@@ -32,9 +38,21 @@ class Prediction:
 
 
 def score_prediction(sample, text: str, loc_mode: str = "six-mean") -> Prediction:
-    """Parse and score one completion against its sample. Never raises on the text."""
+    """Parse and score one completion against its sample. Never raises on the text.
+
+    Unknown parts of the truth score NaN: the class term and the total reward for a real anomaly of unknown
+    class, everything but the format for a series without labels.
+    """
     parsed = parse_completion(text, sample.length)
-    reward = outcome_reward(parsed, sample.intervals, sample.label, sample.length, loc_mode=loc_mode)
+    if sample.intervals is None:
+        nan = math.nan
+        return Prediction(sample=sample, text=text, parsed=parsed, loc=LocScores(*[nan] * 6),
+                          reward=RewardParts(fmt=format_reward(parsed), cls=nan, loc=nan, total=nan))
+    # Any anomaly label stands in for an unknown one: it only decides the class term, replaced by NaN below.
+    known_label = ANOMALY_LABELS[0] if sample.label == UNKNOWN else sample.label
+    reward = outcome_reward(parsed, sample.intervals, known_label, sample.length, loc_mode=loc_mode)
+    if sample.label == UNKNOWN:
+        reward = replace(reward, cls=math.nan, total=math.nan)
     pred = parsed.intervals if parsed.intervals is not None else None
     # An unparsable answer scores 0 everywhere, like an answer on the wrong side of the wrapper rules.
     loc = localization_scores(pred, sample.intervals, sample.length) if pred is not None else LocScores(0, 0, 0, 0, 0, 0)
@@ -58,8 +76,20 @@ def predict(policy: Policy, prompts: list[Prompt], max_new_tokens: int, temperat
 
 
 def mean(values) -> float:
-    values = list(values)
+    """Plain mean of the values that are scored (NaN marks an unscored one); NaN when none is.
+
+    Example: mean([1.0, nan, 0.0]) == 0.5. Synthetic data never holds NaN scores, so there it is the plain mean.
+    """
+    values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
+
+
+def known_class_accuracy(predictions: list[Prediction]) -> float:
+    """class_accuracy over the samples whose true class is known; NaN when none is."""
+    known = [p for p in predictions if true_label(p.sample) != UNKNOWN]
+    if not known:
+        return math.nan
+    return class_accuracy([p.parsed.label for p in known], [true_label(p.sample) for p in known])
 
 
 def summarize(predictions: list[Prediction]) -> dict:
@@ -78,8 +108,11 @@ def summarize(predictions: list[Prediction]) -> dict:
         "reward_fmt": mean(p.reward.fmt for p in predictions),
         "reward_cls": mean(p.reward.cls for p in predictions),
         "reward_loc": mean(p.reward.loc for p in predictions),
-        "cls_acc": class_accuracy([p.parsed.label for p in predictions], [true_label(p.sample) for p in predictions]),
+        "cls_acc": known_class_accuracy(predictions),
+        "n_known_class": sum(true_label(p.sample) != UNKNOWN for p in predictions),
+        "n_labelled": sum(p.sample.intervals is not None for p in predictions),
         "aff_f1": mean(p.loc.aff_f1 for p in predictions),
+        "pw_f1": mean(p.loc.pw_f1 for p in predictions),
         "unparsable": sum(p.parsed.intervals is None for p in predictions),
         "groups": groups,
         "avg_group_f1": mean(groups.values()),
@@ -89,4 +122,7 @@ def summarize(predictions: list[Prediction]) -> dict:
 
 
 def true_label(sample) -> str:
+    """The class the answer is scored against: 'normal' without intervals, UNKNOWN for real anomalies."""
+    if sample.label == UNKNOWN:
+        return UNKNOWN
     return sample.label if sample.intervals else "normal"

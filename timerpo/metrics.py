@@ -1,4 +1,4 @@
-"""Localization and classification metrics (shared/spec/METRICS.md, PAPER.md sections 3 and 8).
+"""Localization and classification metrics (method.md §20 to §22).
 
 One implementation feeds both the RL reward (timerpo/reward.py) and the evaluation (eval.py).
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from timerpo.prompt import LABELS
 
 # Paper Table 1 columns -> generator families. The paper does not state the grouping; this is the natural one
-# (PAPER.md section 8).
+# (method.md §22).
 PAPER_GROUPS = {
     "Frequency": ("freq", "noisy-freq"),
     "Trend": ("trend", "flat-trend", "noisy-trend"),
@@ -109,7 +109,7 @@ def _f1(p, r):
 
 
 def pointwise_prf(pred, gt, length):
-    """Point-wise precision, recall, F1 of the two 0/1 vectors of length L (METRICS.md); 0 on a 0 denominator.
+    """Point-wise precision, recall, F1 of the two 0/1 vectors of length L (method.md §20); 0 on a 0 denominator.
 
     Example: L = 10, pred ones {4, 8}, gt ones {3, 7, 8, 9}: TP = 1, so (0.5, 0.25, 1/3).
     """
@@ -152,12 +152,12 @@ def _breakpoints(a, b, candidates):
 
 
 def _zone_precision(pieces, event, zone):
-    """Eq. P_j of METRICS.md: mean over the predicted pieces I ∩ E_j of the survival F̄_j(d(x, J_j)).
+    """P_j of method.md §21: mean over the predicted pieces I ∩ E_j of the survival F̄_j(d(x, J_j)).
 
     F̄_j(d) = 1 inside J_j, else 1 - (|J| + d + min(d, m)) / |E| with m the smaller margin between J_j and the
     zone edges. In x that is linear between the event edges and the points at distance m from them, so each
     piece is integrated exactly by _integrate_linear_pieces.
-    Example (METRICS.md check 1): J = [3, 4), E = [0, 5.5), piece [4, 5): m = 1.5,
+    Example (first check of method.md §21): J = [3, 4), E = [0, 5.5), piece [4, 5): m = 1.5,
     ∫_0^1 1 - (1 + 2d) / 5.5 dd = 1 - 2 / 5.5 = 0.636364.
     """
     js, je = event
@@ -190,12 +190,12 @@ def _distance_to_pieces(y, pieces, starts):
 
 
 def _zone_recall(pieces, event, zone):
-    """Eq. R_j of METRICS.md: mean over y in J_j of F̄_y(d(y, I ∩ E_j)), 0 when the zone holds no prediction.
+    """R_j of method.md §21: mean over y in J_j of F̄_y(d(y, I ∩ E_j)), 0 when the zone holds no prediction.
 
     F̄_y(d) = 1 - (d + min(d, m_y)) / |E|, m_y = min(y - start(E), end(E) - y). Both d(y, .) and m_y are
     piecewise linear in y (kinks at piece edges, gap midpoints, the zone midpoint); between kinks their min
     switches only where they cross, so adding those crossings makes the integrand linear on every piece.
-    Example (METRICS.md check 1): J = [7, 10), E = [5.5, 10), piece [8, 9) -> 0.870370.
+    Example (first check of method.md §21): J = [7, 10), E = [5.5, 10), piece [8, 9) -> 0.870370.
     """
     if not pieces:
         return 0.0
@@ -233,7 +233,7 @@ def affiliation_zones(pred, gt, length, start=0):
     """Per-zone affiliation (P_j, R_j) over Trange = [start, start + length); P_j is NaN for a zone without
     prediction. Events are clipped to the range and merged first (to_events semantics).
 
-    Example (METRICS.md check 1): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)]
+    Example (first check of method.md §21): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)]
     -> [(0.636364, 0.818182), (1.0, 0.870370)].
     """
     length = _check_length(length)
@@ -251,10 +251,10 @@ def affiliation_zones(pred, gt, length, start=0):
 
 
 def affiliation_pr(pred, gt, length, start=0):
-    """Affiliation precision and recall (Huet et al. 2022; METRICS.md), raw: no wrapper rules.
+    """Affiliation precision and recall (Huet et al. 2022; method.md §21), raw: no wrapper rules.
 
     P = mean of P_j over zones holding a prediction (NaN if none); R = mean of R_j over all zones.
-    gt empty -> (nan, nan). Example (METRICS.md check 1): pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)], L = 10
+    gt empty -> (nan, nan). Example (first check of method.md §21): pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)], L = 10
     -> (0.818182, 0.844276).
     """
     zones = affiliation_zones(pred, gt, length, start)
@@ -282,7 +282,7 @@ class LocScores:
     pw_f1: float
 
     def six_mean(self):
-        """Mean of the six numbers: the public release's localization reward (PAPER.md section 3)."""
+        """Mean of the six numbers: the public release's localization reward (method.md §3)."""
         return (self.aff_p + self.aff_r + self.aff_f1 + self.pw_p + self.pw_r + self.pw_f1) / 6.0
 
 
@@ -291,7 +291,7 @@ def _nan_to_zero(x):
 
 
 def localization_scores(pred, gt, length):
-    """Scores of one series with the paper's wrapper rules (PAPER.md section 3, METRICS.md):
+    """Scores of one series with the paper's wrapper rules (method.md §22):
     both sides empty -> all 1; exactly one side empty -> all 0; NaN -> 0; F1 = 2PR/(P+R), 0 if P + R = 0.
     Emptiness is judged after clipping to [0, length).
 

@@ -1,4 +1,4 @@
-"""The TimerPO objective (PAPER.md section 7): clipped surrogate, k3 KL to the reference, entropy bonus.
+"""The TimerPO objective (method.md §16): clipped surrogate, k3 KL to the reference, entropy bonus.
 
 All three are per completion token and aggregated by ONE token-mean over the whole batch:
 
@@ -33,7 +33,7 @@ class ObjectiveTerms:
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """PAPER.md sec. 7, KL term: k3 estimator of KL(π_θ ‖ π_ref) per token:
+    """method.md §16, KL term: k3 estimator of KL(π_θ ‖ π_ref) per token:
     exp(r) − r − 1, r = log π_ref − log π_θ (clamped). ≥ 0.
 
     Example: logprobs = log 0.5, ref = log 0.25 → r = −log 2 → k3 = 0.5 + 0.693 − 1 = 0.193.
@@ -44,7 +44,7 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PAPER.md sec. 7, clipped surrogate (PPO's) per token: min(ρ A, clip(ρ, 1−ϵ, 1+ϵ) A);
+    """method.md §16, clipped surrogate (PPO's) per token: min(ρ A, clip(ρ, 1−ϵ, 1+ϵ) A);
     also which tokens were clipped.
 
     logprobs, old_logprobs [B, C]; advantages [B] (one value per completion, broadcast to its tokens).
@@ -61,7 +61,7 @@ def timerpo_objective(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_lo
                       entropy: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
                       n_tokens_total: int, clip_eps: float = 0.2, beta: float = 0.001,
                       entropy_coef: float = 0.001) -> ObjectiveTerms:
-    """This micro-batch's share of L(θ) above (section 7 objective), token-mean over the WHOLE batch.
+    """This micro-batch's share of L(θ) above (method.md §16), token-mean over the WHOLE batch.
 
     logprobs, old_logprobs, ref_logprobs, entropy, mask: [B, C]; advantages: [B].
     ref_logprobs may be None only when beta == 0; entropy may be None when entropy_coef == 0.

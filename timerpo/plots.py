@@ -1,9 +1,12 @@
 """Small PIL line charts (no matplotlib in the product): training curves for the run folder."""
 from __future__ import annotations
 
+import io
 import math
 
 from PIL import Image, ImageDraw, ImageFont
+
+from timerpo.files import write_atomic
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
 
@@ -18,7 +21,7 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str, ti
     points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
     draw.text((left, 4), title, fill="black", font=font)
     if not points:
-        img.save(path)
+        save_png(img, path)
         return
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
@@ -50,4 +53,11 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str, ti
         for p in pts if len(pts) < 40 else []:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
         draw.text((left + 200 * k, 18), f"-- {name}", fill=color, font=font)  # legend above the frame
-    img.save(path)
+    save_png(img, path)
+
+
+def save_png(img: Image.Image, path: str) -> None:
+    """Write img as a PNG atomically (a viewer refreshing curves.png mid-run never reads half a file)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())

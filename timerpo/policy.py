@@ -2,7 +2,7 @@
 
 Everything model-specific lives here, so the rollout and the objective only see token ids, masks and
 pixel blocks. We do not use `Qwen2_5_VLProcessor`: without torchvision its constructor fails
-(QWEN_VL_NOTES.md), and the chat layout is three lines of string formatting anyway.
+(method.md §17), and the chat layout is three lines of string formatting anyway.
 
 Chat layout of one prompt (the Qwen2.5-VL template, one image, N = image tokens):
 
@@ -12,15 +12,17 @@ Chat layout of one prompt (the Qwen2.5-VL template, one image, N = image tokens)
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from timerpo.files import make_temp_dir, set_usual_modes
 
 HUB_IDS = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -101,9 +103,27 @@ class EncodedPrompt:
     image_grid_thw: torch.Tensor  # [3]: (t, h, w) in 14 px patches
 
 
-def make_image_processor() -> Qwen2VLImageProcessorPil:
-    """The PIL image processor with pixel limits that keep our renders at their native size."""
-    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+def make_image_processor(image_mean=None, image_std=None) -> Qwen2VLImageProcessorPil:
+    """The PIL image processor with pixel limits that keep our renders at their native size.
+
+    `image_mean`/`image_std` (per RGB channel, on the 0..1 scale) replace Qwen's CLIP statistics; the tiny
+    model uses white-centred ones (timerpo/tiny.py). None keeps the processor's own (the Qwen checkpoints').
+    """
+    stats = {k: list(v) for k, v in (("image_mean", image_mean), ("image_std", image_std)) if v is not None}
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **stats)
+
+
+def saved_image_stats(folder: str) -> dict:
+    """The normalisation a model folder was trained with (its preprocessor_config.json), or {} if none.
+
+    Only the mean and std are taken: the pixel limits stay ours, so plots keep their native size.
+    """
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f)
+    return {k: config[k] for k in ("image_mean", "image_std") if k in config}
 
 
 def visual_tokens(width: int, height: int) -> int:
@@ -149,7 +169,9 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     """Load `tiny` (built here, no download), a short name, a hub id from the local cache, or a folder.
 
     Never touches the network: hub ids must already be in the local Hugging Face cache. When they are
-    not, raise ModelNotFound with one sentence that says how to get them.
+    not, raise ModelNotFound with one sentence that says how to get them. Weights load from safetensors
+    only: a folder holding pickled weights (pytorch_model.bin) is refused, since unpickling a file from a
+    shared run folder could run code.
     """
     if name == "tiny":
         from timerpo.tiny import build_tiny_policy
@@ -160,7 +182,8 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelNotFound(f"No model folder at '{path}' (expected a config.json from save_pretrained there).")
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                                   use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         if looks_local:
@@ -169,7 +192,8 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
             f"The weights of '{path}' are not on this machine; fetch them once with "
             f"`huggingface-cli download {path}` (or pass --model /path/to/a/local/folder)."
         ) from None
-    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(), name=name)
+    stats = saved_image_stats(path) if os.path.isdir(path) else {}
+    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(**stats), name=name)
     return _to(policy, dtype, device)
 
 
@@ -185,11 +209,12 @@ def save_policy(policy: Policy, out_dir: str, state_dict: dict | None = None) ->
     """
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = make_temp_dir(parent)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         policy.model.save_pretrained(tmp, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
         policy.image_processor.save_pretrained(tmp)
+        set_usual_modes(tmp)  # the weights file comes out 0600 from safetensors
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Task prompt, canonical completion text and the completion parser (PAPER.md sections 1 and 2).
+"""Task prompt, canonical completion text and the completion parser (method.md §1 and §2).
 
 The parser reads untrusted model output: it never evaluates it, never raises, and every pattern it uses runs
 in linear time, so arbitrary text (huge numbers, NaN, deep brackets, any unicode) is safe to feed it.
@@ -10,12 +10,12 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass
 
-# The six class labels, five anomaly types then "normal" (PAPER.md section 1). data_gen.py keeps its own copy;
+# The six class labels, five anomaly types then "normal" (method.md §1). data_gen.py keeps its own copy;
 # tests/test_prompt.py checks the two agree.
 LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
 ANOMALY_LABELS = LABELS[:-1]
 
-# Short answers the model may give for a label (PAPER.md section 2).
+# Short answers the model may give for a label (method.md §2).
 _LABEL_ALIASES = {"contextual": "contextual point", "global": "global point"}
 
 # Completions are ~1024 tokens; longer text is cut to its tail (the last blocks live there) so a pathological
@@ -32,7 +32,7 @@ def _check_length(length):
 
 
 def build_prompt(length):
-    """Task prompt for a plot of a series of `length` points (PAPER.md section 1; wording our own).
+    """Task prompt for a plot of a series of `length` points (method.md §1; wording our own).
 
     States L, the five anomaly types, the half-open [s, e) index convention, the output tags and the
     empty/normal rule. Example: build_prompt(1000) mentions "length 1000" and "0 <= s < e <= 1000".
@@ -212,7 +212,7 @@ def _parse_answer(content, length):
 
 
 def normalize_label(text):
-    """Class text to one of LABELS or None: lowercase, collapse whitespace, aliases (PAPER.md section 2).
+    """Class text to one of LABELS or None: lowercase, collapse whitespace, aliases (method.md §2).
 
     Example: normalize_label("  Contextual\\n ") == "contextual point"; normalize_label("spike") is None.
     """
@@ -224,7 +224,7 @@ def normalize_label(text):
 
 
 def parse_completion(text, length):
-    """Read a completion (PAPER.md section 2): the LAST think/answer/class blocks, case-insensitive.
+    """Read a completion (method.md §2): the LAST think/answer/class blocks, case-insensitive.
 
     Never raises on any `text` (non-strings read as empty); `length` must be a positive int.
     Example with L = 100: "<think>x</think><answer>[[5, 150]]</answer><class>Global</class>"

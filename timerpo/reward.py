@@ -1,4 +1,4 @@
-"""Outcome reward of one completion (PAPER.md section 3): R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc."""
+"""Outcome reward of one completion (method.md §3): R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc."""
 from dataclasses import dataclass
 
 from timerpo.metrics import localization_scores, to_events
@@ -6,7 +6,7 @@ from timerpo.prompt import ANOMALY_LABELS, parse_completion
 
 W_FMT, W_CLS, W_LOC = 0.1, 0.2, 0.7
 
-# Localization reward choices (PAPER.md section 3): "six-mean" = the public release's mean of point-wise
+# Localization reward choices (method.md §3): "six-mean" = the public release's mean of point-wise
 # P, R, F1 and affiliation P, R, F1 (default); "aff-f1" = affiliation F1 alone, as the paper text may read.
 LOC_MODES = ("six-mean", "aff-f1")
 
@@ -32,13 +32,15 @@ def _true_label(gt_events, gt_label):
 
 
 def format_reward(parsed):
-    """R_fmt ∈ {0, 1} (PAPER.md section 3): 1 iff think, answer and class blocks are present and the answer
-    parses. Example: a completion without <think> gets 0 even when its answer is right."""
+    """R_fmt ∈ {0, 1} (method.md §3): 1 iff think, answer and class blocks are present and the answer
+    parses to a usable list: [] or at least one valid item. A non-empty answer none of whose items is valid
+    gets 0, where the public release gives the point (method.md §23: the prompt asks for 0 <= s < e <= L).
+    Example: a completion without <think> gets 0 even when its answer is right."""
     return float(parsed.has_think and parsed.has_answer and parsed.has_class and parsed.answer_ok)
 
 
 def localization_reward(parsed, gt_intervals, length, loc_mode="six-mean"):
-    """R_loc ∈ [0, 1] (PAPER.md section 3) under the wrapper rules of metrics.localization_scores;
+    """R_loc ∈ [0, 1] (method.md §3) under the wrapper rules of metrics.localization_scores;
     an unparsable answer scores 0. Example: pred [] and gt [] -> 1; pred [] and gt [(3, 9)] -> 0."""
     if loc_mode not in LOC_MODES:
         raise ValueError(f"loc_mode must be one of {LOC_MODES}, got {loc_mode!r}")
@@ -49,7 +51,7 @@ def localization_reward(parsed, gt_intervals, length, loc_mode="six-mean"):
 
 
 def outcome_reward(parsed, gt_intervals, gt_label, length, loc_mode="six-mean"):
-    """Outcome reward, PAPER.md section 3: R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc.
+    """Outcome reward, method.md §3: R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc.
 
     R_cls ∈ {0, 1}: parsed label == true label, the true label being "normal" when gt has no interval.
     Example: well-formed, right class, localization 0.5 -> 0.1 + 0.2 + 0.35 = 0.65.

@@ -109,7 +109,8 @@ def rope_positions(policy: Policy, batch: Batch) -> torch.Tensor:
     """The 3-D mrope positions of every token (image tokens get (t, h, w) grid positions). [3, B, T]
 
     Without `mm_token_type_ids` transformers silently falls back to 1-D positions and the training
-    forward's log-probs stop matching the rollout's; computing them here, once, for both paths rules that out.
+    forward's log-probs stop matching the rollout's (method.md §17); computing them here, once,
+    for both paths rules that out.
     """
     positions, _ = policy.model.model.get_rope_index(
         batch.input_ids, mm_token_type_ids=batch.mm_token_type_ids,
