@@ -37,7 +37,9 @@ from timerpo.evaluate import predict, summarize
 from timerpo.files import write_atomic
 from timerpo.plots import line_chart
 from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
+from timerpo.precision import DTYPES, default_dtype, enable_tf32
 from timerpo.reward import LOC_MODES
+from timerpo.rollout import decode_bytes_per_row, rollout_batch_for_memory
 from timerpo.warmup import supervised_warmup
 
 # ---------------------------------------------------------------------------------------------------
@@ -45,7 +47,8 @@ from timerpo.warmup import supervised_warmup
 # Every value can be overridden by the flag of the same name.
 
 PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,
-             warmup_vision_steps=0, warmup_aux_weight=0.0, warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
+             warmup_vision_steps=0, warmup_aux_weight=0.0, warmup_lr=0.0, eval_every=25, eval_samples=256,
+             save_every=25, micro_batch=4, rollout_batch=0,
              eval_temperature=0.4)
 TINY = dict(steps=100, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=300,
             warmup_vision_steps=150, warmup_aux_weight=1.0, warmup_lr=2e-3, eval_every=50, eval_samples=128,
@@ -105,13 +108,18 @@ HELP = {
     "max_grad_norm": "gradient-norm clip (paper: 1.0)",
     "expcot_max_tokens": "ExpCoT tokens kept for the OT (paper: 512)",
     "micro_batch": "completions per forward/backward; gradients accumulate exactly (Qwen: 4; tiny: 20)",
-    "rollout_batch": "completions sampled together (Qwen: 64; tiny: 20)",
+    "rollout_batch": "completions sampled together per rank (tiny: 20; Qwen: 0 = auto: on CUDA as many as the free "
+                     "memory holds, up to all of the rank's completions of a step; 64 on CPU)",
     "device": "cpu | cuda (default: cuda when available)",
     "no_progress": "no progress bars",
     "dist": "none (one process) | ddp (full model per rank) | fsdp (FSDP2-sharded); under torchrun with "
             "WORLD_SIZE > 1, none means ddp",
     "dist_timeout": "seconds any collective may wait for the other ranks before the job fails",
     "grad_checkpointing": "recompute activations in the backward (less memory, ~1/3 more update time)",
+    "dtype": "compute precision: bf16 (fp32 master weights, bf16 forwards/backward, bf16 rollout and reference "
+             "weights) | fp32 (default: bf16 on CUDA, fp32 on CPU)",
+    "compile": "torch.compile the rollout's decode step (CUDA graphs on GPU): auto = on for CUDA without FSDP, "
+               "off on CPU, where compiling costs more than it saves on short runs",
     "freeze_vision": "do not train the vision tower (requires_grad False on model.model.visual)",
 }
 
@@ -141,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=float, default=1800.0, help=HELP["dist_timeout"])
     p.add_argument("--grad-checkpointing", action="store_true", help=HELP["grad_checkpointing"])
     p.add_argument("--freeze-vision", action="store_true", help=HELP["freeze_vision"])
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help=HELP["dtype"])
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help=HELP["compile"])
     for key in list(PAPER) + [k for k in SHARED if k not in ("adv_norm", "loc_reward", "tsr_norm")]:
         kind = int if isinstance(TINY.get(key, SHARED.get(key)), int) else float
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=HELP[key] + " [default by model]"
@@ -156,20 +166,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.name = args.name or f"{os.path.basename(args.model.rstrip('/'))}-{args.advantage}-{args.cot}-" \
                              f"{args.grounding}-s{args.seed}"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or default_dtype(args.device)
     return args
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject values that would fail later with a less clear message."""
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_every", "eval_samples",
-                "save_every", "micro_batch", "rollout_batch", "ot_iters", "expcot_max_tokens")
+                "save_every", "micro_batch", "ot_iters", "expcot_max_tokens")
     for key in positive:
         if getattr(args, key) <= 0:
             parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     for key in ("lr", "tau", "ot_eps"):
         if not getattr(args, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
-    for key in ("warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
+    for key in ("rollout_batch", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "beta", "entropy_coef",
+                "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if args.group_size < 2:
@@ -304,9 +316,10 @@ def format_warmup(policy: Policy, args, train_samples: list, progress: bool) -> 
 def make_reference(policy: Policy, source: str, args, dist: Dist = SINGLE) -> Policy:
     """The frozen KL reference π_ref, loaded from `source`; it shares the policy's tokenizer."""
     ref_model = load_policy(source, device=args.device, seed=args.seed).model.eval()
-    ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None)
+    ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None, autocast_dtype=None, rollout_model=None,
+                                     decoder=None)
     ref_policy.model.requires_grad_(False)
-    prepare_policy(ref_policy, dist, trainable=False)
+    prepare_policy(ref_policy, dist, trainable=False, dtype=DTYPES[args.dtype])  # bf16 weights with --dtype bf16
     return ref_policy
 
 
@@ -404,9 +417,44 @@ def main(argv=None) -> int:
     return code
 
 
+def choose_rollout_batch(policy: Policy, args, dist: Dist, prompt_len: int) -> int:
+    """--rollout-batch 0 (the Qwen default): on CUDA, all of this rank's completions of a step at once when the
+    free memory holds their decode state, else as many as it holds; 64 on CPU. Prints the choice.
+
+    Budget: the free memory now, less what the first optimizer step still allocates (fp32 gradients and AdamW's
+    two moments, 12 bytes per trainable parameter, sharded under FSDP), then half of that when the decode
+    buffers stay allocated through the update (compiled decode step) and 90 % otherwise.
+    """
+    if args.rollout_batch > 0:
+        return args.rollout_batch
+    completions = args.prompts_per_step // dist.world_size * args.group_size
+    if not args.device.startswith("cuda"):
+        return min(64, completions)
+    free, _ = torch.cuda.mem_get_info(torch.device(args.device))
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    shards = dist.world_size if dist.mode == "fsdp" else 1
+    budget = (free - 12 * trainable / shards) * (0.5 if policy.compile_decode else 0.9)
+    element = DTYPES[args.dtype].itemsize  # the rollout weights' dtype, hence the KV cache's
+    per_row = decode_bytes_per_row(policy.model.config.get_text_config(), prompt_len + args.max_new_tokens, element)
+    batch = rollout_batch_for_memory(completions, per_row, budget)
+    if dist.is_main:
+        print(f"[rollout] batch {batch} of {completions} completions per rank: {per_row / 2**20:.0f} MiB of decode "
+              f"state per row, budget {budget / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free")
+    return batch
+
+
+def use_compile(args, dist: Dist) -> bool:
+    """--compile auto: compile the decode step on CUDA in one process or under DDP. Not under FSDP, whose
+    gathered parameters and hooks a compiled step would have to trace, and not on CPU (see HELP)."""
+    if args.compile != "auto":
+        return args.compile == "on"
+    return args.device.startswith("cuda") and dist.mode != "fsdp"
+
+
 def train(args: argparse.Namespace, dist: Dist) -> int:
     """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints)."""
     torch.manual_seed(args.seed)
+    enable_tf32(args.device)
     run_dir = os.path.join(args.out, args.name)
     os.makedirs(run_dir, exist_ok=True)
     progress = not args.no_progress and dist.is_main
@@ -474,7 +522,9 @@ def train(args: argparse.Namespace, dist: Dist) -> int:
 
     ref_source = reference_dir if os.path.isdir(reference_dir) else args.model
     ref_policy = make_reference(policy, ref_source, args, dist) if args.beta > 0 else None
-    prepare_policy(policy, dist, args.grad_checkpointing, args.freeze_vision)
+    prepare_policy(policy, dist, args.grad_checkpointing, args.freeze_vision, dtype=DTYPES[args.dtype])
+    policy.compile_decode = use_compile(args, dist)
+    args.rollout_batch = choose_rollout_batch(policy, args, dist, max(len(p.encoded.input_ids) for p in eval_prompts))
     optimizer = make_optimizer(policy, args)
     if ckpt is not None:
         try:

@@ -1,8 +1,10 @@
 """GPU smoke test: two TimerPO steps at the real Qwen2.5-VL-3B size with random weights (nothing downloaded).
 
-    bash bench/gpu_smoke.sh                                  # 1 GPU: torchrun, FSDP2 over 1 rank (bf16 compute)
-    NPROC=8 bash bench/gpu_smoke.sh                          # 8 GPUs
-    bash bench/gpu_smoke.sh --config tiny --device cpu       # the same FSDP2 code path on a CPU, in seconds
+    torchrun --standalone --nproc_per_node=1 bench/gpu_smoke.py --dist fsdp   # 1 GPU: FSDP2 over 1 rank (bf16)
+    torchrun --standalone --nproc_per_node=8 bench/gpu_smoke.py --dist fsdp   # 8 GPUs
+    torchrun --standalone --nproc_per_node=1 bench/gpu_smoke.py --dist fsdp --config tiny --device cpu  # CPU path
+
+(bench/gpu_smoke.sh runs bench/gpu_bench.py: the rollout engine's variants and the one-GPU update.)
 
 Each step is train.py's: rollout (full_params gathered, hand-written sampling with a KV cache) → rewards →
 OT grounding + old log-probs → advantages → micro-batched update through FSDP2, on 8 prompts x 5 completions
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     policy = build_policy(args.config, device)
     terms = flop_terms(policy.model)
-    prepare_policy(policy, dist, grad_checkpointing=args.grad_checkpointing)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # train.py's --dtype default
+    prepare_policy(policy, dist, grad_checkpointing=args.grad_checkpointing, dtype=dtype)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-6, weight_decay=0.01)
     args.data = smoke_data(args.data, dist)
     samples = data_gen.load_samples(args.data)

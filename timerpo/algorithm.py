@@ -31,7 +31,9 @@ from timerpo.objective import timerpo_objective
 from timerpo.policy import EncodedPrompt, Policy, encode_prompt, encode_text
 from timerpo.prompt import Parsed, build_prompt, generic_cot, parse_completion
 from timerpo.reward import RewardParts, outcome_reward
-from timerpo.rollout import collate, completion_forward, completion_seed, sample_completions, text_hidden_states
+from timerpo.precision import sync_rollout_weights
+from timerpo.rollout import (collate, completion_forward, completion_seed, sample_completions, shared_prompt_logprobs,
+                            text_hidden_states)
 
 
 @dataclass
@@ -144,23 +146,28 @@ def ground_completions(episodes: list[Episode], targets, micro_batch: int, groun
     """
     states, state_mask = targets
     for chunk in chunks(episodes, micro_batch):
-        # zero-padded rows have zero mass in the OT marginals, so padding changes nothing
-        hidden = pad_sequence([ep.states for ep in chunk], batch_first=True).to(states.device)  # [b, C, D]
+        # zero-padded rows have zero mass in the OT marginals, so padding changes nothing; the OT runs in fp32
+        # whatever precision the states were kept in
+        hidden = pad_sequence([ep.states for ep in chunk], batch_first=True).to(states.device).float()  # [b, C, D]
         lengths = torch.tensor([len(ep.completion_ids) for ep in chunk], device=states.device)  # [b]
         mask = (torch.arange(hidden.shape[1], device=states.device) < lengths[:, None]).long()  # [b, C]
         rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
-        values = grounding_values(hidden, mask, states[rows], state_mask[rows], grounding, ot_eps, ot_iters)  # [b]
+        values = grounding_values(hidden, mask, states[rows].float(), state_mask[rows], grounding, ot_eps,
+                                  ot_iters)  # [b]
         for ep, v in zip(chunk, values.tolist()):
             ep.grounding, ep.states = v, None
 
 
 @torch.no_grad()
 def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
-    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16."""
+    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16.
+
+    Each group's prompt (image + prefix) runs once per micro-batch (shared_prompt_logprobs), not once per
+    completion."""
     ref_policy.model.eval()
     for chunk in chunks(episodes, micro_batch):
-        batch = collate(ref_policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
-        logprobs, _, _ = completion_forward(ref_policy, batch)  # [b, C]
+        logprobs = shared_prompt_logprobs(ref_policy, [ep.prompt.encoded for ep in chunk],
+                                          [ep.completion_ids for ep in chunk])  # [b, C]
         for ep, row in zip(chunk, logprobs):
             ep.ref_logprobs = row[:len(ep.completion_ids)].cpu()
 
@@ -236,6 +243,7 @@ def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: li
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
+        sync_rollout_weights(policy)  # the bf16 copy rollouts sample with (--dtype bf16; no-op otherwise)
     stats = {k: v / max(n_tokens_total, 1) for k, v in sums.items() if k != "loss"}
     stats.update(loss=sums["loss"], grad_norm=grad_norm, skipped=skipped, clip_frac=stats.pop("clipped"))
     return stats
