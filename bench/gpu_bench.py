@@ -96,7 +96,8 @@ def time_rollout(policy, prompts, args, batch: int, step: int) -> dict:
     reset_peak(args.device)
     sync(args.device)
     t0 = time.perf_counter()
-    episodes = rollout(policy, prompts, args.group_size, step, 0, args.max_new_tokens, batch, keep_states=True)
+    episodes = rollout(policy, prompts, group_size=args.group_size, step=step, seed=0,
+                       max_new_tokens=args.max_new_tokens, batch_size=batch, keep_states=True)
     sync(args.device)
     seconds = time.perf_counter() - t0
     tokens = sum(len(ep.completion_ids) for ep in episodes)
@@ -109,16 +110,19 @@ def time_update(policy, prompts, args, terms: dict) -> dict:
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-6, weight_decay=0.01)
     out = {}
     for step in range(2):
-        episodes = rollout(policy, prompts, args.group_size, 100 + step, 0, args.max_new_tokens,
-                           len(prompts) * args.group_size, keep_states=True)
-        score_outcomes(episodes, "six-mean")
-        targets = target_states(policy, prompts, 512)
-        ground_completions(episodes, targets, args.micro_batch, "ot", 0.08, 50)
-        compute_advantages(episodes, args.group_size, "timerpo", 0.3, "std", 0.5, "ot")
+        episodes = rollout(policy, prompts, group_size=args.group_size, step=100 + step, seed=0,
+                           max_new_tokens=args.max_new_tokens, batch_size=len(prompts) * args.group_size,
+                           keep_states=True)
+        score_outcomes(episodes, loc_mode="six-mean")
+        targets = target_states(policy, prompts, max_tokens=512)
+        ground_completions(episodes, targets, micro_batch=args.micro_batch, grounding="ot", ot_eps=0.08, ot_iters=50)
+        compute_advantages(episodes, group_size=args.group_size, mode="timerpo", alpha=0.3, norm="std", tau=0.5,
+                           grounding="ot")
         reset_peak(args.device)
         sync(args.device)
         t0 = time.perf_counter()
-        stats = update_policy(policy, optimizer, episodes, args.micro_batch, 0.2, 0.0, 0.001, 1.0, dist=SINGLE)
+        stats = update_policy(policy, optimizer, episodes, micro_batch=args.micro_batch, clip_eps=0.2, beta=0.0,
+                              entropy_coef=0.001, max_grad_norm=1.0, dist=SINGLE)
         sync(args.device)
         seconds = time.perf_counter() - t0
         flops = update_flops(episodes, terms, args.micro_batch)

@@ -162,22 +162,25 @@ def main(argv=None) -> int:
         sync(device)
         t = time.perf_counter()
         with full_params(policy, dist):
-            episodes = rollout(policy, prompts, args.group_size, step, 0, args.max_new_tokens, args.rollout_batch,
-                               keep_states=True)
+            episodes = rollout(policy, prompts, group_size=args.group_size, step=step, seed=0,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.rollout_batch, keep_states=True)
         sync(device)
         t_rollout = time.perf_counter() - t
         mem_rollout = peak_memory_gb(device)
-        score_outcomes(episodes, "six-mean")
+        score_outcomes(episodes, loc_mode="six-mean")
         t = time.perf_counter()
         with full_params(policy, dist):
-            targets = target_states(policy, prompts, 512)
-            ground_completions(episodes, targets, args.micro_batch, "ot", 0.08, 50)
+            targets = target_states(policy, prompts, max_tokens=512)
+            ground_completions(episodes, targets, micro_batch=args.micro_batch, grounding="ot", ot_eps=0.08,
+                               ot_iters=50)
         sync(device)
         t_ground = time.perf_counter() - t
-        compute_advantages(episodes, args.group_size, "timerpo", 0.3, "std", 0.5, "ot")
+        compute_advantages(episodes, group_size=args.group_size, mode="timerpo", alpha=0.3, norm="std", tau=0.5,
+                           grounding="ot")
         reset_peak(device)
         t = time.perf_counter()
-        stats = update_policy(policy, optimizer, episodes, args.micro_batch, 0.2, 0.0, 0.001, 1.0, dist=dist)
+        stats = update_policy(policy, optimizer, episodes, micro_batch=args.micro_batch, clip_eps=0.2, beta=0.0,
+                              entropy_coef=0.001, max_grad_norm=1.0, dist=dist)
         sync(device)
         t_update = time.perf_counter() - t
         mem_update = peak_memory_gb(device)

@@ -65,7 +65,7 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
               temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
               tokens_per_second=2)
 
-# TimerPO at the paper's settings (train.py PAPER preset), per rank.
+# TimerPO at the paper's settings (the defaults of train.py's Config), per rank.
 MICRO_BATCH = 4
 ROLLOUT_BATCH = 64
 MAX_NEW_TOKENS = 1024

@@ -77,7 +77,8 @@ def test_update_keeps_fp32_masters_and_refreshes_the_rollout_copy(bf16_policy, p
     eps = [Episode(prompt=prompt, group=0, completion_ids=[40 + k, 2], sample_logprobs=[0.0, 0.0], text="",
                    finished=True, advantage=a) for k, a in enumerate((1.0, -1.0))]
     before = [p.detach().clone() for p in pol.model.parameters()]
-    stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=0.1), eps, 2, 0.2, 0.0, 0.0, 1e9)
+    stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=0.1), eps, micro_batch=2, clip_eps=0.2,
+                          beta=0.0, entropy_coef=0.0, max_grad_norm=1e9)
     assert not stats["skipped"]
     assert all(p.dtype == torch.float32 for p in pol.model.parameters())
     moved = [(p - b).abs().max().item() for p, b in zip(pol.model.parameters(), before)]

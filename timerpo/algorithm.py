@@ -10,7 +10,8 @@
     5. update_policy      clipped surrogate − β KL + c_H H, token-mean, micro-batched, one AdamW step
 
 A Prompt (make_prompt: one data row, encoded) goes in; Episodes (one completion each) are the only thing
-passed between steps; each step fills its fields.
+passed between steps; each step fills its fields. Settings are keyword-only arguments, named as train.py's
+Config fields they come from (train.rl_step passes them).
 There is no separate "old log-prob" forward: with one update per rollout π_old is the current policy
 (see update_policy), and the states the OT needs come from the rollout's own KV-cache steps.
 """
@@ -84,7 +85,7 @@ def chunks(items: list, size: int):
 
 # -- 1 ---------------------------------------------------------------------------------------------
 
-def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, seed: int, max_new_tokens: int,
+def rollout(policy: Policy, prompts: list[Prompt], *, group_size: int, step: int, seed: int, max_new_tokens: int,
             batch_size: int, temperature: float = 1.0, keep_states: bool = False) -> list[Episode]:
     """Step 1: G completions per prompt, sampled in batches; completion k of a prompt is seeded by
     (seed, step, prompt.index, k), so its text does not depend on the batch it was sampled in. With
@@ -105,7 +106,7 @@ def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, s
 
 # -- 2 ---------------------------------------------------------------------------------------------
 
-def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
+def score_outcomes(episodes: list[Episode], *, loc_mode: str) -> None:
     """Step 2: parse each completion and score it against ITS OWN sample (method.md §3)."""
     for ep in episodes:
         s = ep.prompt.sample
@@ -116,7 +117,7 @@ def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
 # -- 3 ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def target_states(policy: Policy, prompts: list[Prompt], max_tokens: int):
+def target_states(policy: Policy, prompts: list[Prompt], *, max_tokens: int):
     """Hidden states of each prompt's OT target text under the CURRENT policy (text-only forward).
 
     Once per prompt, not per completion: the G completions of a group share their target.
@@ -136,7 +137,7 @@ def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, 
 
 
 @torch.no_grad()
-def ground_completions(episodes: list[Episode], targets, micro_batch: int, grounding: str = "ot",
+def ground_completions(episodes: list[Episode], targets, *, micro_batch: int, grounding: str = "ot",
                        ot_eps: float = 0.08, ot_iters: int = 50) -> None:
     """Step 3, method.md §8 to §11: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
     kept by the rollout, and its group's target states; then the states are dropped. No gradient flows
@@ -159,7 +160,7 @@ def ground_completions(episodes: list[Episode], targets, micro_batch: int, groun
 
 
 @torch.no_grad()
-def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
+def reference_logprobs(ref_policy: Policy, episodes: list[Episode], *, micro_batch: int) -> None:
     """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16.
 
     Each group's prompt (image + prefix) runs once per micro-batch (shared_prompt_logprobs), not once per
@@ -174,7 +175,7 @@ def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch:
 
 # -- 4 ---------------------------------------------------------------------------------------------
 
-def compute_advantages(episodes: list[Episode], group_size: int, mode: str, alpha: float, norm: str,
+def compute_advantages(episodes: list[Episode], *, group_size: int, mode: str, alpha: float, norm: str,
                        tau: float, grounding: str, tsr_norm: str | None = None, tsr_floor: float = 0.0):
     """Step 4: Â_main from the outcome rewards, Â_TsR from W, projected and fused (advantage.py)."""
     rewards = torch.tensor([ep.reward.total for ep in episodes], dtype=torch.float64)  # [N]
@@ -197,7 +198,7 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], micro_batch: int,
+def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], *, micro_batch: int,
                   clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float,
                   n_tokens_total: int | None = None, dist: Dist | None = None) -> dict:
     """Step 5: the objective of method.md §16 over all episodes, accumulated over micro-batches, then one

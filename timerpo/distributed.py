@@ -138,8 +138,10 @@ def fail_fast(d: Dist):
     The other ranks are usually blocked in a collective that would only time out much later; exiting
     non-zero at once lets torchrun stop them (it watches its workers and kills the rest of the group).
     `os._exit` skips Python's shutdown, which could itself block on the process group.
+    Test hook: the rank named by $TIMERPO_FAIL_RANK raises as soon as it enters (tests/test_distributed.py).
     """
     try:
+        inject_failure_from_env(d)
         yield
     except BaseException as err:  # noqa: BLE001  (KeyboardInterrupt too: the job must end either way)
         if isinstance(err, SystemExit) and err.code in (0, None):
@@ -150,8 +152,8 @@ def fail_fast(d: Dist):
         os._exit(1)
 
 
-def maybe_inject_failure(d: Dist) -> None:
-    """Test hook: raise on the rank named by $TIMERPO_FAIL_RANK (nothing happens when it is unset)."""
+def inject_failure_from_env(d: Dist) -> None:
+    """Raise on the rank named by $TIMERPO_FAIL_RANK (nothing happens when it is unset)."""
     target = os.environ.get(FAIL_RANK_ENV)
     if target is not None and target.strip() == str(d.rank):
         raise RuntimeError(f"failure injected by {FAIL_RANK_ENV}={target} on rank {d.rank}")
