@@ -1,6 +1,7 @@
 """TimerPO training: `python train.py` (tiny model, CPU, minutes) or `python train.py --model qwen2.5-vl-3b`.
 
-Reads top to bottom: configuration → data → policy → (tiny only) supervised format warm-up → RL loop.
+Reads top to bottom: configuration (Config: every setting, its paper default and doc; the tiny presets) →
+data → policy → (tiny only) supervised format warm-up → RL loop.
 Each RL step is the five functions of timerpo/algorithm.py:
     rollout → score_outcomes → ground_completions (TimerPO) + reference_logprobs (β > 0) → compute_advantages
     → update_policy
@@ -351,8 +352,8 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
 
 def format_warmup(policy: Policy, config: Config, train_samples: list, progress: bool) -> list[float]:
     """The supervised warm-up (tiny only) on the whole training split: plot reading, then answers."""
-    return supervised_warmup(policy, config.data, train_samples, config.warmup_steps, batch_size=8, lr=config.warmup_lr,
-                             seed=config.seed, vision_steps=config.warmup_vision_steps,
+    return supervised_warmup(policy, config.data, train_samples, config.warmup_steps, batch_size=8,
+                             lr=config.warmup_lr, seed=config.seed, vision_steps=config.warmup_vision_steps,
                              aux_weight=config.warmup_aux_weight, progress=progress)
 
 
@@ -423,14 +424,15 @@ def draw_curves(run_dir: str) -> None:
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
-def run_eval(policy, step, eval_prompts, config, run_dir, tag="rl", dist: Dist = SINGLE) -> dict | None:
+def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist: Dist = SINGLE) -> dict | None:
     """Held-out evaluation. Under torchrun each rank samples a contiguous share and rank 0 scores them all;
     completion seeds depend on the sample, not the rank, so the result equals the 1-process one.
     Returns the eval.jsonl row on rank 0, None on the other ranks."""
     mine = rank_slice(eval_prompts, dist, even=False)
     with full_params(policy, dist):
-        preds = predict(policy, mine, config.max_new_tokens, config.eval_temperature, batch_size=config.rollout_batch,
-                        seed=config.seed, loc_mode=config.loc_reward, progress=not config.no_progress and dist.is_main)
+        preds = predict(policy, mine, config.max_new_tokens, config.eval_temperature,
+                        batch_size=config.rollout_batch, seed=config.seed, loc_mode=config.loc_reward,
+                        progress=not config.no_progress and dist.is_main)
     preds = [p for share in dist.gather(preds) for p in share]
     if not dist.is_main:
         return None
@@ -443,22 +445,7 @@ def run_eval(policy, step, eval_prompts, config, run_dir, tag="rl", dist: Dist =
 
 
 # ---------------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> int:
-    config = parse_args(argv)
-    try:
-        dist = init_distributed(config.dist, config.device, config.dist_timeout)
-    except DistError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    config.device = dist.device
-    if not dist.initialized:
-        return train(config, dist)
-    with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
-        code = train(config, dist)
-        dist.close()
-    return code
+# The run: set-up, then the RL loop
 
 
 def choose_rollout_batch(policy: Policy, config: Config, dist: Dist, prompt_len: int) -> int:
@@ -489,7 +476,7 @@ def choose_rollout_batch(policy: Policy, config: Config, dist: Dist, prompt_len:
 
 def use_compile(config: Config, dist: Dist) -> bool:
     """--compile auto: compile the decode step on CUDA in one process or under DDP. Not under FSDP, whose
-    gathered parameters and hooks a compiled step would have to trace, and not on CPU (see HELP)."""
+    gathered parameters and hooks a compiled step would have to trace, and not on CPU (see --compile)."""
     if config.compile != "auto":
         return config.compile == "on"
     return config.device.startswith("cuda") and dist.mode != "fsdp"
@@ -533,6 +520,16 @@ def resume_from(ckpt: str, state: dict, dist: Dist, run_dir: str, say) -> int:
             trim_log(os.path.join(run_dir, log), step)
     say(f"[resume] {ckpt}: continuing after step {step}")
     return step
+
+
+def log_step(step: int, columns: dict, update: dict, timer: Timer, config: Config, run_dir: str, bar) -> None:
+    """Rank 0: one metrics.jsonl row, a line when the update was skipped, the progress bar's numbers."""
+    metrics = step_metrics(step, columns, update, timer, config.group_size)
+    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+    if update["skipped"]:
+        tqdm.write(f"[step {step}] non-finite loss or gradient: update skipped")
+    bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    s_step=f"{metrics['time_step']:.1f}")
 
 
 def usage_error(err: Exception) -> int:
@@ -625,14 +622,19 @@ def train(config: Config, dist: Dist) -> int:
     return 0
 
 
-def log_step(step: int, columns: dict, update: dict, timer: Timer, config: Config, run_dir: str, bar) -> None:
-    """Rank 0: one metrics.jsonl row, a line when the update was skipped, the progress bar's numbers."""
-    metrics = step_metrics(step, columns, update, timer, config.group_size)
-    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
-    if update["skipped"]:
-        tqdm.write(f"[step {step}] non-finite loss or gradient: update skipped")
-    bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                    s_step=f"{metrics['time_step']:.1f}")
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        dist = init_distributed(config.dist, config.device, config.dist_timeout)
+    except DistError as err:
+        return usage_error(err)
+    config.device = dist.device
+    if not dist.initialized:
+        return train(config, dist)
+    with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
+        code = train(config, dist)
+        dist.close()
+    return code
 
 
 if __name__ == "__main__":
