@@ -94,6 +94,7 @@ HELP = {
     "max_new_tokens": "completion length cap (default: a run folder's own, 72 for tiny, 1024 otherwise)",
     "seed": "seed of sampling streams (models) and of the random baseline",
     "device": "cpu | cuda (default: cuda when available)",
+    "dtype": "weights and compute: bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)",
     "no_progress": "no progress bars",
     "workers": "processes running the expert detector (baseline:expert only; default: min(2, CPUs))",
 }
@@ -117,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None, help=HELP["max_new_tokens"])
     p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help=HELP["dtype"])
     p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
     p.add_argument("--workers", type=int, default=None, help=HELP["workers"])
     series_io.add_window_flags(p, "--series")
@@ -620,9 +622,16 @@ def load_model(args):
     import torch
 
     from timerpo.policy import load_policy
+    from timerpo.precision import DTYPES, cast_parameters, default_dtype, enable_tf32
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_policy(resolve_model(args.model), device=device, seed=args.seed)
+    policy = load_policy(resolve_model(args.model), device=device, seed=args.seed)
+    # Evaluation never updates the weights: bf16 means bf16 weights outright (buffers stay fp32), and on CUDA
+    # the decode step is compiled, as in train.py's rollouts.
+    cast_parameters(policy.model, DTYPES[args.dtype or default_dtype(device)])
+    enable_tf32(device)
+    policy.compile_decode = device.startswith("cuda")
+    return policy
 
 
 def window_predictions(args, data_dir: str, all_samples: list, indices: list[int], policy) -> tuple[list, dict]:

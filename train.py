@@ -1,6 +1,7 @@
 """TimerPO training: `python train.py` (tiny model, CPU, minutes) or `python train.py --model qwen2.5-vl-3b`.
 
-Reads top to bottom: configuration → data → policy → (tiny only) supervised format warm-up → RL loop.
+Reads top to bottom: configuration (Config: every setting, its paper default and doc; the tiny presets) →
+data → policy → (tiny only) supervised format warm-up → RL loop.
 Each RL step is the five functions of timerpo/algorithm.py:
     rollout → score_outcomes → ground_completions (TimerPO) + reference_logprobs (β > 0) → compute_advantages
     → update_policy
@@ -19,7 +20,9 @@ import json
 import os
 import sys
 import time
+import typing
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,151 +35,204 @@ from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, m
 from timerpo.checkpoint import (CheckpointError, append_jsonl, latest_checkpoint, load_trainer_state,
                                 restore_optimizer, save_checkpoint, set_rng_state)
 from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast, full_params, init_distributed,
-                                 maybe_inject_failure, prepare_policy, rank_slice)
+                                 prepare_policy, rank_slice)
 from timerpo.evaluate import predict, summarize
 from timerpo.files import write_atomic
 from timerpo.plots import line_chart
 from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
+from timerpo.precision import DTYPES, default_dtype, enable_tf32
 from timerpo.reward import LOC_MODES
+from timerpo.rollout import decode_bytes_per_row, rollout_batch_for_memory
 from timerpo.warmup import supervised_warmup
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration: paper values for the Qwen models (method.md §18), small ones for the tiny model.
-# Every value can be overridden by the flag of the same name.
-
-PAPER = dict(steps=250, prompts_per_step=128, group_size=5, max_new_tokens=1024, lr=1e-6, warmup_steps=0,
-             warmup_vision_steps=0, warmup_aux_weight=0.0, warmup_lr=0.0, eval_every=25, eval_samples=256, save_every=25, micro_batch=4, rollout_batch=64,
-             eval_temperature=0.4)
-TINY = dict(steps=100, prompts_per_step=4, group_size=5, max_new_tokens=72, lr=1e-4, warmup_steps=300,
-            warmup_vision_steps=150, warmup_aux_weight=1.0, warmup_lr=2e-3, eval_every=50, eval_samples=128,
-            save_every=50, micro_batch=20, rollout_batch=20, eval_temperature=0.4)
-# `--preset tiny-long`: the same recipe with a longer warm-up (~16 min on 2 cores); it is the one that
-# clears Avg F1 60 on the test split (README, Results).
-TINY_LONG = dict(TINY, warmup_steps=400, warmup_vision_steps=200)
-PRESETS = {"paper": PAPER, "tiny": TINY, "tiny-long": TINY_LONG}
-SHARED = dict(alpha=0.3, beta=0.001, entropy_coef=0.001, clip_eps=0.2, tau=0.5, ot_eps=0.08, ot_iters=50,
-              weight_decay=0.01, max_grad_norm=1.0, expcot_max_tokens=512, adv_norm="std",
-              loc_reward="six-mean", tsr_norm="std", tsr_floor=0.05)
-
-HELP = {
-    "model": "tiny (embedded, built locally, CPU) | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a local folder",
-    "data": "training data folder (generated on first use: anomllm suite, 400 per family, seed 3407)",
-    "eval_data": "held-out data folder (generated on first use: anomllm suite, seed 42)",
-    "out": "parent folder of run folders",
-    "name": "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)",
-    "steps": "RL steps (paper: 250 = 10 epochs of 3,200 prompts at 128 per step; tiny: 100)",
-    "prompts_per_step": "distinct prompts per step (paper: 128; tiny: 4)",
-    "group_size": "completions per prompt, G (paper: 5)",
-    "max_new_tokens": "completion length cap (paper: 1024; tiny: 72)",
-    "lr": "AdamW learning rate, constant (paper: 1e-6; tiny: 1e-4)",
-    "alpha": "weight α of the projected grounded advantage (paper: 0.3)",
-    "advantage": "timerpo (A = Â_main + α·Â⊥_TsR) | grpo (α = 0) | no-projection (A = Â_main + α·Â_TsR)",
-    "cot": "OT target text: expcot (expert chain of thought) | gencot (generic, the 'w/o ExpCoT' ablation)",
-    "grounding": "ot (entropic OT cost W, s = exp(−W/τ)) | cosine (mean-pooled cosine similarity)",
-    "preset": "default values of the [default by model] flags: paper (Qwen models), tiny (the CPU default, "
-              "~12 min on 2 cores), tiny-long (longer warm-up, ~16 min); default: tiny for "
-              "--model tiny, paper otherwise",
-    "seed": "seed of the run (prompt order, sampling streams, tiny weights)",
-    "resume": "continue runs/<name> from its latest checkpoint",
-    "trust_checkpoint": "with --resume: also load a checkpoint of the older format, whose trainer_state.pt and "
-                        "optimizer/.metadata are pickles that can run code (only for runs you made yourself)",
-    "eval_every": "held-out evaluation every N steps, and once before RL (paper: 25; tiny: 50)",
-    "eval_samples": "held-out samples per evaluation, balanced over families (Qwen: 256; tiny: 128)",
-    "eval_temperature": "sampling temperature of held-out evaluation (paper validation: 0.4)",
-    "save_every": "checkpoint every N steps (and at the end)",
-    "warmup_steps": "supervised warm-up steps on the true answers before RL (tiny: 300; tiny-long: 400; "
-                    "Qwen Instruct: 0, they follow the format)",
-    "warmup_vision_steps": "plot-reading warm-up steps before those, vision tower only (tiny: 150; tiny-long: "
-                           "200; Qwen: 0)",
-    "warmup_aux_weight": "weight of the plot-reading loss beside the answer loss in the warm-up (tiny: 1.0)",
-    "warmup_lr": "learning rate of the supervised warm-up (tiny: 2e-3)",
-    "beta": "KL coefficient β, k3 estimator (paper: 0.001; 0 skips loading the reference)",
-    "entropy_coef": "entropy bonus coefficient (paper: 0.001)",
-    "clip_eps": "PPO clip ϵ (paper: 0.2)",
-    "tau": "temperature τ of the grounded reward s = exp(−W/τ) (paper: 0.5)",
-    "ot_eps": "Sinkhorn entropic regularization ε (paper: 0.08)",
-    "ot_iters": "Sinkhorn iterations (paper: 50)",
-    "adv_norm": "group normalization: std (paper text: (R − mean)/(std + δ)) | mean (public code: R − mean)",
-    "tsr_norm": "normalization of the grounded advantage Â_TsR: std (paper reading, as Â_main) | mean | "
-                "std-floor (divide by max(std_G s, --tsr-floor), so Sinkhorn-noise spreads stay small)",
-    "tsr_floor": "floor on std_G s for --tsr-norm std-floor",
-    "loc_reward": "localization reward: six-mean (public release) | aff-f1 (affiliation F1 alone)",
-    "weight_decay": "AdamW weight decay (paper: 0.01)",
-    "max_grad_norm": "gradient-norm clip (paper: 1.0)",
-    "expcot_max_tokens": "ExpCoT tokens kept for the OT (paper: 512)",
-    "micro_batch": "completions per forward/backward; gradients accumulate exactly (Qwen: 4; tiny: 20)",
-    "rollout_batch": "completions sampled together (Qwen: 64; tiny: 20)",
-    "device": "cpu | cuda (default: cuda when available)",
-    "no_progress": "no progress bars",
-    "dist": "none (one process) | ddp (full model per rank) | fsdp (FSDP2-sharded); under torchrun with "
-            "WORLD_SIZE > 1, none means ddp",
-    "dist_timeout": "seconds any collective may wait for the other ranks before the job fails",
-    "grad_checkpointing": "recompute activations in the backward (less memory, ~1/3 more update time)",
-    "freeze_vision": "do not train the vision tower (requires_grad False on model.model.visual)",
-}
+# Configuration: one dataclass. Every default is the paper's value for the Qwen models (method.md §18);
+# the tiny CPU preset below changes a few of them. Every field is the flag of the same name.
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help=HELP["model"])
-    p.add_argument("--data", default="data/train", help=HELP["data"])
-    p.add_argument("--eval-data", default="data/test", help=HELP["eval_data"])
-    p.add_argument("--out", default="runs", help=HELP["out"])
-    p.add_argument("--name", default=None, help=HELP["name"])
-    p.add_argument("--advantage", default="timerpo", choices=("timerpo", "grpo", "no-projection"),
-                   help=HELP["advantage"])
-    p.add_argument("--cot", default="expcot", choices=("expcot", "gencot"), help=HELP["cot"])
-    p.add_argument("--grounding", default="ot", choices=("ot", "cosine"), help=HELP["grounding"])
-    p.add_argument("--adv-norm", default=SHARED["adv_norm"], choices=("std", "mean"), help=HELP["adv_norm"])
-    p.add_argument("--tsr-norm", default=SHARED["tsr_norm"], choices=TSR_NORMS, help=HELP["tsr_norm"])
-    p.add_argument("--loc-reward", default=SHARED["loc_reward"], choices=LOC_MODES, help=HELP["loc_reward"])
-    p.add_argument("--preset", default=None, choices=tuple(PRESETS), help=HELP["preset"])
-    p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
-    p.add_argument("--resume", action="store_true", help=HELP["resume"])
-    p.add_argument("--trust-checkpoint", action="store_true", help=HELP["trust_checkpoint"])
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
-    p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
-    p.add_argument("--dist", default="none", choices=DIST_MODES, help=HELP["dist"])
-    p.add_argument("--dist-timeout", type=float, default=1800.0, help=HELP["dist_timeout"])
-    p.add_argument("--grad-checkpointing", action="store_true", help=HELP["grad_checkpointing"])
-    p.add_argument("--freeze-vision", action="store_true", help=HELP["freeze_vision"])
-    for key in list(PAPER) + [k for k in SHARED if k not in ("adv_norm", "loc_reward", "tsr_norm")]:
-        kind = int if isinstance(TINY.get(key, SHARED.get(key)), int) else float
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=HELP[key] + " [default by model]"
-                       if key in PAPER else HELP[key] + f" [default {SHARED[key]}]")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset or ("tiny" if args.model == "tiny" else "paper")]
-    for key, value in {**SHARED, **preset}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.advantage == "grpo":
-        args.alpha = 0.0
-    check_args(p, args)
-    args.name = args.name or f"{os.path.basename(args.model.rstrip('/'))}-{args.advantage}-{args.cot}-" \
-                             f"{args.grounding}-s{args.seed}"
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
+def paper(value, doc: str, choices: tuple | None = None):
+    """A setting of the method: its default is the paper's value."""
+    return field(default=value, metadata={"doc": doc, "choices": choices, "paper": True})
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def option(value, doc: str, choices: tuple | None = None):
+    """A setting of the run (paths, devices, logging): not a paper value."""
+    return field(default=value, metadata={"doc": doc, "choices": choices, "paper": False})
+
+
+@dataclass
+class Config:
+    """Every training setting (`python train.py --help` lists them with their paper and tiny values)."""
+
+    # -- the run
+    model: str = option("tiny", "tiny (embedded, built locally, CPU) | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | "
+                                "a local folder")
+    data: str = option("data/train", "training data folder (generated on first use: anomllm suite, 400 per "
+                                     "family, seed 3407)")
+    eval_data: str = option("data/test", "held-out data folder (generated on first use: anomllm suite, seed 42)")
+    out: str = option("runs", "parent folder of run folders")
+    name: str | None = option(None, "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)")
+    preset: str | None = option(None, "the values below: paper (the defaults), tiny (CPU, ~12 min on 2 cores), "
+                                      "tiny-long (longer warm-up, ~16 min); default: tiny for --model tiny, paper "
+                                      "otherwise", choices=("paper", "tiny", "tiny-long"))
+    seed: int = option(0, "seed of the run (prompt order, sampling streams, tiny weights)")
+    resume: bool = option(False, "continue runs/<name> from its latest checkpoint")
+    trust_checkpoint: bool = option(False, "with --resume: also load a checkpoint of the older format, whose "
+                                           "trainer_state.pt and optimizer/.metadata are pickles that can run code "
+                                           "(only for runs you made yourself)")
+    device: str | None = option(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
+    no_progress: bool = option(False, "no progress bars")
+    dist: str = option("none", "none (one process) | ddp (full model per rank) | fsdp (FSDP2-sharded); under "
+                               "torchrun with WORLD_SIZE > 1, none means ddp", choices=DIST_MODES)
+    dist_timeout: float = option(1800.0, "seconds any collective may wait for the other ranks before the job fails")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward (less memory, ~1/3 more "
+                                             "update time)")
+    freeze_vision: bool = option(False, "do not train the vision tower (requires_grad False on model.model.visual)")
+    dtype: str | None = option(None, "compute precision: bf16 (fp32 master weights, bf16 forwards/backward, bf16 "
+                                     "rollout and reference weights) | fp32 (default: bf16 on CUDA, fp32 on CPU)",
+                               choices=tuple(DTYPES))
+    compile: str = option("auto", "torch.compile the rollout's decode step (CUDA graphs on GPU): auto = on for CUDA "
+                                  "without FSDP, off on CPU, where compiling costs more than it saves on short runs",
+                          choices=("auto", "on", "off"))
+
+    # -- the method's variants
+    advantage: str = paper("timerpo", "timerpo (A = Â_main + α·Â⊥_TsR) | grpo (α = 0) | no-projection "
+                                      "(A = Â_main + α·Â_TsR)", choices=("timerpo", "grpo", "no-projection"))
+    cot: str = paper("expcot", "OT target text: expcot (expert chain of thought) | gencot (generic, the "
+                               "'w/o ExpCoT' ablation)", choices=("expcot", "gencot"))
+    grounding: str = paper("ot", "ot (entropic OT cost W, s = exp(−W/τ)) | cosine (mean-pooled cosine similarity)",
+                           choices=("ot", "cosine"))
+    adv_norm: str = paper("std", "group normalization: std (paper text: (R − mean)/(std + δ)) | mean (public "
+                                 "code: R − mean)", choices=("std", "mean"))
+    tsr_norm: str = paper("std", "normalization of the grounded advantage Â_TsR: std (paper reading, as Â_main) | "
+                                 "mean | std-floor (divide by max(std_G s, --tsr-floor), so Sinkhorn-noise spreads "
+                                 "stay small)", choices=TSR_NORMS)
+    tsr_floor: float = paper(0.05, "floor on std_G s for --tsr-norm std-floor")
+    loc_reward: str = paper("six-mean", "localization reward: six-mean (public release) | aff-f1 (affiliation F1 "
+                                        "alone)", choices=LOC_MODES)
+
+    # -- sizes and rates
+    steps: int = paper(250, "RL steps (the paper's 250 are 10 epochs of 3,200 prompts at 128 per step)")
+    prompts_per_step: int = paper(128, "distinct prompts per step, the global batch over all ranks")
+    group_size: int = paper(5, "completions per prompt, G")
+    max_new_tokens: int = paper(1024, "completion length cap")
+    lr: float = paper(1e-6, "AdamW learning rate, constant")
+    weight_decay: float = paper(0.01, "AdamW weight decay")
+    max_grad_norm: float = paper(1.0, "gradient-norm clip")
+    micro_batch: int = paper(4, "completions per forward/backward; gradients accumulate exactly")
+    rollout_batch: int = paper(0, "completions sampled together per rank; 0 = auto: on CUDA as many as the free "
+                                  "memory holds, up to all of the rank's completions of a step; 64 on CPU")
+
+    # -- the objective and the grounded advantage
+    alpha: float = paper(0.3, "weight α of the projected grounded advantage (set to 0 by --advantage grpo)")
+    beta: float = paper(0.001, "KL coefficient β, k3 estimator (0 skips loading the reference)")
+    entropy_coef: float = paper(0.001, "entropy bonus coefficient c_H")
+    clip_eps: float = paper(0.2, "PPO clip ϵ")
+    tau: float = paper(0.5, "temperature τ of the grounded reward s = exp(−W/τ)")
+    ot_eps: float = paper(0.08, "Sinkhorn entropic regularization ε")
+    ot_iters: int = paper(50, "Sinkhorn iterations")
+    expcot_max_tokens: int = paper(512, "ExpCoT tokens kept for the OT")
+
+    # -- supervised warm-up before RL (the tiny model only: Qwen Instruct already follows the format)
+    warmup_steps: int = paper(0, "supervised warm-up steps on the true answers before RL")
+    warmup_vision_steps: int = paper(0, "plot-reading warm-up steps before those, vision tower only")
+    warmup_aux_weight: float = paper(0.0, "weight of the plot-reading loss beside the answer loss in the warm-up")
+    warmup_lr: float = paper(0.0, "learning rate of the supervised warm-up")
+
+    # -- held-out evaluation and checkpoints
+    eval_every: int = paper(25, "held-out evaluation every N steps, and once before RL")
+    eval_samples: int = paper(256, "held-out samples per evaluation, balanced over families")
+    eval_temperature: float = paper(0.4, "sampling temperature of held-out evaluation (the paper's validation)")
+    save_every: int = paper(25, "checkpoint every N steps (and at the end)")
+
+
+# The tiny CPU preset: the only place where values differ from the paper's. `--preset tiny-long` is the same
+# recipe with a longer warm-up (~16 min on 2 cores); it is the one that clears Avg F1 60 on the test split
+# (README, Results).
+TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_steps=300, warmup_vision_steps=150,
+            warmup_aux_weight=1.0, warmup_lr=2e-3, eval_every=50, eval_samples=128, save_every=50, micro_batch=20,
+            rollout_batch=20)
+PRESETS = {"paper": {}, "tiny": TINY, "tiny-long": dict(TINY, warmup_steps=400, warmup_vision_steps=200)}
+
+
+def make_config(given: dict) -> Config:
+    """The run's Config: paper defaults, then the preset's values, then the flags given on the command line.
+    The preset is --preset, else tiny for --model tiny and paper for every other model."""
+    model = given.get("model", Config.model)
+    preset = given.get("preset") or ("tiny" if model == "tiny" else "paper")
+    config = Config(**{**PRESETS[preset], **given})
+    if config.advantage == "grpo":
+        config.alpha = 0.0  # GRPO is TimerPO without the grounded term
+    return config
+
+
+def resolve_defaults(config: Config) -> Config:
+    """Fill the settings whose default depends on others: the run name, the device and the precision."""
+    config.name = config.name or (f"{os.path.basename(config.model.rstrip('/'))}-{config.advantage}-{config.cot}-"
+                                  f"{config.grounding}-s{config.seed}")
+    config.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config.dtype = config.dtype or default_dtype(config.device)
+    return config
+
+
+def flag_help(f) -> str:
+    """A field's --help line: its doc, then its paper default and the presets' values (or its default)."""
+    doc = f.metadata["doc"]
+    if not f.metadata["paper"]:
+        return doc if f.default in (None, False) else f"{doc} [default: {f.default}]"
+    values, last = [], f.default
+    for name, preset in PRESETS.items():  # paper, tiny, tiny-long: each value that differs from the one before
+        value = preset.get(f.name, f.default)
+        if name == "paper" or value != last:
+            values.append(f"{name}: {value}")
+        last = value
+    return f"{doc} [{'; '.join(values)}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Config field, typed by the field's annotation. Flags not given stay out of the namespace
+    (argparse.SUPPRESS), so make_config can tell them from the preset's values."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    types = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        flag, kind = "--" + f.name.replace("_", "-"), types[f.name]
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=flag_help(f))
+            continue
+        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
+        choices = f.metadata["choices"]
+        p.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=flag_help(f),
+                       metavar=None if choices else kind.__name__.upper())
+    return p
+
+
+def parse_args(argv=None) -> Config:
+    """The Config of `python train.py <argv>`; a bad value ends the program with a usage error (exit 2)."""
+    parser = build_parser()
+    config = make_config(vars(parser.parse_args(argv)))
+    check_config(parser, config)
+    return resolve_defaults(config)
+
+
+def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
     """Reject values that would fail later with a less clear message."""
     positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_every", "eval_samples",
-                "save_every", "micro_batch", "rollout_batch", "ot_iters", "expcot_max_tokens")
+                "save_every", "micro_batch", "ot_iters", "expcot_max_tokens")
     for key in positive:
-        if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+        if getattr(config, key) <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be positive, got {getattr(config, key)}")
     for key in ("lr", "tau", "ot_eps"):
-        if not getattr(args, key) > 0:
-            parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
-    for key in ("warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
-        if getattr(args, key) < 0:
-            parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
-    if args.group_size < 2:
+        if not getattr(config, key) > 0:
+            parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(config, key)}")
+    for key in ("rollout_batch", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "beta", "entropy_coef",
+                "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
+        if getattr(config, key) < 0:
+            parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
+    if config.group_size < 2:
         parser.error("--group-size must be at least 2: group-relative advantages need a group")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    if args.prompts_per_step % world:
-        parser.error(f"--prompts-per-step ({args.prompts_per_step}) is the global batch and must be divisible by "
+    if config.prompts_per_step % world:
+        parser.error(f"--prompts-per-step ({config.prompts_per_step}) is the global batch and must be divisible by "
                      f"the number of ranks ({world}), so that every rank gets whole groups")
 
 
@@ -294,51 +350,53 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
     }
 
 
-def format_warmup(policy: Policy, args, train_samples: list, progress: bool) -> list[float]:
+def format_warmup(policy: Policy, config: Config, train_samples: list, progress: bool) -> list[float]:
     """The supervised warm-up (tiny only) on the whole training split: plot reading, then answers."""
-    return supervised_warmup(policy, args.data, train_samples, args.warmup_steps, batch_size=8, lr=args.warmup_lr,
-                             seed=args.seed, vision_steps=args.warmup_vision_steps,
-                             aux_weight=args.warmup_aux_weight, progress=progress)
+    return supervised_warmup(policy, config.data, train_samples, config.warmup_steps, batch_size=8,
+                             lr=config.warmup_lr, seed=config.seed, vision_steps=config.warmup_vision_steps,
+                             aux_weight=config.warmup_aux_weight, progress=progress)
 
 
-def make_reference(policy: Policy, source: str, args, dist: Dist = SINGLE) -> Policy:
+def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:
     """The frozen KL reference π_ref, loaded from `source`; it shares the policy's tokenizer."""
-    ref_model = load_policy(source, device=args.device, seed=args.seed).model.eval()
-    ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None)
+    ref_model = load_policy(source, device=config.device, seed=config.seed).model.eval()
+    ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None, autocast_dtype=None, rollout_model=None,
+                                     decoder=None)
     ref_policy.model.requires_grad_(False)
-    prepare_policy(ref_policy, dist, trainable=False)
+    prepare_policy(ref_policy, dist, trainable=False, dtype=DTYPES[config.dtype])  # bf16 weights with --dtype bf16
     return ref_policy
 
 
-def make_optimizer(policy: Policy, args) -> torch.optim.Optimizer:
+def make_optimizer(policy: Policy, config: Config) -> torch.optim.Optimizer:
     """AdamW with a constant learning rate (the paper uses no schedule)."""
-    return torch.optim.AdamW(policy.model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                             weight_decay=args.weight_decay)
+    return torch.optim.AdamW(policy.model.parameters(), lr=config.lr, betas=(0.9, 0.999),
+                             weight_decay=config.weight_decay)
 
 
-def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, args, dist: Dist = SINGLE):
+def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, config: Config, dist: Dist = SINGLE):
     """One RL step on this rank's prompts, README algorithm steps 1-5 in order: rollout, score_outcomes,
     ground_completions (TimerPO: target_states + W), reference_logprobs (beta > 0), compute_advantages,
     update_policy. Returns (episodes, advantages, update stats, per-phase timer)."""
-    timer = Timer()
-    use_grounding = args.advantage != "grpo"
+    c, timer = config, Timer()
+    use_grounding = c.advantage != "grpo"
     with timer("rollout"), full_params(policy, dist):
-        episodes = rollout(policy, prompts, args.group_size, step, args.seed, args.max_new_tokens,
-                           args.rollout_batch, keep_states=use_grounding)
-    score_outcomes(episodes, args.loc_reward)
+        episodes = rollout(policy, prompts, group_size=c.group_size, step=step, seed=c.seed,
+                           max_new_tokens=c.max_new_tokens, batch_size=c.rollout_batch, keep_states=use_grounding)
+    score_outcomes(episodes, loc_mode=c.loc_reward)
     if use_grounding:
         with timer("grounding"), full_params(policy, dist):
-            targets = target_states(policy, prompts, args.expcot_max_tokens)
-            ground_completions(episodes, targets, args.micro_batch, args.grounding, args.ot_eps, args.ot_iters)
+            targets = target_states(policy, prompts, max_tokens=c.expcot_max_tokens)
+            ground_completions(episodes, targets, micro_batch=c.micro_batch, grounding=c.grounding,
+                               ot_eps=c.ot_eps, ot_iters=c.ot_iters)
     if ref_policy is not None:
         with timer("forward"), full_params(ref_policy, dist):
-            reference_logprobs(ref_policy, episodes, args.micro_batch)
-    adv = compute_advantages(episodes, args.group_size, args.advantage, args.alpha, args.adv_norm, args.tau,
-                             args.grounding, args.tsr_norm, args.tsr_floor)
+            reference_logprobs(ref_policy, episodes, micro_batch=c.micro_batch)
+    adv = compute_advantages(episodes, group_size=c.group_size, mode=c.advantage, alpha=c.alpha, norm=c.adv_norm,
+                             tau=c.tau, grounding=c.grounding, tsr_norm=c.tsr_norm, tsr_floor=c.tsr_floor)
     with timer("update"):
         # with `dist`, the token-mean divides by the token count of ALL ranks' completions
-        update = update_policy(policy, optimizer, episodes, args.micro_batch, args.clip_eps, args.beta,
-                               args.entropy_coef, args.max_grad_norm, dist=dist)
+        update = update_policy(policy, optimizer, episodes, micro_batch=c.micro_batch, clip_eps=c.clip_eps,
+                               beta=c.beta, entropy_coef=c.entropy_coef, max_grad_norm=c.max_grad_norm, dist=dist)
     return episodes, adv, update, timer
 
 
@@ -366,14 +424,15 @@ def draw_curves(run_dir: str) -> None:
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
-def run_eval(policy, step, eval_prompts, args, run_dir, tag="rl", dist: Dist = SINGLE) -> dict | None:
+def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist: Dist = SINGLE) -> dict | None:
     """Held-out evaluation. Under torchrun each rank samples a contiguous share and rank 0 scores them all;
     completion seeds depend on the sample, not the rank, so the result equals the 1-process one.
     Returns the eval.jsonl row on rank 0, None on the other ranks."""
     mine = rank_slice(eval_prompts, dist, even=False)
     with full_params(policy, dist):
-        preds = predict(policy, mine, args.max_new_tokens, args.eval_temperature, batch_size=args.rollout_batch,
-                        seed=args.seed, loc_mode=args.loc_reward, progress=not args.no_progress and dist.is_main)
+        preds = predict(policy, mine, config.max_new_tokens, config.eval_temperature,
+                        batch_size=config.rollout_batch, seed=config.seed, loc_mode=config.loc_reward,
+                        progress=not config.no_progress and dist.is_main)
     preds = [p for share in dist.gather(preds) for p in share]
     if not dist.is_main:
         return None
@@ -386,142 +445,196 @@ def run_eval(policy, step, eval_prompts, args, run_dir, tag="rl", dist: Dist = S
 
 
 # ---------------------------------------------------------------------------------------------------
+# The run: set-up, then the RL loop
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        dist = init_distributed(args.dist, args.device, args.dist_timeout)
-    except DistError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.device = dist.device
-    if not dist.initialized:
-        return train(args, dist)
-    with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
-        code = train(args, dist)
-        dist.close()
-    return code
+def choose_rollout_batch(policy: Policy, config: Config, dist: Dist, prompt_len: int) -> int:
+    """--rollout-batch 0 (the Qwen default): on CUDA, all of this rank's completions of a step at once when the
+    free memory holds their decode state, else as many as it holds; 64 on CPU. Prints the choice.
+
+    Budget: the free memory now, less what the first optimizer step still allocates (fp32 gradients and AdamW's
+    two moments, 12 bytes per trainable parameter, sharded under FSDP), then half of that when the decode
+    buffers stay allocated through the update (compiled decode step) and 90 % otherwise.
+    """
+    if config.rollout_batch > 0:
+        return config.rollout_batch
+    completions = config.prompts_per_step // dist.world_size * config.group_size
+    if not config.device.startswith("cuda"):
+        return min(64, completions)
+    free, _ = torch.cuda.mem_get_info(torch.device(config.device))
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    shards = dist.world_size if dist.mode == "fsdp" else 1
+    budget = (free - 12 * trainable / shards) * (0.5 if policy.compile_decode else 0.9)
+    element = DTYPES[config.dtype].itemsize  # the rollout weights' dtype, hence the KV cache's
+    per_row = decode_bytes_per_row(policy.model.config.get_text_config(), prompt_len + config.max_new_tokens, element)
+    batch = rollout_batch_for_memory(completions, per_row, budget)
+    if dist.is_main:
+        print(f"[rollout] batch {batch} of {completions} completions per rank: {per_row / 2**20:.0f} MiB of decode "
+              f"state per row, budget {budget / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free")
+    return batch
 
 
-def train(args: argparse.Namespace, dist: Dist) -> int:
+def use_compile(config: Config, dist: Dist) -> bool:
+    """--compile auto: compile the decode step on CUDA in one process or under DDP. Not under FSDP, whose
+    gathered parameters and hooks a compiled step would have to trace, and not on CPU (see --compile)."""
+    if config.compile != "auto":
+        return config.compile == "on"
+    return config.device.startswith("cuda") and dist.mode != "fsdp"
+
+
+def load_splits(config: Config, dist: Dist, progress: bool) -> tuple[list, list]:
+    """The training and held-out samples. A missing data folder is generated once, by rank 0, before the other
+    ranks read it."""
+    def load():
+        return ensure_data(config.data, 3407, progress), ensure_data(config.eval_data, 42, progress)
+
+    splits = load() if dist.is_main else None
+    dist.barrier()
+    return splits or load()
+
+
+def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list, run_dir: str, say) -> None:
+    """A run without a checkpoint: empty logs, then the supervised warm-up (tiny only), whose result is saved
+    as the KL reference (β > 0)."""
+    if dist.is_main:
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            trim_log(os.path.join(run_dir, log), -1)
+    warming = config.warmup_steps + config.warmup_vision_steps > 0
+    if warming:
+        # Every rank runs the same (deterministic) warm-up; DDP/FSDP then start all ranks from rank 0's.
+        t0 = time.time()
+        losses = format_warmup(policy, config, train_samples, progress=not config.no_progress and dist.is_main)
+        say(f"[warm-up] {config.warmup_vision_steps} plot-reading + {config.warmup_steps} answer steps in "
+            f"{time.time() - t0:.0f} s" + (f", final answer loss {losses[-1]:.3f}" if losses else ""))
+    if config.beta > 0 and warming and dist.is_main:
+        save_policy(policy, os.path.join(run_dir, "reference"))
+    dist.barrier()  # the reference folder is complete before any rank reads it
+
+
+def resume_from(ckpt: str, state: dict, dist: Dist, run_dir: str, say) -> int:
+    """A run continued from `ckpt`: its RNG streams back, log lines of later steps dropped. Returns its step."""
+    step = state["step"]
+    set_rng_state(state["rng"])
+    if dist.is_main:
+        for log in ("metrics.jsonl", "eval.jsonl"):
+            trim_log(os.path.join(run_dir, log), step)
+    say(f"[resume] {ckpt}: continuing after step {step}")
+    return step
+
+
+def log_step(step: int, columns: dict, update: dict, timer: Timer, config: Config, run_dir: str, bar) -> None:
+    """Rank 0: one metrics.jsonl row, a line when the update was skipped, the progress bar's numbers."""
+    metrics = step_metrics(step, columns, update, timer, config.group_size)
+    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+    if update["skipped"]:
+        tqdm.write(f"[step {step}] non-finite loss or gradient: update skipped")
+    bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    s_step=f"{metrics['time_step']:.1f}")
+
+
+def usage_error(err: Exception) -> int:
+    """A data folder, model or checkpoint that cannot be used: one line, exit code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def train(config: Config, dist: Dist) -> int:
     """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints)."""
-    torch.manual_seed(args.seed)
-    run_dir = os.path.join(args.out, args.name)
+    torch.manual_seed(config.seed)
+    enable_tf32(config.device)
+    run_dir = os.path.join(config.out, config.name)
     os.makedirs(run_dir, exist_ok=True)
-    progress = not args.no_progress and dist.is_main
+    progress = not config.no_progress and dist.is_main
     say = print if dist.is_main else (lambda *a, **k: None)
 
-    # -- data -------------------------------------------------------------------------------------
-    def load_data():
-        return ensure_data(args.data, 3407, progress), ensure_data(args.eval_data, 42, progress)
-
+    # -- data, checkpoint, policy ------------------------------------------------------------------
     try:
-        if dist.is_main:
-            train_samples, eval_samples = load_data()
-        dist.barrier()  # a missing data folder is generated once, by rank 0, before the others read it
-        if not dist.is_main:
-            train_samples, eval_samples = load_data()
+        train_samples, eval_samples = load_splits(config, dist, progress)
     except data_gen.DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    # -- policy -----------------------------------------------------------------------------------
-    ckpt = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume and ckpt is None:
+        return usage_error(err)
+    ckpt = latest_checkpoint(run_dir) if config.resume else None
+    if config.resume and ckpt is None:
         say(f"[resume] no checkpoint in {run_dir}: starting from scratch")
-    if ckpt is not None:
-        try:  # first, so that a checkpoint that is refused stops the run before anything else is loaded
-            state = load_trainer_state(ckpt, trust_pickle=args.trust_checkpoint)
-        except CheckpointError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
     try:
-        policy = load_policy(os.path.join(ckpt, "model") if ckpt else args.model, device=args.device, seed=args.seed)
-    except ModelNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    eval_prompts = [make_prompt(policy, args.eval_data, eval_samples, i, args.cot)
-                    for i in data_gen.balanced_indices(eval_samples, args.eval_samples)]
-    if dist.is_main:
-        # not config.json: that name marks a model folder
-        write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(vars(args), indent=1))
+        # the trainer state first, so that a checkpoint that is refused stops the run before anything else loads
+        state = load_trainer_state(ckpt, trust_pickle=config.trust_checkpoint) if ckpt else None
+        policy = load_policy(os.path.join(ckpt, "model") if ckpt else config.model, device=config.device,
+                             seed=config.seed)
+    except (CheckpointError, ModelNotFound) as err:
+        return usage_error(err)
+    eval_prompts = [make_prompt(policy, config.eval_data, eval_samples, i, config.cot)
+                    for i in data_gen.balanced_indices(eval_samples, config.eval_samples)]
+    if dist.is_main:  # not config.json: that name marks a model folder
+        write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(dataclasses.asdict(config), indent=1))
 
-    # -- supervised format warm-up (tiny only; its result is also the KL reference) ----------------
-    start_step = 0
-    reference_dir = os.path.join(run_dir, "reference")
+    # -- warm-up (tiny only; its result is also the KL reference) or resume ------------------------
     if ckpt is None:
-        if dist.is_main:
-            for log in ("metrics.jsonl", "eval.jsonl"):
-                trim_log(os.path.join(run_dir, log), -1)
-        warming = args.warmup_steps + args.warmup_vision_steps > 0
-        if warming:
-            # Every rank runs the same (deterministic) warm-up; DDP/FSDP then start all ranks from rank 0's.
-            t0 = time.time()
-            losses = format_warmup(policy, args, train_samples, progress)
-            say(f"[warm-up] {args.warmup_vision_steps} plot-reading + {args.warmup_steps} answer steps in "
-                f"{time.time() - t0:.0f} s" + (f", final answer loss {losses[-1]:.3f}" if losses else ""))
-        if args.beta > 0 and warming and dist.is_main:
-            save_policy(policy, reference_dir)
-        dist.barrier()  # the reference folder is complete before any rank reads it
+        start_fresh(policy, config, dist, train_samples, run_dir, say)
+        start_step = 0
     else:
-        start_step = state["step"]
-        set_rng_state(state["rng"])
-        if dist.is_main:
-            for log in ("metrics.jsonl", "eval.jsonl"):
-                trim_log(os.path.join(run_dir, log), start_step)
-        say(f"[resume] {ckpt}: continuing after step {start_step}")
-
-    ref_source = reference_dir if os.path.isdir(reference_dir) else args.model
-    ref_policy = make_reference(policy, ref_source, args, dist) if args.beta > 0 else None
-    prepare_policy(policy, dist, args.grad_checkpointing, args.freeze_vision)
-    optimizer = make_optimizer(policy, args)
+        start_step = resume_from(ckpt, state, dist, run_dir, say)
+    reference_dir = os.path.join(run_dir, "reference")
+    ref_source = reference_dir if os.path.isdir(reference_dir) else config.model
+    ref_policy = make_reference(policy, ref_source, config, dist) if config.beta > 0 else None
+    prepare_policy(policy, dist, config.grad_checkpointing, config.freeze_vision, dtype=DTYPES[config.dtype])
+    policy.compile_decode = use_compile(config, dist)
+    config.rollout_batch = choose_rollout_batch(policy, config, dist,
+                                                max(len(p.encoded.input_ids) for p in eval_prompts))
+    optimizer = make_optimizer(policy, config)
     if ckpt is not None:
         try:
             restore_optimizer(ckpt, state, policy, optimizer, dist)
         except CheckpointError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return usage_error(err)
     else:
         t0 = time.time()
-        row = run_eval(policy, 0, eval_prompts, args, run_dir, tag="start", dist=dist)
+        row = run_eval(policy, 0, eval_prompts, config, run_dir, tag="start", dist=dist)
         if dist.is_main:
             say(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
                 f"cls acc {row['cls_acc']:.3f}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
-    bar = tqdm(range(start_step, args.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
-               initial=start_step, total=args.steps)
+    bar = tqdm(range(start_step, config.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
+               initial=start_step, total=config.steps)
     for step in bar:
-        maybe_inject_failure(dist)
         # This rank's contiguous share of the step's global prompt list (whole groups).
-        indices = rank_slice(step_prompt_indices(len(train_samples), args.prompts_per_step, step, args.seed), dist)
-        prompts = [make_prompt(policy, args.data, train_samples, i, args.cot) for i in indices]
-        episodes, adv, update, timer = rl_step(policy, ref_policy, optimizer, prompts, step, args, dist)
+        indices = rank_slice(step_prompt_indices(len(train_samples), config.prompts_per_step, step, config.seed),
+                             dist)
+        prompts = [make_prompt(policy, config.data, train_samples, i, config.cot) for i in indices]
+        episodes, adv, update, timer = rl_step(policy, ref_policy, optimizer, prompts, step, config, dist)
         columns = concat_columns(dist.gather(step_columns(episodes, adv)))
         if dist.is_main:
-            metrics = step_metrics(step + 1, columns, update, timer, args.group_size)
-            append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
-            if update["skipped"]:
-                tqdm.write(f"[step {step + 1}] non-finite loss or gradient: update skipped")
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                            s_step=f"{metrics['time_step']:.1f}")
-
+            log_step(step + 1, columns, update, timer, config, run_dir, bar)
         done = step + 1
-        if done % args.eval_every == 0 or done == args.steps:
-            row = run_eval(policy, done, eval_prompts, args, run_dir, dist=dist)
+        if done % config.eval_every == 0 or done == config.steps:
+            row = run_eval(policy, done, eval_prompts, config, run_dir, dist=dist)
             if dist.is_main:
                 tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
                            f"cls acc {row['cls_acc']:.3f}")
                 draw_curves(run_dir)
-        if done % args.save_every == 0 or done == args.steps:
-            save_checkpoint(run_dir, done, policy, optimizer, extra={"args": vars(args)}, dist=dist)
+        if done % config.save_every == 0 or done == config.steps:
+            save_checkpoint(run_dir, done, policy, optimizer, extra={"args": dataclasses.asdict(config)}, dist=dist)
     bar.close()
     if dist.is_main:
         draw_curves(run_dir)
         print(f"[done] {run_dir}: metrics.jsonl, eval.jsonl, curves.png, "
               f"{os.path.basename(latest_checkpoint(run_dir) or '')}")
     return 0
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        dist = init_distributed(config.dist, config.device, config.dist_timeout)
+    except DistError as err:
+        return usage_error(err)
+    config.device = dist.device
+    if not dist.initialized:
+        return train(config, dist)
+    with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
+        code = train(config, dist)
+        dist.close()
+    return code
 
 
 if __name__ == "__main__":

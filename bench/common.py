@@ -39,7 +39,7 @@ def tiny_flags() -> list[str]:
             for f in ("--" + key.replace("_", "-"), str(value))]
 
 
-def tiny_args(model_dir: str, data: str, seed: int, extra: list[str] = ()) -> "train.argparse.Namespace":
+def tiny_args(model_dir: str, data: str, seed: int, extra: list[str] = ()) -> "train.Config":
     """train.py's arguments for the tiny preset on a model folder, without warm-up. `extra` are further
     train.py flags, e.g. ["--advantage", "grpo"]."""
     flags = ["--model", model_dir, "--data", data, "--seed", str(seed), "--warmup-steps", "0"]

@@ -1,8 +1,10 @@
 """GPU smoke test: two TimerPO steps at the real Qwen2.5-VL-3B size with random weights (nothing downloaded).
 
-    bash bench/gpu_smoke.sh                                  # 1 GPU: torchrun, FSDP2 over 1 rank (bf16 compute)
-    NPROC=8 bash bench/gpu_smoke.sh                          # 8 GPUs
-    bash bench/gpu_smoke.sh --config tiny --device cpu       # the same FSDP2 code path on a CPU, in seconds
+    torchrun --standalone --nproc_per_node=1 bench/gpu_smoke.py --dist fsdp   # 1 GPU: FSDP2 over 1 rank (bf16)
+    torchrun --standalone --nproc_per_node=8 bench/gpu_smoke.py --dist fsdp   # 8 GPUs
+    torchrun --standalone --nproc_per_node=1 bench/gpu_smoke.py --dist fsdp --config tiny --device cpu  # CPU path
+
+(bench/gpu_smoke.sh runs bench/gpu_bench.py: the rollout engine's variants and the one-GPU update.)
 
 Each step is train.py's: rollout (full_params gathered, hand-written sampling with a KV cache) → rewards →
 OT grounding + old log-probs → advantages → micro-batched update through FSDP2, on 8 prompts x 5 completions
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     policy = build_policy(args.config, device)
     terms = flop_terms(policy.model)
-    prepare_policy(policy, dist, grad_checkpointing=args.grad_checkpointing)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # train.py's --dtype default
+    prepare_policy(policy, dist, grad_checkpointing=args.grad_checkpointing, dtype=dtype)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-6, weight_decay=0.01)
     args.data = smoke_data(args.data, dist)
     samples = data_gen.load_samples(args.data)
@@ -159,22 +162,25 @@ def main(argv=None) -> int:
         sync(device)
         t = time.perf_counter()
         with full_params(policy, dist):
-            episodes = rollout(policy, prompts, args.group_size, step, 0, args.max_new_tokens, args.rollout_batch,
-                               keep_states=True)
+            episodes = rollout(policy, prompts, group_size=args.group_size, step=step, seed=0,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.rollout_batch, keep_states=True)
         sync(device)
         t_rollout = time.perf_counter() - t
         mem_rollout = peak_memory_gb(device)
-        score_outcomes(episodes, "six-mean")
+        score_outcomes(episodes, loc_mode="six-mean")
         t = time.perf_counter()
         with full_params(policy, dist):
-            targets = target_states(policy, prompts, 512)
-            ground_completions(episodes, targets, args.micro_batch, "ot", 0.08, 50)
+            targets = target_states(policy, prompts, max_tokens=512)
+            ground_completions(episodes, targets, micro_batch=args.micro_batch, grounding="ot", ot_eps=0.08,
+                               ot_iters=50)
         sync(device)
         t_ground = time.perf_counter() - t
-        compute_advantages(episodes, args.group_size, "timerpo", 0.3, "std", 0.5, "ot")
+        compute_advantages(episodes, group_size=args.group_size, mode="timerpo", alpha=0.3, norm="std", tau=0.5,
+                           grounding="ot")
         reset_peak(device)
         t = time.perf_counter()
-        stats = update_policy(policy, optimizer, episodes, args.micro_batch, 0.2, 0.0, 0.001, 1.0, dist=dist)
+        stats = update_policy(policy, optimizer, episodes, micro_batch=args.micro_batch, clip_eps=0.2, beta=0.0,
+                              entropy_coef=0.001, max_grad_norm=1.0, dist=dist)
         sync(device)
         t_update = time.perf_counter() - t
         mem_update = peak_memory_gb(device)

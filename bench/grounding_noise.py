@@ -58,10 +58,10 @@ def main(argv=None) -> int:
     prompts = [make_prompt(policy, args.data, samples, i, "expcot")
                for i in data_gen.balanced_indices(samples, args.groups)]
     G = cfg.group_size
-    episodes = rollout(policy, prompts, G, 0, args.seed, cfg.max_new_tokens, cfg.rollout_batch,
-                       temperature=args.temperature, keep_states=True)
-    score_outcomes(episodes, cfg.loc_reward)
-    targets = target_states(policy, prompts, cfg.expcot_max_tokens)
+    episodes = rollout(policy, prompts, group_size=G, step=0, seed=args.seed, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.rollout_batch, temperature=args.temperature, keep_states=True)
+    score_outcomes(episodes, loc_mode=cfg.loc_reward)
+    targets = target_states(policy, prompts, max_tokens=cfg.expcot_max_tokens)
     rows = torch.tensor([ep.group for ep in episodes])
     lengths = [len(ep.completion_ids) for ep in episodes]
     kept = [ep.states for ep in episodes]

@@ -1,4 +1,4 @@
-"""Per-GPU memory of TimerPO full fine-tuning of Qwen2.5-VL-3B / 7B under FSDP2, computed from the configs.
+"""Per-GPU memory of TimerPO full fine-tuning of Qwen2.5-VL-3B / 7B (one GPU, or FSDP2), computed from the configs.
 
     python bench/memory_table.py                      # print the table (markdown)
     python bench/memory_table.py --out docs/memory.md
@@ -15,17 +15,21 @@ Where the numbers come from:
   * activation checkpointing keeps each layer's bf16 input (2·hidden bytes per token) and rebuilds one layer
     at a time in the backward.
 
-The memory model (W = GPUs; N = parameters; bf16 compute with fp32 master weights, train.py --dist fsdp):
+The memory model (W = GPUs; N = parameters; train.py --dtype bf16: bf16 compute with fp32 master weights;
+one process on 1 GPU, or --dist fsdp on W GPUs):
     sharded training state   16·N / W   fp32 weights, fp32 gradients, AdamW m and v
-    sharded reference         4·N / W   the frozen KL reference (β > 0), fp32 shards
-    rollout phase             2·N + KV cache + kept states   full_params gathers a bf16 copy; KV for rollout_batch
-                              rows; TimerPO keeps each completion's bf16 last-layer states until W is computed
-    score phase               2·N + vocabulary-wide tensors of one micro-batch (reference log-probs, no grad)
+    reference                 2·N / W   the frozen KL reference (β > 0) in bf16 (sharded under FSDP)
+    rollout copy              2·N       one process only: the bf16 weights rollouts sample with
+    kept KV                   static bf16 KV cache, rollout_batch x (prompt + max_new_tokens), one process only:
+                              the compiled decode step keeps its buffers allocated through the step
+    rollout phase             FSDP: 2·N gathered bf16 weights + the KV cache; both: the sampler's vocabulary-wide
+                              rows + the bf16 completion states TimerPO keeps until W is computed
+    score phase               FSDP: 2·N gathered reference + the vocabulary-wide tensors of one micro-batch
     update phase              saved activations of one micro-batch + the gradient of the fp32 logits
-                              (2 vocabulary-wide fp32 tensors) + the gathered root unit (embedding, LM head)
+                              (2 vocabulary-wide fp32 tensors); FSDP: + the gathered root unit (embedding, LM head)
                               + two gathered layers (current + prefetch) + one layer's fp32 gradients
     optimizer step            4·N / W   the foreach AdamW's one parameter-sized temporary (sqrt of v)
-    peak = state + reference + max(phases) + OVERHEAD_GB (CUDA context, NCCL buffers, allocator slack)
+    peak = state + reference + rollout copy + kept KV + max(phases) + OVERHEAD_GB (CUDA context, NCCL, slack)
 It is an estimate: it leaves out fragmentation beyond OVERHEAD_GB and the buffers inside kernels.
 """
 from __future__ import annotations
@@ -45,7 +49,7 @@ from timerpo.files import write_atomic  # noqa: E402
 
 GB = 1e9
 OVERHEAD_GB = 3.0
-GPUS = (1, 4, 8)
+MODES = (("none", 1), ("fsdp", 4), ("fsdp", 8))  # one process on 1 GPU; FSDP2 on 4 and 8
 GPU_MEMORY_GB = (80, 141)  # H100 / A100 80 GB, H200 141 GB
 
 # The released Qwen2.5-VL-3B/7B-Instruct config.json values (the transformers defaults are the 72B's).
@@ -61,7 +65,7 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
               temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
               tokens_per_second=2)
 
-# TimerPO at the paper's settings (train.py PAPER preset), per rank.
+# TimerPO at the paper's settings (the defaults of train.py's Config), per rank.
 MICRO_BATCH = 4
 ROLLOUT_BATCH = 64
 MAX_NEW_TOKENS = 1024
@@ -173,14 +177,22 @@ def activation_rates(size: str, completion: int = 32) -> dict:
 # The table
 
 
-def estimate(size: str, gpus: int, checkpointing: bool, counts: dict, rates: dict) -> dict:
-    """GB per GPU for one (model, GPU count, checkpointing) cell; see the module docstring for the model."""
+def kv_bytes_per_token(size: str) -> int:
+    """bf16 KV cache per token per completion: layers x (K, V) x kv_heads x head_dim x 2 bytes."""
+    t = TEXT[size]
+    return t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"]) * 2
+
+
+def estimate(size: str, mode: str, gpus: int, checkpointing: bool, counts: dict, rates: dict,
+             rollout_batch: int = ROLLOUT_BATCH) -> dict:
+    """GB per GPU for one (model, mode, GPU count, checkpointing, rollout batch) cell; see the module docstring."""
     t = TEXT[size]
     n = counts["total"]
+    fsdp = mode == "fsdp"
     seq = IMAGE_TOKENS + PROMPT_TEXT_TOKENS + MAX_NEW_TOKENS  # longest sequence: a completion at the cap
     tokens, patches = MICRO_BATCH * seq, MICRO_BATCH * IMAGE_TOKENS * 4
-    head_dim = t["hidden_size"] // t["num_attention_heads"]
-    kv_cache = t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * head_dim * 2 * ROLLOUT_BATCH * seq
+    kv_cache = kv_bytes_per_token(size) * rollout_batch * seq  # static: allocated at its full length
+    sampler = rollout_batch * t["vocab_size"] * (2 + 4 + 8 + 8)  # logits, fp32 log-probs, fp64 probs and cdf
     kept_states = PROMPTS_PER_STEP // gpus * GROUP_SIZE * MAX_NEW_TOKENS * t["hidden_size"] * 2  # bf16 [C, D] each
     if checkpointing:  # keep layer inputs; rebuild one layer (and one vision block) at a time
         text_act = t["num_hidden_layers"] * 2 * t["hidden_size"] * tokens + rates["layer_per_token"] * tokens
@@ -190,34 +202,66 @@ def estimate(size: str, gpus: int, checkpointing: bool, counts: dict, rates: dic
         vis_act = VISION["depth"] * rates["block_per_patch"] * patches
     vocab_block = MICRO_BATCH * MAX_NEW_TOKENS * t["vocab_size"]  # elements of one [b, C, V] tensor
     head_act = rates["rest_per_completion_token"] * MICRO_BATCH * MAX_NEW_TOKENS
-    gathered = 2 * counts["root"] + 2 * 2 * counts["layer"] + 4 * counts["layer"]  # bf16 root + 2 layers, fp32 grad
+    # FSDP: the gathered bf16 root + 2 layers (current + prefetch) and one layer's fp32 gradient
+    gathered = 2 * counts["root"] + 2 * 2 * counts["layer"] + 4 * counts["layer"] if fsdp else 0
+    # One process compiles the decode step (train.py --compile auto on CUDA): its KV buffers stay allocated
+    # through the whole step. Under FSDP the decode step is eager and its cache is freed after the rollout.
+    kv_kept = 0 if fsdp else kv_cache
     row = {
         "state": 16 * n / gpus / GB,
-        "reference": 4 * n / gpus / GB,
-        "rollout": (2 * n + kv_cache + kept_states) / GB,
-        "score": (2 * n + head_act) / GB,
+        "reference": 2 * n / gpus / GB,  # bf16, sharded under FSDP
+        "copy": (0 if fsdp else 2 * n) / GB,  # the bf16 rollout copy (FSDP gathers bf16 weights instead)
+        "kv_kept": kv_kept / GB,
+        "rollout": ((2 * n if fsdp else 0) + kv_cache - kv_kept + sampler + kept_states) / GB,
+        "score": ((2 * n if fsdp else 0) + head_act) / GB,
         "update": (text_act + vis_act + head_act + 2 * 4 * vocab_block + gathered) / GB,
         "step": 4 * n / gpus / GB,
+        "kv_cache": kv_cache / GB,
     }
     phases = max(row[k] for k in ("rollout", "score", "update", "step"))
-    row["peak"] = row["state"] + row["reference"] + phases + OVERHEAD_GB
+    row["peak"] = row["state"] + row["reference"] + row["copy"] + row["kv_kept"] + phases + OVERHEAD_GB
     return row
 
 
+def largest_rollout_batch(size: str, mode: str, gpus: int, checkpointing: bool, counts: dict, rates: dict,
+                          capacity_gb: float) -> int:
+    """The largest rollout batch (at most the rank's 640/W completions of a step) whose peak fits, 0 if none."""
+    most = PROMPTS_PER_STEP // gpus * GROUP_SIZE
+    fits = [b for b in range(1, most + 1)
+            if estimate(size, mode, gpus, checkpointing, counts, rates, rollout_batch=b)["peak"] <= capacity_gb]
+    return max(fits, default=0)
+
+
+def setups():
+    """(model, mode, GPUs, checkpointing) rows: one process on 1 GPU, FSDP on 4 and 8."""
+    return [(size, mode, gpus, ckpt) for size in ("3b", "7b") for mode, gpus in MODES for ckpt in (False, True)]
+
+
 def table(rates_by_size: dict, counts_by_size: dict) -> str:
-    head = ("| model | GPUs | act. ckpt | state 16N/W | reference 4N/W | rollout 2N + KV + states | score 2N + head "
-            "| update (activations) | peak / GPU | fits 80 GB | fits 141 GB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | mode | GPUs | act. ckpt | state 16N/W | reference 2N/W | rollout copy 2N | kept KV | "
+            "rollout | score | update (activations) | peak / GPU | fits 80 GB | fits 141 GB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
-    for size in ("3b", "7b"):
-        for gpus in GPUS:
-            for ckpt in (False, True):
-                r = estimate(size, gpus, ckpt, counts_by_size[size], rates_by_size[size])
-                fits = ["yes" if r["peak"] <= cap else "no" for cap in GPU_MEMORY_GB]
-                rows.append(f"| {size.upper()} | {gpus} | {'yes' if ckpt else 'no'} | {r['state']:.1f} | "
-                            f"{r['reference']:.1f} | {r['rollout']:.1f} | {r['score']:.1f} | {r['update']:.1f} | "
-                            f"**{r['peak']:.1f}** "
-                            f"| {fits[0]} | {fits[1]} |")
+    for size, mode, gpus, ckpt in setups():
+        r = estimate(size, mode, gpus, ckpt, counts_by_size[size], rates_by_size[size])
+        fits = ["yes" if r["peak"] <= cap else "no" for cap in GPU_MEMORY_GB]
+        rows.append(f"| {size.upper()} | {mode} | {gpus} | {'yes' if ckpt else 'no'} | {r['state']:.1f} | "
+                    f"{r['reference']:.1f} | {r['copy']:.1f} | {r['kv_kept']:.1f} | {r['rollout']:.1f} | "
+                    f"{r['score']:.1f} | {r['update']:.1f} | **{r['peak']:.1f}** | {fits[0]} | {fits[1]} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def batch_table(rates_by_size: dict, counts_by_size: dict) -> str:
+    """Largest rollout batch per rank that fits, for 80 and 141 GB cards."""
+    head = ("| model | mode | GPUs | act. ckpt | completions per rank | largest rollout batch, 80 GB | "
+            "largest rollout batch, 141 GB |\n|---|---|---|---|---|---|---|\n")
+    rows = []
+    for size, mode, gpus, ckpt in setups():
+        fit = [largest_rollout_batch(size, mode, gpus, ckpt, counts_by_size[size], rates_by_size[size], cap)
+               for cap in GPU_MEMORY_GB]
+        shown = [str(b) if b else "none (does not fit)" for b in fit]
+        rows.append(f"| {size.upper()} | {mode} | {gpus} | {'yes' if ckpt else 'no'} | "
+                    f"{PROMPTS_PER_STEP // gpus * GROUP_SIZE} | {shown[0]} | {shown[1]} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -229,17 +273,26 @@ def document(rates_by_size: dict, counts_by_size: dict) -> str:
         "",
         "Generated by `python bench/memory_table.py --out docs/memory.md` (estimates, GB = 10^9 bytes).",
         "",
-        f"Settings: `train.py --dist fsdp` (FSDP2, bf16 compute, fp32 master weights and gradient reduction), "
-        f"paper batch sizes per rank: micro-batch {MICRO_BATCH}, rollout batch {ROLLOUT_BATCH}, "
-        f"{MAX_NEW_TOKENS} new tokens; prompt = {IMAGE_TOKENS} image + {PROMPT_TEXT_TOKENS} text tokens, so the "
-        f"longest sequence is {seq} tokens. β > 0 (the sharded fp32 reference model is included). "
-        f"Peak = state + reference + max(rollout, score, update, optimizer step 4N/W) + {OVERHEAD_GB:.0f} GB "
-        f"overhead. Columns in GB per GPU; the phases do not overlap in time.",
+        f"Settings: `train.py --dtype bf16` (the CUDA default): fp32 master weights, gradients and AdamW state; bf16 "
+        f"forwards and backward; bf16 rollout weights (one process: a bf16 copy of the model; FSDP: its gathered "
+        f"bf16 parameters) and a bf16 KL reference (β > 0). Rollouts decode into a static bf16 KV cache sized to the "
+        f"rollout batch x ({seq} tokens: prompt = {IMAGE_TOKENS} image + {PROMPT_TEXT_TOKENS} text tokens, plus "
+        f"{MAX_NEW_TOKENS} new). One process compiles the decode step, so its KV buffers stay allocated through the "
+        f"step (column *kept KV*); under FSDP the decode step is eager and the cache lives only in the rollout phase. "
+        f"Paper batch sizes per rank: micro-batch {MICRO_BATCH}, rollout batch {ROLLOUT_BATCH} in the first table. "
+        f"Peak = state + reference + rollout copy + kept KV + max(rollout, score, update, optimizer step 4N/W) "
+        f"+ {OVERHEAD_GB:.0f} GB overhead. Columns in GB per GPU; the phases do not overlap in time.",
         "",
-        "Launch (one node, 4 GPUs): `torchrun --nproc_per_node=4 train.py --model qwen2.5-vl-3b --dist fsdp`, plus "
-        "`--grad-checkpointing` where the table needs it. `--prompts-per-step` is the global batch.",
+        "Launch: `python train.py --model qwen2.5-vl-3b` (one GPU) or `torchrun --nproc_per_node=4 train.py --model "
+        "qwen2.5-vl-3b --dist fsdp`, plus `--grad-checkpointing` where the table needs it. `--prompts-per-step` is "
+        "the global batch.",
         "",
         table(rates_by_size, counts_by_size),
+        "Largest rollout batch per rank that fits (by the same estimate; capped at the rank's share of a step's "
+        f"{PROMPTS_PER_STEP} x {GROUP_SIZE} completions). On a GPU `train.py` picks its rollout batch from the free "
+        "memory by default (`--rollout-batch 0`) and prints the choice:",
+        "",
+        batch_table(rates_by_size, counts_by_size),
         "Parameters (meta-device build of the configs):",
         "",
     ]
@@ -248,7 +301,8 @@ def document(rates_by_size: dict, counts_by_size: dict) -> str:
         lines.append(f"- {size.upper()}: {c['total'] / 1e9:.3f} B parameters, of which vision "
                      f"{c['vision'] / 1e6:.0f} M; "
                      f"one decoder layer {c['layer'] / 1e6:.1f} M; root unit (embeddings, LM head, vision patch "
-                     f"embedding and merger, norms) {c['root'] / 1e6:.0f} M.")
+                     f"embedding and merger, norms) {c['root'] / 1e6:.0f} M; KV cache "
+                     f"{kv_bytes_per_token(size) / 1024:.0f} KiB per token in bf16.")
     lines += ["", "Measured activation bytes (bf16, saved for the backward):", ""]
     for size in ("3b", "7b"):
         r = rates_by_size[size]
@@ -260,17 +314,18 @@ def document(rates_by_size: dict, counts_by_size: dict) -> str:
         "",
         "Reading the table:",
         "",
-        "- **state** is what FSDP shards: it shrinks with more GPUs; the rollout's gathered bf16 copy (2N) and the "
-        f"activations do not. On one GPU the 3B's training state alone is {16 * n3 / GB:.0f} GB, the 7B's "
-        f"{16 * n7 / GB:.0f} GB; the optimizer step adds a 4N/W temporary of its own (a phase of the max).",
-        "- **rollout**: `full_params` gathers the whole model once per phase (not per generated token); the cost is "
-        f"that copy (3B {2 * n3 / GB:.1f} GB, 7B {2 * n7 / GB:.1f} GB) for the duration of the rollout, plus the KV "
-        f"cache of {ROLLOUT_BATCH} rows, plus the completion states TimerPO keeps for the OT (bf16, "
+        "- **state** is what FSDP shards: it shrinks with more GPUs; the bf16 rollout weights and the activations do "
+        f"not. On one GPU the 3B's training state alone is {16 * n3 / GB:.0f} GB, the 7B's {16 * n7 / GB:.0f} GB, "
+        "so the 7B needs several GPUs whatever the batch; the optimizer step adds a 4N/W temporary of its own "
+        "(a phase of the max).",
+        f"- **rollout copy / rollout**: one process keeps a bf16 copy of the weights for sampling (3B {2 * n3 / GB:.1f} "
+        f"GB, 7B {2 * n7 / GB:.1f} GB), refreshed after each optimizer step; FSDP's `full_params` gathers the same "
+        "bf16 weights once per rollout phase instead. The rollout phase adds the KV cache (unless kept), the "
+        "sampler's vocabulary-wide rows and the completion states TimerPO keeps for the OT (bf16, "
         f"{PROMPTS_PER_STEP} x {GROUP_SIZE} completions of up to {MAX_NEW_TOKENS} tokens shared over the ranks; "
         "dropped once W is computed). Lower `--rollout-batch` to shrink the KV cache.",
-        "- **score** is the no-grad reference forward for the KL (β > 0) over one micro-batch, with a gathered "
-        "copy; there is no separate old-log-prob forward (one update per rollout: the update's own log-probs, "
-        "detached, are π_old).",
+        "- **score** is the no-grad reference forward for the KL (β > 0) over one micro-batch; there is no separate "
+        "old-log-prob forward (one update per rollout: the update's own log-probs, detached, are π_old).",
         "- **update**: the activations of one micro-batch at the longest sequence. The vocabulary-wide tensors of the "
         "LM head (log-softmax, entropy) are a large share at 1,024 completion tokens; `--grad-checkpointing` removes "
         "most of the per-layer part, not that one; `--micro-batch 2` halves both.",

@@ -33,7 +33,7 @@ def test_reward_row_i_belongs_to_completion_i(prompts):
                    text=format_completion("r", p.sample.intervals, p.sample.label if p.sample.intervals else "normal"))
            for g, p in enumerate(prompts)]
     eps = eps + eps[::-1]  # the same texts in another order must keep their own scores
-    score_outcomes(eps, "six-mean")
+    score_outcomes(eps, loc_mode="six-mean")
     for ep in eps:
         _, expected = score_completion(ep.text, ep.prompt.sample.intervals, ep.prompt.sample.label,
                                        ep.prompt.sample.length)
@@ -57,7 +57,8 @@ def test_accumulation_equals_one_big_batch(tiny_policy, prompts):
     for micro in (1, 4, 6):
         pol = fresh(tiny_policy)
         opt = torch.optim.SGD(pol.model.parameters(), lr=1.0)
-        stats = update_policy(pol, opt, eps, micro, clip_eps=0.2, beta=0.1, entropy_coef=0.01, max_grad_norm=1e9)
+        stats = update_policy(pol, opt, eps, micro_batch=micro, clip_eps=0.2, beta=0.1, entropy_coef=0.01,
+                              max_grad_norm=1e9)
         assert not stats["skipped"]
         params.append(torch.cat([p.detach().flatten() for p in pol.model.parameters()]))
     before = torch.cat([p.detach().flatten() for p in tiny_policy.model.parameters()])
@@ -76,7 +77,7 @@ def test_update_equals_the_objective_with_a_separate_old_forward(tiny_policy, pr
         ep.advantage = advantages[k]
         ep.ref_logprobs = ep.ref_logprobs + 0.03 * k  # a non-trivial KL term
     pol = fresh(tiny_policy)
-    stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=1.0), eps, 4, clip_eps=0.2,
+    stats = update_policy(pol, torch.optim.SGD(pol.model.parameters(), lr=1.0), eps, micro_batch=4, clip_eps=0.2,
                           beta=0.1, entropy_coef=0.01, max_grad_norm=1e9)
     ours = torch.cat([p.detach().flatten() for p in pol.model.parameters()])
 
@@ -124,7 +125,8 @@ def test_non_finite_step_is_skipped(tiny_policy, prompts):
         ep.advantage = float("nan")
     pol = fresh(tiny_policy)
     before = [p.detach().clone() for p in pol.model.parameters()]
-    stats = update_policy(pol, torch.optim.AdamW(pol.model.parameters(), lr=1e-3), eps, 2, 0.2, 0.0, 0.0, 1.0)
+    stats = update_policy(pol, torch.optim.AdamW(pol.model.parameters(), lr=1e-3), eps, micro_batch=2, clip_eps=0.2,
+                          beta=0.0, entropy_coef=0.0, max_grad_norm=1.0)
     assert stats["skipped"]
     assert all(torch.equal(a, b) for a, b in zip(before, pol.model.parameters()))
 
@@ -133,13 +135,14 @@ def test_one_timerpo_step_end_to_end(tiny_policy, prompts):
     eps = rollout(tiny_policy, prompts, group_size=3, step=2, seed=0, max_new_tokens=8, batch_size=9,
                   keep_states=True)
     assert [ep.group for ep in eps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    score_outcomes(eps, "six-mean")
+    score_outcomes(eps, loc_mode="six-mean")
     targets = target_states(tiny_policy, prompts, max_tokens=64)
     ground_completions(eps, targets, micro_batch=4, grounding="ot")
     assert all(0.0 <= ep.grounding <= 2.0 for ep in eps)
-    result = compute_advantages(eps, 3, mode="timerpo", alpha=0.3, norm="std", tau=0.5, grounding="ot")
+    result = compute_advantages(eps, group_size=3, mode="timerpo", alpha=0.3, norm="std", tau=0.5, grounding="ot")
     assert torch.isfinite(result.advantages).all()
     # Equal outcome rewards in a group (random model: all 0) → Â_main = 0, grounded term passes unchanged.
     pol = fresh(tiny_policy)
-    stats = update_policy(pol, torch.optim.AdamW(pol.model.parameters(), lr=1e-4), eps, 4, 0.2, 0.0, 0.001, 1.0)
+    stats = update_policy(pol, torch.optim.AdamW(pol.model.parameters(), lr=1e-4), eps, micro_batch=4, clip_eps=0.2,
+                          beta=0.0, entropy_coef=0.001, max_grad_norm=1.0)
     assert not stats["skipped"] and stats["clip_frac"] == 0.0  # ρ ≡ 1 at the single update

@@ -97,3 +97,30 @@ def test_answer_figure_smoke(tiny_data, tmp_path):
     from PIL import Image
     with Image.open(png) as img:
         assert img.size[0] >= 1000  # the whole plot, not a thumbnail
+
+
+def test_gpu_bench_smoke(tiny_data, tmp_path):
+    """bench/gpu_bench.py --smoke: the GPU benchmark's path (rollout variants, update MFU) on the CPU, tiny config.
+    The compiled variant is left out here (tests/test_rollout.py checks the compiled step)."""
+    out = tmp_path / "gpu.json"
+    run_script(["bench/gpu_bench.py", "--smoke", "--variants", "fp32-eager", "bf16-eager", "--data", tiny_data,
+                "--results", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["rollout"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("fp32-eager", 4), ("bf16-eager", 4), ("fp32-eager", 8),
+                                                         ("bf16-eager", 8)]
+    for r in rows:
+        assert "error" not in r and 0 < r["tokens"] <= r["completions"] * 4  # at most 4 new tokens each
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0
+    update = report["update"]
+    assert update["completions"] == 4 and update["tflop"] > 0 and update["mfu"] is None  # no GPU peak on a CPU
+    assert math.isfinite(update["loss"])
+
+
+def test_bench_rollout_smoke(tiny_data, tmp_path):
+    out = tmp_path / "rollout.json"
+    stdout = run_script(["bench/bench_rollout.py", "--before", ROOT, "--reps", "1", "--steps", "1",
+                         "--warmup-steps", "1", "--data", tiny_data, "--cache", str(tmp_path), "--results", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["sides"]) == {"ours", "before"} and "ratio ours/before" in stdout
+    assert report["same_completions"]  # this checkout against itself

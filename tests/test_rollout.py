@@ -101,3 +101,120 @@ def test_prompt_has_one_image_token_per_28px_cell(tiny_policy):
     n = enc.input_ids.count(tiny_policy.token_id("<|image_pad|>"))
     assert n == (1008 // 28) * (140 // 28) == 180
     assert enc.pixel_values.shape[0] == 4 * n  # 2 x 2 patches merge into one token
+
+
+# -- prefill once per prompt ---------------------------------------------------------------------------
+
+def group_rows(prompts, layout):
+    """Rows holding the SAME prompt objects in a given order, e.g. [0, 0, 1, 1] (two groups of two)."""
+    return [prompts[k] for k in layout]
+
+
+@pytest.mark.parametrize("layout", [[0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 2, 2], [3, 2, 2, 3, 3, 0, 1, 1], [1, 1]])
+def test_shared_prefill_equals_one_prefill_per_completion(end_biased, prompts, layout):
+    """Completions, log-probs and kept states with one prefill per distinct prompt (its cache copied to the
+    group's rows) equal those of one prefill per row. Groups contiguous, interleaved, uneven, one group; the
+    end-biased model ends rows at different steps, so the batch is compacted on the way (8 → 4 → 2 → 1)."""
+    rows = group_rows(prompts, layout)
+    seeds = [completion_seed(4, 0, k, j) for j, k in enumerate(layout)]
+    shared = sample_completions(end_biased, rows, seeds, max_new_tokens=20, with_states=True)
+    alone = sample_completions(end_biased, rows, seeds, max_new_tokens=20, with_states=True, share_prefill=False)
+    assert len({len(ids) for ids, _, _ in shared}) > 1 or len(rows) == 2
+    for (ids_a, lp_a, st_a), (ids_b, lp_b, st_b) in zip(shared, alone):
+        assert ids_a == ids_b
+        assert max(abs(a - b) for a, b in zip(lp_a, lp_b)) <= 1e-5
+        assert (st_a - st_b).abs().max() <= 1e-5 * st_b.abs().max()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 5, 7])
+def test_rollout_chunks_split_groups_without_changing_completions(end_biased, prompts, batch_size):
+    """algorithm.rollout cuts the step's G x prompts completions into chunks of --rollout-batch, which may split
+    a group across chunks; every chunk prefills its distinct prompts once. Same completions for every size."""
+    from timerpo.algorithm import Prompt, rollout
+
+    step_prompts = [Prompt(index=i, sample=None, encoded=p, target_text="") for i, p in enumerate(prompts[:2])]
+    outs = rollout(end_biased, step_prompts, group_size=3, step=1, seed=9, max_new_tokens=12, batch_size=batch_size,
+                   keep_states=True)
+    expected = [sample_completions(end_biased, [p.encoded], [completion_seed(9, 1, p.index, k)], 12,
+                                   with_states=True, share_prefill=False)[0]
+                for p in step_prompts for k in range(3)]
+    for ep, (ids, lps, states) in zip(outs, expected):
+        assert ep.completion_ids == ids
+        assert max(abs(a - b) for a, b in zip(ep.sample_logprobs, lps)) <= 1e-5
+        assert (ep.states - states).abs().max() <= 1e-5 * states.abs().max()
+
+
+def test_shared_prompt_logprobs_equal_the_full_forward(end_biased, prompts):
+    """The reference forward's batching (distinct prompts once, then the completions against their cache)
+    scores exactly what one forward over prompt + completion per row scores."""
+    from timerpo.rollout import shared_prompt_logprobs
+
+    rows = group_rows(prompts, [0, 0, 2, 2, 2, 1])
+    outs = sample_completions(end_biased, rows, [completion_seed(2, 2, k, 0) for k in range(6)], max_new_tokens=16)
+    completions = [ids for ids, _ in outs]
+    with torch.no_grad():
+        batch = collate(end_biased, rows, completions)
+        expected, _, _ = completion_forward(end_biased, batch)  # [B, C]
+    got = shared_prompt_logprobs(end_biased, rows, completions)  # [B, C]
+    mask = batch.completion_mask.bool()
+    assert (got - expected)[mask].abs().max() <= 1e-5
+
+
+def test_update_forward_encodes_each_image_once_with_the_same_gradient(tiny_policy, prompts):
+    """completion_forward runs the vision tower once per distinct image (encode_images_once); the log-probs and
+    the gradient equal the forward where every row encodes its own copy of the image."""
+    pol = copy.copy(tiny_policy)
+    pol.model = copy.deepcopy(tiny_policy.model).train()
+    shared = group_rows(prompts, [0, 0, 0, 1, 1])
+    own = [copy.copy(p) for p in shared]  # distinct objects: no sharing
+    completions = [[50, 61, 72], [83, 94], [55], [100, 111, 122], [40]]  # ordinary text tokens
+    calls = []
+    handle = pol.model.model.visual.register_forward_hook(lambda m, i, o: calls.append(o.last_hidden_state.shape[0]))
+    grads = []
+    for rows in (shared, own):
+        pol.model.zero_grad(set_to_none=True)
+        logprobs, _, _ = completion_forward(pol, collate(pol, rows, completions))
+        (logprobs * collate(pol, rows, completions).completion_mask).sum().backward()
+        grads.append((logprobs.detach(), torch.cat([p.grad.flatten() for p in pol.model.parameters()])))
+    handle.remove()
+    patches = prompts[0].pixel_values.shape[0]
+    assert calls == [2 * patches, 5 * patches]  # two distinct images, then five
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5, rtol=0)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
+
+
+# -- compiled decode step --------------------------------------------------------------------------------
+
+def test_compiled_decode_step_samples_what_the_eager_one_does(tiny_policy, prompts):
+    """torch.compile'd decode step (Decoder with compile=True; CPU here, inductor): the same tokens for the same
+    seeds, log-probs and states within 1e-4 of the eager step's (fp32). The random tiny model runs every row to
+    the cap, so one batch size, one compilation."""
+    pol = copy.copy(tiny_policy)
+    pol.compile_decode, pol.decoder = True, None
+    rows = [prompts[k] for k in (0, 1, 1, 2)]
+    seeds = [completion_seed(8, 3, k, j) for j, k in enumerate((0, 1, 1, 2))]
+    eager = sample_completions(tiny_policy, rows, seeds, max_new_tokens=10, with_states=True)
+    compiled = sample_completions(pol, rows, seeds, max_new_tokens=10, with_states=True)
+    assert pol.decoder is not None and pol.decoder.compiled  # kept on the policy for the next call
+    for (ids_e, lp_e, st_e), (ids_c, lp_c, st_c) in zip(eager, compiled):
+        assert ids_c == ids_e
+        assert max(abs(a - b) for a, b in zip(lp_c, lp_e)) <= 1e-4
+        assert (st_c - st_e).abs().max() <= 1e-4 * st_e.abs().max()
+    again = sample_completions(pol, rows, seeds, max_new_tokens=10)  # reuses the kept decoder and its graph
+    assert [ids for ids, _ in again] == [ids for ids, _, _ in eager]
+
+
+def test_rollout_batch_for_memory_counts_kv_bytes():
+    """Qwen2.5-VL-3B's text config: 36 layers x (K, V) x 2 KV heads x 128 dims x 2 bytes = 36 KiB per token."""
+    from types import SimpleNamespace
+
+    from timerpo.rollout import decode_bytes_per_row, kv_bytes_per_token, rollout_batch_for_memory
+
+    text = SimpleNamespace(num_hidden_layers=36, num_key_value_heads=2, num_attention_heads=16, hidden_size=2048,
+                           vocab_size=151936)
+    assert kv_bytes_per_token(text, 2) == 36 * 2 * 2 * 128 * 2 == 36864
+    per_row = decode_bytes_per_row(text, 1436, 2)
+    assert per_row == 1436 * 36864 + 151936 * 22
+    assert rollout_batch_for_memory(640, per_row, 640 * per_row) == 640  # all of them fit
+    assert rollout_batch_for_memory(640, per_row, 100.5 * per_row) == 100  # as many as fit
+    assert rollout_batch_for_memory(640, per_row, 0.0) == 1  # never zero

@@ -10,7 +10,8 @@
     5. update_policy      clipped surrogate − β KL + c_H H, token-mean, micro-batched, one AdamW step
 
 A Prompt (make_prompt: one data row, encoded) goes in; Episodes (one completion each) are the only thing
-passed between steps; each step fills its fields.
+passed between steps; each step fills its fields. Settings are keyword-only arguments, named as train.py's
+Config fields they come from (train.rl_step passes them).
 There is no separate "old log-prob" forward: with one update per rollout π_old is the current policy
 (see update_policy), and the states the OT needs come from the rollout's own KV-cache steps.
 """
@@ -31,7 +32,9 @@ from timerpo.objective import timerpo_objective
 from timerpo.policy import EncodedPrompt, Policy, encode_prompt, encode_text
 from timerpo.prompt import Parsed, build_prompt, generic_cot, parse_completion
 from timerpo.reward import RewardParts, outcome_reward
-from timerpo.rollout import collate, completion_forward, completion_seed, sample_completions, text_hidden_states
+from timerpo.precision import sync_rollout_weights
+from timerpo.rollout import (collate, completion_forward, completion_seed, sample_completions, shared_prompt_logprobs,
+                            text_hidden_states)
 
 
 @dataclass
@@ -82,7 +85,7 @@ def chunks(items: list, size: int):
 
 # -- 1 ---------------------------------------------------------------------------------------------
 
-def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, seed: int, max_new_tokens: int,
+def rollout(policy: Policy, prompts: list[Prompt], *, group_size: int, step: int, seed: int, max_new_tokens: int,
             batch_size: int, temperature: float = 1.0, keep_states: bool = False) -> list[Episode]:
     """Step 1: G completions per prompt, sampled in batches; completion k of a prompt is seeded by
     (seed, step, prompt.index, k), so its text does not depend on the batch it was sampled in. With
@@ -103,7 +106,7 @@ def rollout(policy: Policy, prompts: list[Prompt], group_size: int, step: int, s
 
 # -- 2 ---------------------------------------------------------------------------------------------
 
-def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
+def score_outcomes(episodes: list[Episode], *, loc_mode: str) -> None:
     """Step 2: parse each completion and score it against ITS OWN sample (method.md §3)."""
     for ep in episodes:
         s = ep.prompt.sample
@@ -114,7 +117,7 @@ def score_outcomes(episodes: list[Episode], loc_mode: str) -> None:
 # -- 3 ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def target_states(policy: Policy, prompts: list[Prompt], max_tokens: int):
+def target_states(policy: Policy, prompts: list[Prompt], *, max_tokens: int):
     """Hidden states of each prompt's OT target text under the CURRENT policy (text-only forward).
 
     Once per prompt, not per completion: the G completions of a group share their target.
@@ -134,7 +137,7 @@ def grounding_values(hidden, mask, targets, target_mask, mode: str, eps: float, 
 
 
 @torch.no_grad()
-def ground_completions(episodes: list[Episode], targets, micro_batch: int, grounding: str = "ot",
+def ground_completions(episodes: list[Episode], targets, *, micro_batch: int, grounding: str = "ot",
                        ot_eps: float = 0.08, ot_iters: int = 50) -> None:
     """Step 3, method.md §8 to §11: W_i = ⟨T*, C⟩ (or the cosine similarity) between each completion's states,
     kept by the rollout, and its group's target states; then the states are dropped. No gradient flows
@@ -144,30 +147,35 @@ def ground_completions(episodes: list[Episode], targets, micro_batch: int, groun
     """
     states, state_mask = targets
     for chunk in chunks(episodes, micro_batch):
-        # zero-padded rows have zero mass in the OT marginals, so padding changes nothing
-        hidden = pad_sequence([ep.states for ep in chunk], batch_first=True).to(states.device)  # [b, C, D]
+        # zero-padded rows have zero mass in the OT marginals, so padding changes nothing; the OT runs in fp32
+        # whatever precision the states were kept in
+        hidden = pad_sequence([ep.states for ep in chunk], batch_first=True).to(states.device).float()  # [b, C, D]
         lengths = torch.tensor([len(ep.completion_ids) for ep in chunk], device=states.device)  # [b]
         mask = (torch.arange(hidden.shape[1], device=states.device) < lengths[:, None]).long()  # [b, C]
         rows = torch.tensor([ep.group for ep in chunk], device=states.device)  # [b]
-        values = grounding_values(hidden, mask, states[rows], state_mask[rows], grounding, ot_eps, ot_iters)  # [b]
+        values = grounding_values(hidden, mask, states[rows].float(), state_mask[rows], grounding, ot_eps,
+                                  ot_iters)  # [b]
         for ep, v in zip(chunk, values.tolist()):
             ep.grounding, ep.states = v, None
 
 
 @torch.no_grad()
-def reference_logprobs(ref_policy: Policy, episodes: list[Episode], micro_batch: int) -> None:
-    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16."""
+def reference_logprobs(ref_policy: Policy, episodes: list[Episode], *, micro_batch: int) -> None:
+    """Step 3, with β > 0: log π_ref of every completion token, for the k3 KL term of method.md §16.
+
+    Each group's prompt (image + prefix) runs once per micro-batch (shared_prompt_logprobs), not once per
+    completion."""
     ref_policy.model.eval()
     for chunk in chunks(episodes, micro_batch):
-        batch = collate(ref_policy, [ep.prompt.encoded for ep in chunk], [ep.completion_ids for ep in chunk])
-        logprobs, _, _ = completion_forward(ref_policy, batch)  # [b, C]
+        logprobs = shared_prompt_logprobs(ref_policy, [ep.prompt.encoded for ep in chunk],
+                                          [ep.completion_ids for ep in chunk])  # [b, C]
         for ep, row in zip(chunk, logprobs):
             ep.ref_logprobs = row[:len(ep.completion_ids)].cpu()
 
 
 # -- 4 ---------------------------------------------------------------------------------------------
 
-def compute_advantages(episodes: list[Episode], group_size: int, mode: str, alpha: float, norm: str,
+def compute_advantages(episodes: list[Episode], *, group_size: int, mode: str, alpha: float, norm: str,
                        tau: float, grounding: str, tsr_norm: str | None = None, tsr_floor: float = 0.0):
     """Step 4: Â_main from the outcome rewards, Â_TsR from W, projected and fused (advantage.py)."""
     rewards = torch.tensor([ep.reward.total for ep in episodes], dtype=torch.float64)  # [N]
@@ -190,7 +198,7 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], micro_batch: int,
+def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], *, micro_batch: int,
                   clip_eps: float, beta: float, entropy_coef: float, max_grad_norm: float,
                   n_tokens_total: int | None = None, dist: Dist | None = None) -> dict:
     """Step 5: the objective of method.md §16 over all episodes, accumulated over micro-batches, then one
@@ -236,6 +244,7 @@ def update_policy(policy: Policy, optimizer: torch.optim.Optimizer, episodes: li
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
+        sync_rollout_weights(policy)  # the bf16 copy rollouts sample with (--dtype bf16; no-op otherwise)
     stats = {k: v / max(n_tokens_total, 1) for k, v in sums.items() if k != "loss"}
     stats.update(loss=sums["loss"], grad_norm=grad_norm, skipped=skipped, clip_frac=stats.pop("clipped"))
     return stats

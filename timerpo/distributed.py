@@ -138,8 +138,10 @@ def fail_fast(d: Dist):
     The other ranks are usually blocked in a collective that would only time out much later; exiting
     non-zero at once lets torchrun stop them (it watches its workers and kills the rest of the group).
     `os._exit` skips Python's shutdown, which could itself block on the process group.
+    Test hook: the rank named by $TIMERPO_FAIL_RANK raises as soon as it enters (tests/test_distributed.py).
     """
     try:
+        inject_failure_from_env(d)
         yield
     except BaseException as err:  # noqa: BLE001  (KeyboardInterrupt too: the job must end either way)
         if isinstance(err, SystemExit) and err.code in (0, None):
@@ -150,8 +152,8 @@ def fail_fast(d: Dist):
         os._exit(1)
 
 
-def maybe_inject_failure(d: Dist) -> None:
-    """Test hook: raise on the rank named by $TIMERPO_FAIL_RANK (nothing happens when it is unset)."""
+def inject_failure_from_env(d: Dist) -> None:
+    """Raise on the rank named by $TIMERPO_FAIL_RANK (nothing happens when it is unset)."""
     target = os.environ.get(FAIL_RANK_ENV)
     if target is not None and target.strip() == str(d.rank):
         raise RuntimeError(f"failure injected by {FAIL_RANK_ENV}={target} on rank {d.rank}")
@@ -196,15 +198,21 @@ def fsdp_units(model) -> list:
 
 
 def prepare_policy(policy, d: Dist, grad_checkpointing: bool = False, freeze_vision: bool = False,
-                   trainable: bool = True) -> None:
-    """Apply the memory levers, then wrap the model for `d.mode` (in place; `policy.model` stays the model).
+                   trainable: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    """Apply the memory levers and the precision, then wrap the model for `d.mode` (in place; `policy.model`
+    stays the model).
 
+    dtype bf16 (precision.py): fp32 master weights with bf16 compute in every mode; one process and ddp get
+    autocast and a bf16 rollout copy, fsdp gets a MixedPrecisionPolicy (bf16 parameters, fp32 gradient
+    reduction); the frozen reference is stored in bf16. dtype fp32: fp32 throughout.
     ddp: `policy.wrapper` = DDP(model); the update's forwards go through it so gradients get all-reduced.
-    fsdp: fully_shard on every decoder layer and vision block, then the root (bf16 compute with fp32
-    gradient reduction on CUDA; fp32 throughout on CPU). `trainable=False` (the frozen KL reference)
-    shards it the same way and never wraps it in DDP (it has no gradients to synchronise).
+    fsdp: fully_shard on every decoder layer and vision block, then the root. `trainable=False` (the frozen
+    KL reference) shards it the same way and never wraps it in DDP (it has no gradients to synchronise).
     """
+    from timerpo.precision import setup_precision
+
     model = policy.model
+    setup_precision(policy, dtype, d.mode, trainable)
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if grad_checkpointing and trainable:
@@ -224,10 +232,9 @@ def prepare_policy(policy, d: Dist, grad_checkpointing: bool = False, freeze_vis
         # FSDP warns that the model returns a view (the LM head's 3-D output); the warning is about in-place
         # writes into that output, and none happen (masked_log_softmax is out of place).
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        if d.device.startswith("cuda"):
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        else:
-            mp = MixedPrecisionPolicy()  # CPU: fp32 everywhere (bf16 matmuls on CPU are slow and inexact)
+        # bf16: FSDP gathers bf16 copies of the fp32 shards for every forward and reduces gradients in fp32
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
+            else MixedPrecisionPolicy()
         for unit in fsdp_units(model):
             fully_shard(unit, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

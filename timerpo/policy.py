@@ -53,6 +53,20 @@ class Policy:
     # Under torchrun --dist ddp: the DDP wrapper of `model`. Scoring forwards go through it so that the
     # backward all-reduces gradients; everything else (sampling, saving) uses `model` itself.
     wrapper: torch.nn.Module | None = None
+    # Mixed precision (timerpo/precision.py). `autocast_dtype`: the dtype the update's forwards compute in over
+    # fp32 master weights (None: the weights' own dtype). `rollout_model`: a low-precision copy of the weights
+    # that sampling and no-grad forwards use, refreshed after every optimizer step (None: sample with `model`).
+    autocast_dtype: torch.dtype | None = None
+    rollout_model: torch.nn.Module | None = None
+    # Sampling engine (timerpo/rollout.py): compile the decode step with torch.compile, and the decoder that
+    # keeps its preallocated KV cache between calls when it is compiled.
+    compile_decode: bool = False
+    decoder: object | None = None
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        """The weights rollouts, evaluations and other no-grad forwards run with."""
+        return self.rollout_model if self.rollout_model is not None else self.model
 
     @property
     def forward_module(self) -> torch.nn.Module:
