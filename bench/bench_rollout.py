@@ -3,11 +3,11 @@ earlier checkout of the project, in one process, alternating.
 
     python bench/bench_rollout.py --before /tmp/before     # /tmp/before: e.g. `git clone . /tmp/before` + checkout
     python bench/bench_rollout.py                          # this checkout alone (and with --compile)
-    python bench/bench_rollout.py --reps 1 --steps 1 --warmup-steps 1    # smoke run
+    python bench/bench_rollout.py --reps 1 --steps 1 --warmup-steps 1 --warmup-vision-steps 0   # smoke run
 
 Settings are train.py's tiny preset: 4 prompts x G = 5 completions per step, rollout batch 20, at most 72 new
-tokens, temperature 1, states kept for TimerPO, on the warmed-up tiny model of bench/common.py (so completions
-end like answers do, not at the cap). Both sides sample the same steps with the same seeds; the earlier
+tokens, temperature 1, states kept for TimerPO, on the warmed-up tiny model of bench/common.py that bench_step.py
+and bench_trl.py start from (so completions end like answers do, not at the cap). Both sides sample the same steps with the same seeds; the earlier
 checkout's `timerpo/rollout.py` is loaded under another module name and driven by the loop of its own
 `algorithm.rollout` (a chunk of rollout-batch completions at a time). Repetitions alternate which side goes
 first. Prints tokens/s per side, their ratio, and whether both sampled the same tokens; writes
@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, tiny_args, warm_tiny  # noqa: E402
+from common import step_bench_parser, tiny_args, warm_tiny  # noqa: E402
 
 import train  # noqa: E402
 from timerpo.algorithm import chunks, rollout  # noqa: E402
@@ -58,19 +58,11 @@ def before_rollout(module, policy, prompts, group_size, step, seed, max_new_toke
 
 
 def main(argv=None) -> int:
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = step_bench_parser(__doc__, "side", "rollout.json")
     p.add_argument("--before", default=None, help="folder of an earlier checkout to compare against")
     p.add_argument("--compile", action="store_true", help="also time ours with the compiled decode step")
-    p.add_argument("--reps", type=int, default=5, help="repetitions per side, alternating (5)")
-    p.add_argument("--steps", type=int, default=4, help="rollout steps per repetition (4)")
-    p.add_argument("--warmup-steps", type=int, default=150, help="format warm-up of the model (train.py's 150)")
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "train"))
-    p.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "rollout.json"))
     args = p.parse_args(argv)
-    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache)
+    model_dir = warm_tiny(args.data, args.seed, args.warmup_steps, args.cache, args.warmup_vision_steps)
     targs = tiny_args(model_dir, args.data, args.seed)
     samples = train.ensure_data(args.data, 3407, progress=False)
     policy = load_policy(model_dir, seed=args.seed)

@@ -119,7 +119,7 @@ def test_gpu_bench_smoke(tiny_data, tmp_path):
 
 def test_bench_rollout_smoke(tiny_data, tmp_path):
     out = tmp_path / "rollout.json"
-    stdout = run_script(["bench/bench_rollout.py", "--before", ROOT, "--reps", "1", "--steps", "1",
+    stdout = run_script(["bench/bench_rollout.py", "--before", ROOT, "--reps", "1", "--steps", "1", "--warmup-vision-steps", "1",
                          "--warmup-steps", "1", "--data", tiny_data, "--cache", str(tmp_path), "--results", str(out)])
     report = json.loads(out.read_text())
     assert set(report["sides"]) == {"ours", "before"} and "ratio ours/before" in stdout
