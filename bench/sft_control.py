@@ -41,13 +41,14 @@ def main(argv=None) -> int:
     samples = data_gen.load_samples(args.data)
     policy = load_policy(args.model, seed=args.seed)
     lr, aux = train.TINY["warmup_lr"], train.TINY["warmup_aux_weight"]
+    snap = train.TINY["warmup_targets"] == "columns"  # the same targets as the warm-up it continues
     t0 = time.time()
     losses = supervised_warmup(policy, args.data, samples, PROBE_STEPS, 8, lr, seed=args.seed + 100,
-                               aux_weight=aux, progress=False)
+                               aux_weight=aux, snap=snap, progress=False)
     per_step = (time.time() - t0) / PROBE_STEPS
     more = max(0, round(args.seconds / per_step) - PROBE_STEPS)
     losses += supervised_warmup(policy, args.data, samples, more, 8, lr, seed=args.seed + 101, aux_weight=aux,
-                                progress=False)
+                                snap=snap, progress=False)
     save_policy(policy, args.out)
     info = {"steps": PROBE_STEPS + more, "seconds": time.time() - t0, "target_seconds": args.seconds,
             "final_loss": losses[-1] if losses else None}

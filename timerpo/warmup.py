@@ -133,7 +133,9 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     whole token columns (snap_to_columns). Returns the answer losses."""
     end = policy.tokenizer.convert_ids_to_tokens(policy.end_ids[0])
     visual = policy.model.model.visual
-    heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}))
+    with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
+        torch.manual_seed(seed)
+        heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}))
     heads.to(policy.device)
     order = torch.Generator().manual_seed(seed)
 
