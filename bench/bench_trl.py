@@ -50,18 +50,10 @@ CHAT_TEMPLATE = (
 
 
 def make_processor(policy):
-    """A Qwen2.5-VL processor without the video half (its constructor needs torchvision, absent here)."""
-    from transformers import ProcessorMixin
-    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    """A Qwen2.5-VL processor for the policy, without the video half (its constructor needs torchvision)."""
+    from tests.qwen_folder import image_only_processor
 
-    class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **_):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageOnlyQwenProcessor(policy.image_processor, policy.tokenizer, chat_template=CHAT_TEMPLATE)
+    return image_only_processor(policy.image_processor, policy.tokenizer, CHAT_TEMPLATE)
 
 
 def trl_dataset(data: str, samples: list):

@@ -89,12 +89,11 @@ def build_qwen_folder(out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
-def qwen_processor(folder: str):
-    """Qwen2.5-VL's processor for the folder, without its video half (whose constructor needs torchvision)."""
-    from transformers import AutoTokenizer, ProcessorMixin
+def image_only_processor(image_processor, tokenizer, chat_template: str):
+    """Qwen2.5-VL's processor without its video half (whose constructor needs torchvision, absent here).
+    Shared by the Qwen-layout tests and bench/bench_trl.py."""
+    from transformers import ProcessorMixin
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-
-    from timerpo.policy import make_image_processor
 
     class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **_):
@@ -103,7 +102,16 @@ def qwen_processor(folder: str):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
+    return ImageOnlyQwenProcessor(image_processor, tokenizer, chat_template=chat_template)
+
+
+def qwen_processor(folder: str):
+    """Qwen2.5-VL's processor for the folder (image half only, see image_only_processor)."""
+    from transformers import AutoTokenizer
+
+    from timerpo.policy import make_image_processor
+
     with open(os.path.join(folder, "chat_template.json")) as f:
         template = json.load(f)["chat_template"]
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return ImageOnlyQwenProcessor(make_image_processor(), tokenizer, chat_template=template)
+    return image_only_processor(make_image_processor(), tokenizer, template)
