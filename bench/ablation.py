@@ -185,7 +185,7 @@ def main() -> int:
         cells.update({g: [s["groups"].get(g, float("nan")) for s in summ] for g in GROUPS})
         report[arm] = {k: dict(zip(("mean", "std"), spread(v)), values=v) for k, v in cells.items()}
         pct = lambda k: "{:.1f} ± {:.1f}".format(*(100 * x for x in spread(cells[k])))  # noqa: E731
-        raw = lambda k: "{:.3f} ± {:.3f}".format(*spread(cells[k]))  # noqa: E731
+        raw = lambda k: "" if np.isnan(cells[k]).all() else "{:.3f} ± {:.3f}".format(*spread(cells[k]))  # noqa: E731
         table.append(f"| {arm} | {pct('Cls Acc')} | " + " | ".join(pct(g) for g in GROUPS)
                      + f" | {pct('Avg F1')} | {raw('reward')} | {raw('train reward last 50')} "
                        f"| {raw('zero-std last 50')} |")
