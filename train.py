@@ -140,6 +140,8 @@ class Config:
     warmup_targets: str = paper("exact", "warm-up answer intervals: exact (the true ones) | columns (widened to the "
                                          "whole token columns they touch, the finest place the tiny model sees)",
                                 choices=("exact", "columns"))
+    warmup_pointer: float = paper(0.0, "weight of the pointing loss: one attention head of the language model's "
+                                       "layer 1 should look at the plot column each answer digit names (off at 0)")
 
     # -- held-out evaluation and checkpoints
     eval_every: int = paper(25, "held-out evaluation every N steps, and once before RL")
@@ -225,7 +227,8 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
     for key in ("lr", "tau", "ot_eps"):
         if not getattr(config, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(config, key)}")
-    for key in ("rollout_batch", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "beta", "entropy_coef",
+    for key in ("rollout_batch", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "warmup_pointer",
+                "beta", "entropy_coef",
                 "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
         if getattr(config, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
@@ -355,8 +358,8 @@ def format_warmup(policy: Policy, config: Config, train_samples: list, progress:
     """The supervised warm-up (tiny only) on the whole training split: plot reading, then answers."""
     return supervised_warmup(policy, config.data, train_samples, config.warmup_steps, batch_size=8,
                              lr=config.warmup_lr, seed=config.seed, vision_steps=config.warmup_vision_steps,
-                             aux_weight=config.warmup_aux_weight,
-                             snap=config.warmup_targets == "columns", progress=progress)
+                             aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
+                             pointer_weight=config.warmup_pointer, progress=progress)
 
 
 def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:

@@ -11,7 +11,10 @@ from timerpo.algorithm import Prompt
 from timerpo.policy import encode_prompt, load_policy, save_policy
 from timerpo.prompt import build_prompt
 from timerpo.rollout import collate, completion_forward
-from timerpo.warmup import snap_to_columns, supervised_warmup, warmup_completion
+from types import SimpleNamespace
+
+from timerpo.warmup import (attention_loss, boundary_columns, captured_attention, snap_to_columns, supervised_warmup,
+                            warmup_completion)
 
 
 def plot_prompt(policy, folder, sample, index=0):
@@ -108,3 +111,79 @@ def test_snapped_warmup_target_has_no_empty_interval():
                              series=[0.0] * 1000, image="", expcot="", gencot="")
     assert "[[188, 216]]" in warmup_completion(sample, snap=True)
     assert "[[200, 201]]" in warmup_completion(sample)
+
+
+def pixel_column(step, length):
+    return int(data_gen.x_to_pixel(step, length) // data_gen.CELL)
+
+
+def test_boundary_columns_point_each_digit_at_its_ends_pixel_column(tiny_policy):
+    """Oracle: the renderer's step-to-pixel map; a start s lies in column x(s) // 28, an end e (exclusive)
+    in the column of its last step e − 1; every digit token of the number points there."""
+    rng = np.random.default_rng(2)
+    tok = tiny_policy.tokenizer
+    for _ in range(100):
+        ends = sorted(rng.choice(1001, size=2 * rng.integers(1, 4), replace=False).tolist())
+        intervals = snap_to_columns([ends[i:i + 2] for i in range(0, len(ends), 2)], 1000)
+        text = warmup_completion(SimpleNamespace(label="seasonal", intervals=intervals, length=1000))
+        pointers = boundary_columns(text, tok, 1000)
+        expected = [pixel_column(b if k == 0 else b - 1, 1000) for iv in intervals for k, b in enumerate(iv)
+                    for _ in str(b)]
+        assert [c for _, c in pointers] == expected
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        digits = "".join(tok.decode([ids[j]]) for j, _ in pointers)
+        assert digits == "".join(str(b) for iv in intervals for b in iv)
+    assert boundary_columns(warmup_completion(SimpleNamespace(label="normal", intervals=[], length=1000)),
+                            tok, 1000) == []
+
+
+def test_attention_loss_is_minus_mean_log_mass_on_the_pointed_column():
+    """Oracle: numpy over a hand-built batch (2 rows of 3 image columns, prompt of 10, image at 2..7)."""
+    rng = np.random.default_rng(3)
+    image_id, P, C, H = 99, 10, 4, 2
+    ids = torch.zeros(2, P + C, dtype=torch.long)
+    ids[:, 2:8] = image_id  # visual tokens, row-major: row 0 at 2, 3, 4; row 1 at 5, 6, 7
+    batch = SimpleNamespace(input_ids=ids, prompt_len=P, image_grid_thw=torch.tensor([[1, 4, 6], [1, 4, 6]]))
+    weights = torch.softmax(torch.tensor(rng.normal(size=(2, H, P + C, P + C))), -1)  # [B, H, T, T]
+    pointers = [[(0, 1), (2, 2)], [(1, 0)]]  # (completion token, column)
+    w = weights.numpy()
+    terms = [np.log(w[0, 1, P - 1, [3, 6]].sum()), np.log(w[0, 1, P + 1, [4, 7]].sum()),
+             np.log(w[1, 1, P, [2, 5]].sum())]
+    got = attention_loss(weights, batch, pointers, image_id, head=1)
+    assert np.isclose(float(got), -np.mean(terms))
+    assert float(attention_loss(weights, batch, [[], []], image_id, head=1)) == 0.0
+
+
+def test_captured_attention_leaves_the_forward_unchanged(tiny_policy, tiny_data):
+    samples = data_gen.load_samples(tiny_data, limit=2)
+    prompts = [plot_prompt(tiny_policy, tiny_data, s, i) for i, s in enumerate(samples)]
+    completions = [tiny_policy.tokenizer(warmup_completion(p.sample, snap=True))["input_ids"] for p in prompts]
+    batch = collate(tiny_policy, [p.encoded for p in prompts], completions)
+    with torch.no_grad():
+        plain, _, _ = completion_forward(tiny_policy, batch)
+        with captured_attention(tiny_policy, layer=1) as seen:
+            eager, _, _ = completion_forward(tiny_policy, batch)
+    assert torch.allclose(plain, eager, atol=1e-4)
+    T = batch.input_ids.shape[1]
+    assert seen.weights.shape == (2, 4, T, T)
+    assert torch.allclose(seen.weights.sum(-1), torch.ones(2, 4, T), atol=1e-5)
+    assert tiny_policy.model.config._attn_implementation == "sdpa"
+
+
+def test_pointing_loss_reaches_the_pointing_layer_and_restores_sdpa(tiny_data):
+    policy = load_policy("tiny", seed=4)
+    samples = [s for s in data_gen.load_samples(tiny_data) if s.intervals][:2]
+    prompts = [plot_prompt(policy, tiny_data, s, i) for i, s in enumerate(samples)]
+    texts = [warmup_completion(p.sample, snap=True) for p in prompts]
+    batch = collate(policy, [p.encoded for p in prompts], [policy.tokenizer(t)["input_ids"] for t in texts])
+    columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
+    with captured_attention(policy, layer=1) as seen:
+        completion_forward(policy, batch)
+    attention_loss(seen.weights, batch, columns, policy.token_id("<|image_pad|>"), head=0).backward()
+    layers = policy.model.model.language_model.layers
+    assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0  # the pointed layer's queries learn
+    assert layers[2].self_attn.q_proj.weight.grad is None  # layers after it play no part
+    losses = supervised_warmup(policy, tiny_data, samples, steps=2, batch_size=2, lr=1e-3, seed=0, snap=True,
+                               pointer_weight=1.0, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert policy.model.config._attn_implementation == "sdpa"

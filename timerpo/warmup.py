@@ -13,10 +13,18 @@ attention that starts out uniform over ~420 tokens, so the language model learns
 (discarded after the warm-up) predict, for every token column, whether its time steps overlap a true
 interval, and, from the pooled tokens, the series' family. It runs alone for `vision_steps` (cheap: the
 vision tower only), then beside the answer loss with weight `aux_weight`.
+
+An optional *pointing* target (`pointer_weight`, off by default) asks one attention head of the language
+model to look, at every position that writes a digit of an answer boundary, at the plot column that
+boundary lies in: a column is where the tiny model has to read a position off the plot, and the answer
+loss alone never routes it there (method.md §18).
 """
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 
 import torch
 from PIL import Image
@@ -89,6 +97,63 @@ def column_targets(sample, columns: int) -> torch.Tensor:
     return out
 
 
+def boundary_columns(completion: str, tokenizer, length: int) -> list[tuple[int, int]]:
+    """(token index, token column) for each digit token of the <answer> block's numbers: a start s points at
+    the column whose left edge is nearest s, an end e at the column whose right edge is nearest e.
+
+    These are the plot columns the model has to look at to write that digit (the pointer target of
+    `attention_loss`). Example (L = 1000, left edges 28c − 36): "<answer>[[20, 48]]</answer>" → the
+    digit tokens of 20 point at column 2, those of 48 at column 2 too (its right edge is 48).
+    """
+    enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    lo, hi = completion.find("<answer>"), completion.find("</answer>")
+    if lo < 0 or hi < 0:
+        return []
+    edges = column_edges(length)  # [columns + 1]
+    columns = len(edges) - 1
+    out = []
+    for k, number in enumerate(re.finditer(r"\d+", completion[lo:hi])):
+        value = float(number.group())
+        nearest = int((edges - value).abs().argmin())
+        column = min(max(nearest if k % 2 == 0 else nearest - 1, 0), columns - 1)
+        span = (lo + number.start(), lo + number.end())
+        out += [(j, column) for j, (a, b) in enumerate(enc["offset_mapping"]) if a >= span[0] and b <= span[1]]
+    return out
+
+
+@contextmanager
+def captured_attention(policy: Policy, layer: int):
+    """`with captured_attention(policy, k) as seen:` seen.weights is layer k's attention [B, H, T, T] after
+    each forward. Switches the model to eager attention for the duration (sdpa never forms the weights)."""
+    before = policy.model.config._attn_implementation
+    policy.model.set_attn_implementation("eager")
+    attention = policy.model.model.language_model.layers[layer].self_attn
+    seen = type("Seen", (), {"weights": None})()
+    handle = attention.register_forward_hook(lambda module, args, output: setattr(seen, "weights", output[1]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+        policy.model.set_attn_implementation(before)
+
+
+def attention_loss(weights: torch.Tensor, batch, targets: list[list[tuple[int, int]]], image_id: int,
+                   head: int) -> torch.Tensor:
+    """−mean log(attention mass of `head` on the pointed column's visual tokens), over every position that
+    predicts a digit of an answer boundary. weights [B, H, T, T]; targets from boundary_columns."""
+    terms = []
+    for i, pointers in enumerate(targets):
+        if not pointers:
+            continue
+        image = (batch.input_ids[i] == image_id).nonzero().squeeze(-1)  # [rows * cols] in row-major order
+        rows, cols = batch.image_grid_thw[i, 1].item() // 2, batch.image_grid_thw[i, 2].item() // 2
+        grid = image.view(rows, cols)  # [rows, cols] sequence positions
+        for j, column in pointers:
+            query = batch.prompt_len - 1 + j  # the position that predicts completion token j
+            terms.append(weights[i, head, query, grid[:, column]].sum().clamp_min(1e-9).log())
+    return -torch.stack(terms).mean() if terms else weights.new_zeros(())
+
+
 class PlotHeads(torch.nn.Module):
     """The plot-reading target's two linear heads on the visual tokens; used in the warm-up only."""
 
@@ -126,11 +191,13 @@ def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Pro
 
 def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, batch_size: int, lr: float,
                       seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
-                      progress: bool = True) -> list[float]:
+                      progress: bool = True, pointer_weight: float = 0.0, pointer_layer: int = 1,
+                      pointer_head: int = 0) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
-    loss. Batches are drawn with replacement from all of `samples`; `snap` widens the target intervals to
-    whole token columns (snap_to_columns). Returns the answer losses."""
+    loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
+    drawn with replacement from all of `samples`; `snap` widens the target intervals to whole token columns
+    (snap_to_columns). Returns the answer losses."""
     end = policy.tokenizer.convert_ids_to_tokens(policy.end_ids[0])
     visual = policy.model.model.visual
     with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
@@ -155,23 +222,46 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     optimizer = torch.optim.AdamW([*policy.model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
     losses = []
     bar = tqdm(range(steps), desc="warm-up (answers)", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        prompts = draw()
-        targets = [policy.tokenizer(warmup_completion(p.sample, snap) + end, add_special_tokens=False)["input_ids"]
-                   for p in prompts]
-        batch = collate(policy, [p.encoded for p in prompts], targets)
-        with capture_output(visual) as seen:
-            logprobs, _, _ = completion_forward(policy, batch)  # [b, C]
-        mask = batch.completion_mask.float()  # [b, C]
-        loss = -(logprobs * mask).sum() / mask.sum()
-        losses.append(float(loss.detach()))
-        if aux_weight > 0:
-            tokens = merged_tokens(seen.output)  # [sum of tokens, D]
-            loss = loss + aux_weight * heads.loss(tokens, batch.image_grid_thw, [p.sample for p in prompts])
-        step_optimizer(optimizer, loss, policy)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    pointer = Pointer(pointer_weight, pointer_head, policy.token_id("<|image_pad|>"))
+    with captured_attention(policy, pointer_layer) if pointer_weight > 0 else nullcontext() as pointer.attention:
+        for _ in bar:
+            losses.append(answer_step(policy, optimizer, heads, draw(), end, snap, aux_weight, pointer))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     policy.model.eval()
     return losses
+
+
+@dataclass
+class Pointer:
+    """The optional pointing target of the answer warm-up (off at weight 0): `head` of the captured layer
+    should look at the plot column each boundary digit names (attention_loss)."""
+    weight: float
+    head: int
+    image_id: int
+    attention: object = None  # captured_attention's record, set while the warm-up runs
+
+
+def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointer: Pointer) -> float:
+    """One answer warm-up step: answer loss + aux_weight · plot-reading loss (+ the pointing loss); returns
+    the answer loss."""
+    visual = policy.model.model.visual
+    texts = [warmup_completion(p.sample, snap) + end for p in prompts]
+    targets = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batch = collate(policy, [p.encoded for p in prompts], targets)
+    with capture_output(visual) as seen:
+        logprobs, _, _ = completion_forward(policy, batch)  # [b, C]
+    mask = batch.completion_mask.float()  # [b, C]
+    answer = -(logprobs * mask).sum() / mask.sum()
+    loss = answer
+    if aux_weight > 0:
+        tokens = merged_tokens(seen.output)  # [sum of tokens, D]
+        loss = loss + aux_weight * heads.loss(tokens, batch.image_grid_thw, [p.sample for p in prompts])
+    if pointer.weight > 0:
+        columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
+        loss = loss + pointer.weight * attention_loss(pointer.attention.weights, batch, columns, pointer.image_id,
+                                                      pointer.head)
+    step_optimizer(optimizer, loss, policy)
+    return float(answer.detach())
 
 
 def merged_tokens(vision_output) -> torch.Tensor:
