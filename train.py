@@ -228,8 +228,7 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
         if not getattr(config, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(config, key)}")
     for key in ("rollout_batch", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "warmup_pointer",
-                "beta", "entropy_coef",
-                "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
+                "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
         if getattr(config, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
     if config.group_size < 2:

@@ -165,8 +165,8 @@ def test_captured_attention_leaves_the_forward_unchanged(tiny_policy, tiny_data)
             eager, _, _ = completion_forward(tiny_policy, batch)
     assert torch.allclose(plain, eager, atol=1e-4)
     T = batch.input_ids.shape[1]
-    assert seen.weights.shape == (2, 4, T, T)
-    assert torch.allclose(seen.weights.sum(-1), torch.ones(2, 4, T), atol=1e-5)
+    assert seen.output[1].shape == (2, 4, T, T)
+    assert torch.allclose(seen.output[1].sum(-1), torch.ones(2, 4, T), atol=1e-5)
     assert tiny_policy.model.config._attn_implementation == "sdpa"
 
 
@@ -179,7 +179,7 @@ def test_pointing_loss_reaches_the_pointing_layer_and_restores_sdpa(tiny_data):
     columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
     with captured_attention(policy, layer=1) as seen:
         completion_forward(policy, batch)
-    attention_loss(seen.weights, batch, columns, policy.token_id("<|image_pad|>"), head=0).backward()
+    attention_loss(seen.output[1], batch, columns, policy.token_id("<|image_pad|>"), head=0).backward()
     layers = policy.model.model.language_model.layers
     assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0  # the pointed layer's queries learn
     assert layers[2].self_attn.q_proj.weight.grad is None  # layers after it play no part

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -123,17 +123,14 @@ def boundary_columns(completion: str, tokenizer, length: int) -> list[tuple[int,
 
 @contextmanager
 def captured_attention(policy: Policy, layer: int):
-    """`with captured_attention(policy, k) as seen:` seen.weights is layer k's attention [B, H, T, T] after
+    """`with captured_attention(policy, k) as seen:` seen.output[1] is layer k's attention [B, H, T, T] after
     each forward. Switches the model to eager attention for the duration (sdpa never forms the weights)."""
     before = policy.model.config._attn_implementation
     policy.model.set_attn_implementation("eager")
-    attention = policy.model.model.language_model.layers[layer].self_attn
-    seen = type("Seen", (), {"weights": None})()
-    handle = attention.register_forward_hook(lambda module, args, output: setattr(seen, "weights", output[1]))
     try:
-        yield seen
+        with capture_output(policy.model.model.language_model.layers[layer].self_attn) as seen:
+            yield seen  # the attention module returns (output, weights)
     finally:
-        handle.remove()
         policy.model.set_attn_implementation(before)
 
 
@@ -258,7 +255,7 @@ def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointe
         loss = loss + aux_weight * heads.loss(tokens, batch.image_grid_thw, [p.sample for p in prompts])
     if pointer.weight > 0:
         columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
-        loss = loss + pointer.weight * attention_loss(pointer.attention.weights, batch, columns, pointer.image_id,
+        loss = loss + pointer.weight * attention_loss(pointer.attention.output[1], batch, columns, pointer.image_id,
                                                       pointer.head)
     step_optimizer(optimizer, loss, policy)
     return float(answer.detach())
