@@ -48,7 +48,7 @@ class StepRecord:
     update_advantages: torch.Tensor  # what the objective was given, per completion
 
 
-def run_step(tiny_policy, tiny_data, monkeypatch, **given) -> StepRecord:
+def run_step(tiny_policy, tiny_data, **given) -> StepRecord:
     """One train.rl_step on a fresh copy of the tiny model; records what the OT and the objective received."""
     config = step_config(**given)
     samples = data_gen.load_samples(tiny_data)
@@ -71,20 +71,33 @@ def run_step(tiny_policy, tiny_data, monkeypatch, **given) -> StepRecord:
 
     real_score, real_ground, real_objective = train.score_outcomes, train.ground_completions, \
         timerpo.algorithm.timerpo_objective
-    monkeypatch.setattr(train, "score_outcomes", score)
-    monkeypatch.setattr(train, "ground_completions", ground)
-    monkeypatch.setattr(timerpo.algorithm, "timerpo_objective", objective)
-    episodes, _, update, _ = train.rl_step(policy, None, train.make_optimizer(policy, config), prompts, 0, config)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "score_outcomes", score)
+        mp.setattr(train, "ground_completions", ground)
+        mp.setattr(timerpo.algorithm, "timerpo_objective", objective)
+        episodes, _, update, _ = train.rl_step(policy, None, train.make_optimizer(policy, config), prompts, 0,
+                                               config)
     assert not update["skipped"]
     return StepRecord(prompts, episodes, seen["targets"], torch.cat(seen["adv"]).double())
 
 
 @pytest.fixture(scope="module")
-def base(tiny_policy, tiny_data):
+def step_with(tiny_policy, tiny_data):
+    """step_with(**flags): the StepRecord of one rl_step with those Config values, run once per module."""
+    done = {}
+
+    def get(**given):
+        key = tuple(sorted(given.items()))
+        if key not in done:
+            done[key] = run_step(tiny_policy, tiny_data, **given)
+        return done[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def base(step_with):
     """The paper's variant: timerpo, α = 0.3, OT grounding, ExpCoT target."""
-    with pytest.MonkeyPatch.context() as mp:
-        return run_step(tiny_policy, tiny_data, mp)
+    return step_with()
 
 
 def rewards_and_w(record: StepRecord):
@@ -113,12 +126,11 @@ def test_timerpo_advantage_reaches_the_update(base):
     ({"grounding": "cosine"}, "timerpo", 0.3, "cosine"),
     ({"cot": "gencot"}, "timerpo", 0.3, "ot"),
 ], ids=["alpha", "grpo", "no-projection", "cosine", "gencot"])
-def test_each_variant_changes_what_it_should_and_nothing_else(base, tiny_policy, tiny_data, monkeypatch, given,
-                                                              mode, alpha, grounding):
+def test_each_variant_changes_what_it_should_and_nothing_else(base, step_with, given, mode, alpha, grounding):
     """Against the paper's variant on the same seeds: the completions are the same every time; W is the same
     unless the grounding or the OT target changed (and is not computed at all for GRPO); the update receives
     the advantage of the variant's own formula, from its own rewards and W."""
-    record = run_step(tiny_policy, tiny_data, monkeypatch, **given)
+    record = step_with(**given)
     assert [ep.completion_ids for ep in record.episodes] == [ep.completion_ids for ep in base.episodes]
     rewards, W = rewards_and_w(record)
     _, base_W = rewards_and_w(base)
@@ -154,10 +166,10 @@ def text_states(policy, text: str, max_tokens: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cot", ["expcot", "gencot"])
-def test_training_step_grounds_on_the_states_of_the_cot_text(base, tiny_policy, tiny_data, monkeypatch, cot):
+def test_training_step_grounds_on_the_states_of_the_cot_text(step_with, tiny_policy, cot):
     """In rl_step, the OT target states are those of each sample's ExpCoT (the generic text for gencot), cut
     to --expcot-max-tokens, and W is the OT cost between them and the completion's states."""
-    record = base if cot == "expcot" else run_step(tiny_policy, tiny_data, monkeypatch, cot=cot)
+    record = step_with() if cot == "expcot" else step_with(cot=cot)
     states, mask = record.targets
     texts = [p.sample.expcot if cot == "expcot" else generic_cot() for p in record.prompts]
     expected = [text_states(tiny_policy, t, 48) for t in texts]
