@@ -184,3 +184,76 @@ def test_training_step_grounds_on_the_states_of_the_cot_text(step_with, tiny_pol
         n, target = len(ep.completion_ids), expected[ep.group]
         w = ot.ot_distance(hidden[i:i + 1, :n], None, target[None], None, eps=0.08, n_iter=50)
         assert ep.grounding == pytest.approx(float(w), abs=1e-5)
+
+
+# -- 5. the KL reference, and the OT target in train.py's own loop -----------------------------------------
+
+def run_args(data, out, name, extra=()):
+    """One RL step of 2 prompts x 2 completions of <= 4 tokens, β > 0, after a 1 + 2 step warm-up (tiny)."""
+    return ["--data", data, "--eval-data", data, "--out", str(out), "--name", name, "--steps", "1",
+            "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--warmup-steps", "2",
+            "--warmup-vision-steps", "1", "--eval-samples", "1", "--eval-every", "100", "--save-every", "100",
+            "--micro-batch", "4", "--rollout-batch", "4", "--expcot-max-tokens", "16", "--beta", "0.001",
+            "--no-progress", *extra]
+
+
+def weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_and_watch(monkeypatch, args) -> list[dict]:
+    """train.main(args), recording at every rl_step the policy's weights (before its update), the reference
+    policy and its weights, and the prompts."""
+    calls, real_step = [], train.rl_step
+
+    def watch(policy, ref_policy, optimizer, prompts, step, config, *rest, **kw):
+        calls.append({"policy": policy, "policy_weights": weights(policy.model), "ref": ref_policy,
+                      "ref_weights": weights(ref_policy.model), "prompts": prompts})
+        return real_step(policy, ref_policy, optimizer, prompts, step, config, *rest, **kw)
+
+    monkeypatch.setattr(train, "rl_step", watch)
+    assert train.main(args) == 0
+    monkeypatch.undo()
+    return calls
+
+
+def assert_frozen_copy(call):
+    ref, policy = call["ref"], call["policy"]
+    assert ref.model is not policy.model
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.model.parameters(), policy.model.parameters()))
+    assert not any(p.requires_grad for p in ref.model.parameters())
+
+
+def test_kl_reference_is_the_warmed_up_model_and_stays_it_on_resume(tiny_policy, tiny_data, tmp_path, monkeypatch):
+    """Tiny path: the reference holds the weights the warm-up ended with (= the policy's before its first RL
+    update), not the random initial ones. Resumed after that step, it still holds them, not the checkpoint's.
+    The training loop's prompts target the ExpCoT (--cot expcot, the default)."""
+    first = train_and_watch(monkeypatch, run_args(tiny_data, tmp_path, "warm"))[0]
+    assert_frozen_copy(first)
+    assert same_weights(first["ref_weights"], first["policy_weights"])
+    assert not same_weights(first["ref_weights"], weights(tiny_policy.model))  # the warm-up moved them
+    assert [p.target_text for p in first["prompts"]] == [p.sample.expcot for p in first["prompts"]]
+
+    resumed = train_and_watch(monkeypatch, run_args(tiny_data, tmp_path, "warm", ["--steps", "2", "--resume"]))[0]
+    assert not same_weights(resumed["policy_weights"], first["policy_weights"])  # the checkpoint after step 1
+    assert same_weights(resumed["ref_weights"], first["ref_weights"])
+
+
+def test_kl_reference_is_the_loaded_model_without_warm_up(tiny_data, tmp_path, monkeypatch):
+    """A model folder and no warm-up (the Qwen path): the reference holds the folder's weights. The training
+    loop's prompts target the generic text with --cot gencot."""
+    from timerpo.policy import load_policy, save_policy
+
+    folder = str(tmp_path / "model")
+    save_policy(load_policy("tiny", seed=5), folder)  # weights unlike the tiny default's (seed 0)
+    args = run_args(tiny_data, tmp_path, "loaded", ["--model", folder, "--warmup-steps", "0",
+                                                    "--warmup-vision-steps", "0", "--cot", "gencot"])
+    first = train_and_watch(monkeypatch, args)[0]
+    assert_frozen_copy(first)
+    assert same_weights(first["ref_weights"], weights(load_policy(folder).model))
+    assert same_weights(first["ref_weights"], first["policy_weights"])
+    assert all(p.target_text == generic_cot() for p in first["prompts"])
