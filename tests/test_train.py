@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train
 from tests.planted import make_genuine_older_format, make_malicious_older_format, payload, plant_pickles
@@ -58,7 +59,18 @@ def cut_run(tiny_data, tmp_path_factory):
     return out / "cut"
 
 
+def checkpoint_tensors(run_dir, step) -> dict:
+    """The weights and the optimizer state (AdamW's moments and step counts) a checkpoint holds, by name."""
+    ckpt = os.path.join(run_dir, f"ckpt-{step:06d}")
+    model = load_file(os.path.join(ckpt, "model", "model.safetensors"))
+    optimizer = load_file(os.path.join(ckpt, "optimizer", "rank-00000.safetensors"))
+    return {**{f"model/{k}": v for k, v in model.items()}, **{f"optimizer/{k}": v for k, v in optimizer.items()}}
+
+
 def assert_resumed_exactly(run_dir, full_run):
+    """The step after the resume logs what the uninterrupted run logged, and leaves the same weights and
+    optimizer state: the logged numbers are all computed before the step's update, so a resume that lost
+    the optimizer's moments would log them unchanged."""
     resumed = read_jsonl(run_dir / "metrics.jsonl")
     straight = read_jsonl(full_run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3]
@@ -66,6 +78,10 @@ def assert_resumed_exactly(run_dir, full_run):
         if key in TIMING_KEYS or value is None or isinstance(value, bool):
             continue
         assert resumed[2][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    after, expected = checkpoint_tensors(run_dir, 3), checkpoint_tensors(full_run, 3)
+    assert after.keys() == expected.keys() and any(k.endswith("/exp_avg_sq") for k in after)
+    off = {k: (after[k] - expected[k]).abs().max().item() for k in after}
+    assert max(off.values()) <= 1e-7, {k: v for k, v in off.items() if v > 1e-7}
 
 
 def test_planted_payload_runs_code_when_unpickled(tmp_path):
