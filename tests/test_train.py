@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train
 from tests.planted import make_genuine_older_format, make_malicious_older_format, payload, plant_pickles
-from timerpo.checkpoint import latest_checkpoint
+from timerpo.checkpoint import latest_checkpoint, load_trainer_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"time_rollout", "time_forward", "time_grounding", "time_update", "time_step", "tokens_per_s"}
@@ -125,31 +125,65 @@ def test_trusted_older_checkpoint_resumes_exactly(tiny_data, tmp_path, cut_run, 
     assert os.path.isfile(os.path.join(latest_checkpoint(str(tmp_path / "cut")), "trainer_state.json"))
 
 
+# A process killed while it writes checkpoint 3 of the cut run (resumed to 3 steps), at each stage of the write:
+# os._exit is a kill: no cleanup, no finally blocks.
 KILL_SCRIPT = """
-import os, sys, torch
+import os, sys
 sys.path.insert(0, {root!r})
-from timerpo.tiny import build_tiny_policy
 import timerpo.checkpoint as ckpt
-pol = build_tiny_policy(0)
-opt = torch.optim.AdamW(pol.model.parameters())
-ckpt.save_checkpoint({run!r}, 1, pol, opt)
-def dying_save(*a, **k):
-    os._exit(9)  # the process dies mid-checkpoint: no cleanup, no finally blocks
-ckpt.save_trainer_state = dying_save  # the last file written before the rename
-ckpt.save_checkpoint({run!r}, 2, pol, opt)
+import train
+
+def die(*args, **kwargs):
+    os._exit(9)
+
+def then_die(write):
+    def run(*args, **kwargs):
+        write(*args, **kwargs)
+        os._exit(9)
+    return run
+
+stage = {stage!r}
+if stage == "model written":  # the optimizer's files come next
+    ckpt.save_optimizer = die
+elif stage == "optimizer written":
+    ckpt.save_trainer_state = die
+elif stage == "trainer state written":  # the rename into ckpt-000003 comes next
+    ckpt.save_trainer_state = then_die(ckpt.save_trainer_state)
+elif stage == "renamed":  # `latest` comes next
+    ckpt.write_atomic = die
+elif stage == "latest updated":  # pruning the oldest checkpoint comes next
+    ckpt.prune_checkpoints = die
+sys.exit(train.main({args!r}))
 """
+KILL_STAGES = ["model written", "optimizer written", "trainer state written", "renamed", "latest updated"]
 
 
-def test_kill_during_checkpoint_keeps_previous_loadable(tmp_path):
-    run = str(tmp_path / "run")
-    os.makedirs(run)
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, run=run)], capture_output=True)
-    assert proc.returncode == 9
-    latest = latest_checkpoint(run)
-    assert latest.endswith("ckpt-000001")
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(latest, "model"))
-    assert sum(p.numel() for p in model.parameters()) > 0
+def assert_complete_checkpoint(folder, step):
+    """Everything a resume loads is there and reads back."""
+    assert load_trainer_state(str(folder))["step"] == step
+    for name in ("model/config.json", "model/model.safetensors", "optimizer/index.json",
+                 "optimizer/rank-00000.safetensors"):
+        assert (folder / name).is_file(), name
+    load_file(str(folder / "model" / "model.safetensors"))
+    load_file(str(folder / "optimizer" / "rank-00000.safetensors"))
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_kill_at_any_stage_of_a_checkpoint_resumes_from_the_last_complete_one(tiny_data, tmp_path, cut_run,
+                                                                               full_run, stage):
+    """Killed while writing checkpoint 3: `latest` still names a complete checkpoint (2 until the new one is
+    renamed into place and `latest` rewritten, then 3), and --resume continues from it to the uninterrupted
+    run's step 3: same logs, same weights, same optimizer state."""
+    shutil.copytree(cut_run, tmp_path / "cut")
+    run, args = tmp_path / "cut", small_args(tiny_data, tmp_path, "cut", 3, ["--resume"])
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, stage=stage, args=args)],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    named = (run / "latest").read_text().strip()
+    assert named == ("ckpt-000003" if stage == "latest updated" else "ckpt-000002")
+    assert_complete_checkpoint(run / named, int(named[-6:]))
+    assert train.main(args) == 0
+    assert_resumed_exactly(run, full_run)
 
 
 def test_missing_qwen_weights_give_one_clear_sentence(tiny_data, tmp_path):
