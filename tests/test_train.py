@@ -125,16 +125,27 @@ def test_trusted_older_checkpoint_resumes_exactly(tiny_data, tmp_path, cut_run, 
     assert os.path.isfile(os.path.join(latest_checkpoint(str(tmp_path / "cut")), "trainer_state.json"))
 
 
-# A process killed while it writes checkpoint 3 of the cut run (resumed to 3 steps), at each stage of the write:
-# os._exit is a kill: no cleanup, no finally blocks.
+# Processes killed while writing checkpoint 3 into copies of the cut run, one at each stage of the write. The
+# checkpoint written is the uninterrupted run's (its model and optimizer loaded once, in the parent); each
+# write runs in a forked child that dies by os._exit, as a kill would: no cleanup, no finally blocks.
 KILL_SCRIPT = """
-import os, sys
+import dataclasses, os, sys
+import torch
+torch.set_num_threads(1)  # no worker threads in the parent of forked children
 sys.path.insert(0, {root!r})
 import timerpo.checkpoint as ckpt
 import train
+from timerpo.policy import load_policy
+
+config = train.parse_args({args!r})
+policy = load_policy(os.path.join({source!r}, "model"))
+optimizer = train.make_optimizer(policy, config)
+ckpt.restore_optimizer({source!r}, ckpt.load_trainer_state({source!r}), policy, optimizer)
+
 
 def die(*args, **kwargs):
     os._exit(9)
+
 
 def then_die(write):
     def run(*args, **kwargs):
@@ -142,47 +153,64 @@ def then_die(write):
         os._exit(9)
     return run
 
-stage = {stage!r}
-if stage == "model written":  # the optimizer's files come next
-    ckpt.save_optimizer = die
-elif stage == "optimizer written":
-    ckpt.save_trainer_state = die
-elif stage == "trainer state written":  # the rename into ckpt-000003 comes next
-    ckpt.save_trainer_state = then_die(ckpt.save_trainer_state)
-elif stage == "renamed":  # `latest` comes next
-    ckpt.write_atomic = die
-elif stage == "latest updated":  # pruning the oldest checkpoint comes next
-    ckpt.prune_checkpoints = die
-sys.exit(train.main({args!r}))
+
+KILLS = {{  # stage reached -> the checkpoint module's function that dies instead of (or after) running
+    "model written": ("save_optimizer", die),
+    "optimizer written": ("save_trainer_state", die),
+    "trainer state written": ("save_trainer_state", then_die(ckpt.save_trainer_state)),  # the rename is next
+    "renamed": ("write_atomic", die),  # `latest` is next
+    "latest updated": ("prune_checkpoints", die),
+}}
+for stage, run_dir in {runs!r}.items():
+    pid = os.fork()
+    if pid == 0:
+        setattr(ckpt, *KILLS[stage])
+        ckpt.save_checkpoint(run_dir, 3, policy, optimizer, extra={{"args": dataclasses.asdict(config)}})
+        os._exit(0)
+    print(stage, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 KILL_STAGES = ["model written", "optimizer written", "trainer state written", "renamed", "latest updated"]
 
 
-def assert_complete_checkpoint(folder, step):
-    """Everything a resume loads is there and reads back."""
-    assert load_trainer_state(str(folder))["step"] == step
-    for name in ("model/config.json", "model/model.safetensors", "optimizer/index.json",
-                 "optimizer/rank-00000.safetensors"):
-        assert (folder / name).is_file(), name
-    load_file(str(folder / "model" / "model.safetensors"))
-    load_file(str(folder / "optimizer" / "rank-00000.safetensors"))
+@pytest.fixture(scope="module")
+def killed_runs(tiny_data, cut_run, full_run, tmp_path_factory):
+    """{stage: copy of the cut run (2 of 3 steps) whose checkpoint-3 write was killed at that stage}."""
+    out = tmp_path_factory.mktemp("killed")
+    runs = {stage: str(out / stage.replace(" ", "-") / "cut") for stage in KILL_STAGES}
+    for run in runs.values():
+        shutil.copytree(cut_run, run)
+    script = KILL_SCRIPT.format(root=ROOT, args=small_args(tiny_data, out, "cut", 3),
+                                source=str(full_run / "ckpt-000003"), runs=runs)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:-1] == [f"{stage} 9" for stage in KILL_STAGES], proc.stdout
+    return {stage: out / stage.replace(" ", "-") / "cut" for stage in KILL_STAGES}
 
 
 @pytest.mark.parametrize("stage", KILL_STAGES)
-def test_kill_at_any_stage_of_a_checkpoint_resumes_from_the_last_complete_one(tiny_data, tmp_path, cut_run,
-                                                                               full_run, stage):
-    """Killed while writing checkpoint 3: `latest` still names a complete checkpoint (2 until the new one is
-    renamed into place and `latest` rewritten, then 3), and --resume continues from it to the uninterrupted
-    run's step 3: same logs, same weights, same optimizer state."""
-    shutil.copytree(cut_run, tmp_path / "cut")
-    run, args = tmp_path / "cut", small_args(tiny_data, tmp_path, "cut", 3, ["--resume"])
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, stage=stage, args=args)],
-                          capture_output=True, text=True, cwd=str(tmp_path))
-    assert proc.returncode == 9, proc.stderr[-3000:]
+def test_kill_at_any_stage_of_a_checkpoint_leaves_latest_on_a_complete_one(killed_runs, cut_run, full_run, stage):
+    """`latest` names checkpoint 2 until checkpoint 3 is renamed into place and `latest` rewritten, then 3;
+    what it names is complete and intact (the tensors of the run it was copied from), and it is what
+    --resume loads (latest_checkpoint)."""
+    run = killed_runs[stage]
+    step = 3 if stage == "latest updated" else 2
     named = (run / "latest").read_text().strip()
-    assert named == ("ckpt-000003" if stage == "latest updated" else "ckpt-000002")
-    assert_complete_checkpoint(run / named, int(named[-6:]))
-    assert train.main(args) == 0
+    assert named == f"ckpt-{step:06d}"
+    assert latest_checkpoint(str(run)) == str(run / named)
+    assert load_trainer_state(str(run / named))["step"] == step
+    for name in ("model/config.json", "optimizer/index.json"):
+        assert (run / named / name).is_file(), name
+    tensors, source = checkpoint_tensors(run, step), checkpoint_tensors(cut_run if step == 2 else full_run, step)
+    assert tensors.keys() == source.keys() and all(torch.equal(tensors[k], source[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("stage", ["trainer state written", "renamed"])
+def test_resume_after_a_killed_checkpoint_continues_exactly(tiny_data, killed_runs, full_run, stage):
+    """--resume after the kill redoes step 3 from checkpoint 2 and ends where the uninterrupted run did: with
+    a complete checkpoint 3 left unrenamed in a temporary folder, and with one renamed into place that
+    `latest` does not name yet (overwritten by the redone step's)."""
+    run = killed_runs[stage]
+    assert train.main(small_args(tiny_data, run.parent, "cut", 3, ["--resume", "--eval-samples", "1"])) == 0
     assert_resumed_exactly(run, full_run)
 
 
