@@ -154,17 +154,26 @@ def then_die(write):
     return run
 
 
-KILLS = {{  # stage reached -> the checkpoint module's function that dies instead of (or after) running
-    "model written": ("save_optimizer", die),
-    "optimizer written": ("save_trainer_state", die),
-    "trainer state written": ("save_trainer_state", then_die(ckpt.save_trainer_state)),  # the rename is next
-    "renamed": ("write_atomic", die),  # `latest` is next
-    "latest updated": ("prune_checkpoints", die),
+def die_once_renamed_to(name):  # os.replace, dying right after it puts something at a path named `name`
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.path.basename(dst) == name:
+            os._exit(9)
+    return replace
+
+
+real_replace = os.replace
+KILLS = {{  # stage reached -> (module, function) replaced by one that dies there
+    "model written": (os, "replace", die_once_renamed_to("model")),  # the model folder is in place
+    "optimizer written": (ckpt, "save_trainer_state", die),
+    "trainer state written": (ckpt, "save_trainer_state", then_die(ckpt.save_trainer_state)),
+    "renamed": (os, "replace", die_once_renamed_to("ckpt-000003")),
+    "latest updated": (os, "replace", die_once_renamed_to("latest")),
 }}
 for stage, run_dir in {runs!r}.items():
     pid = os.fork()
     if pid == 0:
-        setattr(ckpt, *KILLS[stage])
+        setattr(*KILLS[stage])
         ckpt.save_checkpoint(run_dir, 3, policy, optimizer, extra={{"args": dataclasses.asdict(config)}})
         os._exit(0)
     print(stage, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
