@@ -414,7 +414,8 @@ def trim_log(path: str, last_step: int) -> None:
 
 
 def draw_curves(run_dir: str) -> None:
-    """runs/<name>/curves.png: training reward per step and held-out reward per evaluation."""
+    """runs/<name>/curves.png: training reward per step; held-out reward, aff-F1 and localization gain per
+    evaluation."""
     def read(name):
         path = os.path.join(run_dir, name)
         return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
@@ -422,9 +423,11 @@ def draw_curves(run_dir: str) -> None:
     # Rollout rewards of a few prompts per step are noisy: draw their trailing 10-step mean.
     rewards = [r["reward"] for r in train]
     smoothed = [float(np.mean(rewards[max(0, k - 9):k + 1])) for k in range(len(rewards))]
+    gained = [r for r in held if r.get("loc_gain") is not None]  # runs logged before the gain existed lack it
     line_chart({"train reward (10-step mean)": ([r["step"] for r in train], smoothed),
                 "held-out reward": ([r["step"] for r in held], [r["reward"] for r in held]),
-                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held])},
+                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held]),
+                "held-out loc gain": ([r["step"] for r in gained], [r["loc_gain"] for r in gained])},
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
@@ -441,11 +444,20 @@ def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist
     if not dist.is_main:
         return None
     summary = summarize(preds)
+    # loc_gain: Avg F1 less that of the same answers with the class oracle's window (timerpo/evaluate.py)
     row = {"step": step, "phase": tag, "reward": summary["reward"], "aff_f1": summary["aff_f1"],
            "cls_acc": summary["cls_acc"], "avg_group_f1": summary["avg_group_f1"], "groups": summary["groups"],
+           "loc_gain": summary["loc_gain"], "class_window_avg_f1": summary["class_window_avg_f1"],
+           "pw_f1_anomalous": summary["pw_f1_anomalous"], "distinct_intervals": summary["distinct_intervals"],
            "unparsable": summary["unparsable"], "n": summary["n"]}
     append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
     return row
+
+
+def eval_line(row: dict) -> str:
+    """The printed summary of one eval.jsonl row."""
+    return (f"reward {row['reward']:.3f}  Avg F1 {row['avg_group_f1']:.3f}  loc gain {row['loc_gain']:+.3f}  "
+            f"PW-F1 anomalous {row['pw_f1_anomalous']:.3f}  cls acc {row['cls_acc']:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -594,8 +606,7 @@ def train(config: Config, dist: Dist) -> int:
         t0 = time.time()
         row = run_eval(policy, 0, eval_prompts, config, run_dir, tag="start", dist=dist)
         if dist.is_main:
-            say(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                f"cls acc {row['cls_acc']:.3f}  ({time.time() - t0:.0f} s)")
+            say(f"[eval] step 0 (start of RL): {eval_line(row)}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
     bar = tqdm(range(start_step, config.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
@@ -613,8 +624,7 @@ def train(config: Config, dist: Dist) -> int:
         if done % config.eval_every == 0 or done == config.steps:
             row = run_eval(policy, done, eval_prompts, config, run_dir, dist=dist)
             if dist.is_main:
-                tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                           f"cls acc {row['cls_acc']:.3f}")
+                tqdm.write(f"[eval] step {done}: {eval_line(row)}")
                 draw_curves(run_dir)
         if done % config.save_every == 0 or done == config.steps:
             save_checkpoint(run_dir, done, policy, optimizer, extra={"args": dataclasses.asdict(config)}, dist=dist)

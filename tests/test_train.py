@@ -46,6 +46,9 @@ def test_short_run_writes_logs_curves_and_checkpoints(full_run):
         assert key in rows[0], key
     evals = read_jsonl(full_run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3]  # start of RL, every 2 steps, and the end
+    for key in ("avg_group_f1", "loc_gain", "class_window_avg_f1", "pw_f1_anomalous"):  # tests/test_eval.py: values
+        assert key in evals[0], key
+    assert evals[0]["loc_gain"] == pytest.approx(evals[0]["avg_group_f1"] - evals[0]["class_window_avg_f1"])
     assert (full_run / "curves.png").stat().st_size > 0
     assert latest_checkpoint(str(full_run)).endswith("ckpt-000003")
 
