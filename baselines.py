@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from expert_cot import (SLOPE_Z, StagedScan, activity_ratio, expert_cot, increment_autocorrelation, local_frequency,
-                        merge_close, robust_sigma, runs, shift)
+from expert_cot import (StagedScan, activity_ratio, expert_cot, increment_autocorrelation, local_frequency, merge_close,
+                        robust_sigma, runs, shift, slope_change)
 from timerpo.metrics import localization_scores
 
 
@@ -129,25 +129,9 @@ def classify_region(scan: StagedScan, intervals, region) -> str:
 
 
 def trend_region(scan: StagedScan):
-    """The sustained slope change of the trend scan, or [] : the half-maximum run around the largest slope
-    excess, kept when the excess is > 3σ and lasts at least one cycle (brief bumps come from other types)."""
-    t = scan.trend
-    dev = (t.slopes - t.baseline) / t.sigma  # [N]
-    k = int(np.argmax(np.abs(dev)))
-    if abs(dev[k]) <= SLOPE_Z:
-        return []
-    half = np.sign(dev[k]) * dev >= abs(dev[k]) / 2
-    lo, hi = k, k
-    while lo > 0 and half[lo - 1]:
-        lo -= 1
-    while hi + 1 < half.size and half[hi + 1]:
-        hi += 1
-    if hi - lo + 1 < max(scan.cycle, 20):
-        return []
-    end = int(t.centers[hi]) + 1
-    if hi == half.size - 1:  # still rising at the last valid centre: the change runs to the end
-        end = scan.length
-    return [[int(t.centers[lo]), end]]
+    """The sustained slope change of the trend scan, or []: expert_cot's slope test (slope_change) asking the
+    excess to last a whole cycle rather than 3/4 of one, so brief bumps from other types stay out."""
+    return slope_change(scan.trend, scan.length, cycles=1.0).intervals
 
 
 def detect(series):

@@ -243,9 +243,10 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
 # Data and prompts
 
 
-def ensure_data(folder: str, seed: int, progress: bool):
+def ensure_data(folder: str, seed: int, progress: bool, expcot: bool = True):
     """Load a data folder; generate the anomllm suite there first when it does not exist yet. Imported real
-    series (data_gen.py --suite series) are refused: their classes are unknown and they have no ExpCoT."""
+    series (data_gen.py --suite series) are refused: their classes are unknown and they have no ExpCoT. With
+    `expcot`, a folder written by an older ExpCoT gets its traces recomputed (data_gen.with_current_expcot)."""
     if not os.path.exists(os.path.join(folder, "samples.jsonl")):
         print(f"[data] {folder} not found: generating the anomllm suite (400 per family, seed {seed})")
         data_gen.generate(folder, "anomllm", 400, seed, progress=progress)
@@ -254,7 +255,7 @@ def ensure_data(folder: str, seed: int, progress: bool):
     if real is not None:  # imported real series: no known class, no ExpCoT to ground on
         raise data_gen.DataError(f"{folder}: sample {real.id!r} is a window of a real series (unknown class, no "
                                  f"ExpCoT); training needs generated data; score such folders with eval.py --data")
-    return samples
+    return data_gen.with_current_expcot(folder, samples, progress) if expcot else samples
 
 
 def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -502,7 +503,9 @@ def load_splits(config: Config, dist: Dist, progress: bool) -> tuple[list, list]
     """The training and held-out samples. A missing data folder is generated once, by rank 0, before the other
     ranks read it."""
     def load():
-        return ensure_data(config.data, 3407, progress), ensure_data(config.eval_data, 42, progress)
+        # Held-out prompts are never grounded: their ExpCoT is not used, so it is not brought up to date.
+        return (ensure_data(config.data, 3407, progress, expcot=config.cot == "expcot"),
+                ensure_data(config.eval_data, 42, progress, expcot=False))
 
     splits = load() if dist.is_main else None
     dist.barrier()

@@ -168,3 +168,24 @@ def test_saved_checkpoint_loads_and_trains_again(tiny_data, tmp_path, full_run):
         os.path.join(latest_checkpoint(str(tmp_path / "again")), "model"))
     moved = any(not torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
     assert moved
+
+
+def test_training_data_of_an_older_expcot_is_recomputed(tiny_data, tmp_path, capsys):
+    import data_gen
+
+    folder = str(tmp_path / "old")
+    shutil.copytree(tiny_data, folder)
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**manifest, "expcot_version": "1"}, fh)
+    current = data_gen.load_samples(tiny_data)
+    rows = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
+    with open(os.path.join(folder, "samples.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({**r, "expcot": r["expcot"] + " (old text)"}) + "\n" for r in rows)
+    fresh = train.ensure_data(folder, 11, False)
+    assert "holds ExpCoT version 1" in capsys.readouterr().err
+    assert [s.expcot for s in fresh] == [s.expcot for s in current]
+    held_out = train.ensure_data(folder, 11, False, expcot=False)  # never grounded: left as stored
+    assert all(s.expcot.endswith(" (old text)") for s in held_out)
