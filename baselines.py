@@ -314,7 +314,8 @@ def fit_main(argv=None) -> int:
     from timerpo.evaluate import ANY_ANOMALY, CLASS_WINDOW_LENGTH, CLASS_WINDOWS
 
     p = argparse.ArgumentParser(description="Fit the class oracle's window per anomaly class on a data folder "
-                                            "(the training split: data/train) and compare with the stored ones.")
+                                            "(the training split: data/train) and compare with the stored ones.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--fit-class-windows", metavar="DATA", required=True, help="generated data folder")
     p.add_argument("--step", type=int, default=WINDOW_GRID_STEP, help="grid step of the first search")
     p.add_argument("--seeds", type=int, default=WINDOW_SEEDS, help="best grid windows refined to single points")
