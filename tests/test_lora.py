@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import eval as eval_script
 import train
 from tests.test_distributed import assert_same_metrics, check, launch, read_metrics, run_args
+from tests.test_precision import plot
 from timerpo.algorithm import Episode, Prompt, update_policy
 from timerpo.lora import ADAPTER_FILE, adapters_disabled, add_adapters, load_adapters, main as lora_main
 from timerpo.policy import encode_prompt, load_policy
@@ -23,12 +23,6 @@ from timerpo.precision import setup_precision
 from timerpo.rollout import collate, completion_forward, completion_seed, sample_completions, shared_prompt_logprobs
 
 RANK = 4
-
-
-def plot(k: int) -> Image.Image:
-    img = Image.new("RGB", (1008, 140), "white")
-    ImageDraw.Draw(img).line([(0, 70), (500, 30 + 11 * k), (1007, 90)], fill="steelblue", width=2)
-    return img
 
 
 @pytest.fixture(scope="module")
