@@ -438,10 +438,28 @@ def load_device(config: Config) -> str:
 def policy_source(config: Config, ckpt: str | None, run_dir: str) -> str:
     """What the policy loads: a checkpoint's model when resuming, else --model. LoRA: always the base
     model (the run's own saved base when it has one), whose adapters add_lora puts in afterwards."""
+    saved_rank = lora_rank_of(ckpt) if ckpt else config.lora_rank
+    if saved_rank != config.lora_rank:
+        raise CheckpointError(f"{ckpt} holds " + (f"LoRA adapters of rank {saved_rank}" if saved_rank else
+                              "a fully fine-tuned model") + f": resume it with --lora-rank {saved_rank}")
     if config.lora_rank:
         base = os.path.join(run_dir, "reference")
         return base if ckpt is not None and os.path.isdir(base) else config.model
     return os.path.join(ckpt, "model") if ckpt else config.model
+
+
+def lora_rank_of(ckpt: str) -> int:
+    """The rank of a checkpoint's LoRA adapters (its adapter/adapter_config.json), 0 for a full model."""
+    from timerpo.lora import ADAPTER_DIR
+
+    path = os.path.join(ckpt, ADAPTER_DIR, "adapter_config.json")
+    if not os.path.isfile(path):
+        return 0
+    try:
+        with open(path) as f:
+            return int(json.load(f)["r"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a readable adapter config ({err})") from None
 
 
 def add_lora(policy: Policy, config: Config, ckpt: str | None, run_dir: str) -> None:

@@ -186,6 +186,18 @@ def untimed(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("time_") and k != "tokens_per_s"}
 
 
+@pytest.mark.parametrize("flags, message", [
+    ([], "holds LoRA adapters of rank 4: resume it with --lora-rank 4"),
+    (["--lora-rank", "8"], "holds LoRA adapters of rank 4: resume it with --lora-rank 4"),
+])
+def test_resuming_with_another_rank_is_a_clear_error(lora_run, tiny_data, tmp_path, flags, message, capsys):
+    cut_to_step_one(lora_run, tmp_path / "lora")
+    assert train.main(run_args(tiny_data, tmp_path, "lora", 2, ["--resume", *flags])) == 2
+    assert message in capsys.readouterr().err
+    assert read_metrics(tmp_path / "lora") == read_metrics(lora_run)  # nothing was touched
+    assert (tmp_path / "lora" / "latest").read_text() == "ckpt-000001\n"
+
+
 def test_fsdp_ranks_resume_a_lora_run_like_one_process(lora_run, tiny_data, tmp_path):
     """Two FSDP ranks continue the 1-process checkpoint of step 1: the adapters load before sharding, the
     reference runs with them off through FSDP's gathered weights (KL > 0 at step 2), the sharded adapters are
