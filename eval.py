@@ -73,7 +73,7 @@ from tqdm import tqdm
 import data_gen
 import series_io
 from timerpo.algorithm import make_prompt
-from timerpo.checkpoint import latest_checkpoint
+from timerpo.checkpoint import checkpoint_weights, latest_checkpoint
 from timerpo.evaluate import (ANY_ANOMALY, Prediction, class_window, mean, predict, score_prediction, summarize,
                                true_label)
 from timerpo.files import png_bytes, write_atomic
@@ -340,9 +340,10 @@ def run_max_new_tokens(model: str) -> int | None:
 
 
 def resolve_model(model: str) -> str:
-    """A train.py run folder means its latest checkpoint's model; anything else is passed on as given."""
+    """A train.py run folder means its latest checkpoint's model (a LoRA run's: its adapters, which
+    load_policy merges into their base); anything else is passed on as given."""
     ckpt = latest_checkpoint(model) if os.path.isdir(model) else None  # a run folder has a `latest` pointer
-    return os.path.join(ckpt, "model") if ckpt is not None else model
+    return checkpoint_weights(ckpt) if ckpt is not None else model
 
 
 def model_predictions(policy, data_dir: str, all_samples: list, indices: list[int], args) -> list[Prediction]:
