@@ -9,7 +9,7 @@ samples of known class and the localization means only labelled samples.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -17,7 +17,7 @@ from data_gen import UNKNOWN
 from timerpo.algorithm import Prompt, chunks
 from timerpo.metrics import PAPER_GROUPS, LocScores, class_accuracy, group_of, localization_scores
 from timerpo.policy import Policy
-from timerpo.prompt import ANOMALY_LABELS, Parsed, parse_completion
+from timerpo.prompt import Parsed, parse_completion
 from timerpo.reward import RewardParts, format_reward, outcome_reward
 from timerpo.rollout import completion_seed, sample_completions
 
@@ -40,19 +40,16 @@ class Prediction:
 def score_prediction(sample, text: str, loc_mode: str = "six-mean") -> Prediction:
     """Parse and score one completion against its sample. Never raises on the text.
 
-    Unknown parts of the truth score NaN: the class term and the total reward for a real anomaly of unknown
-    class, everything but the format for a series without labels.
+    Unknown parts of the truth score NaN: the class term for a real anomaly of unknown class (its total is
+    the renormalised fmt and loc terms, as in training), everything but the format for a series without labels.
     """
     parsed = parse_completion(text, sample.length)
     if sample.intervals is None:
         nan = math.nan
         return Prediction(sample=sample, text=text, parsed=parsed, loc=LocScores(*[nan] * 6),
                           reward=RewardParts(fmt=format_reward(parsed), cls=nan, loc=nan, total=nan))
-    # Any anomaly label stands in for an unknown one: it only decides the class term, replaced by NaN below.
-    known_label = ANOMALY_LABELS[0] if sample.label == UNKNOWN else sample.label
-    reward = outcome_reward(parsed, sample.intervals, known_label, sample.length, loc_mode=loc_mode)
-    if sample.label == UNKNOWN:
-        reward = replace(reward, cls=math.nan, total=math.nan)
+    # An anomaly of unknown type: the training reward's own rule (reward.py), class term NaN and left out.
+    reward = outcome_reward(parsed, sample.intervals, sample.label, sample.length, loc_mode=loc_mode)
     pred = parsed.intervals if parsed.intervals is not None else None
     # An unparsable answer scores 0 everywhere, like an answer on the wrong side of the wrapper rules.
     loc = localization_scores(pred, sample.intervals, sample.length) if pred is not None else LocScores(0, 0, 0, 0, 0, 0)
