@@ -3,7 +3,7 @@
     python eval.py --model baseline:empty --data data/test
     python eval.py --model runs/<run>/ckpt-000060/model --data data/test --limit 400
     python eval.py --model qwen2.5-vl-3b --data data/test --temperature 0.4
-    python eval.py --model baseline:expert --series nyc_taxi.csv --labels NAB/labels.json
+    python eval.py --model baseline:expert --series NAB/realKnownCause TSB-AD-U --labels NAB/labels.json
 
 Reads top to bottom: flags → data → completion texts (a baseline's or a model's) → scoring (the same parser
 and metric code as the reward, timerpo/evaluate.py) → tables → files in OUT:
@@ -29,16 +29,17 @@ paper's groups (the paper reports no such table), so the headline row has one co
 summary's `groups` is left empty and `avg_group_f1` null, so no one reads the tods `trend` type as the
 paper's Trend column.
 
-Whole series (--series FILE, reading and windowing in series_io.py): the series is cut into windows (written
-to OUT/windows like `data_gen.py --suite series` would), every window is answered as above, and the windows'
-intervals are shifted back by their offsets and united on the series' own index. OUT also gets
-    intervals.json     the merged intervals (and their timestamps when the file has any), the truth, the
-                       whole-series scores and every window's own answer
-    series.png         the whole series with the predicted spans, and the true spans when labelled (timerpo/plots.py)
-With labels, the merged answer is scored on the full timeline (affiliation P/R/F1 and point-wise P/R/F1,
-timerpo/metrics.py), printed beside the trivial baselines (empty, full, random) run through the same windows
-and merge, and beside the per-window tables. Real anomalies have no known class, so Cls Acc there counts
-only the windows without anomaly (true class normal).
+Whole series (--series FILE_OR_FOLDER ..., docs/series.md): each series is cut into windows, every window is
+answered --samples K times (timerpo/detection.py, also `timerpo.detect`), a window flags the points most of
+its answers cover, and the windows' intervals are shifted back by their offsets and united on the series'
+own index. A point's score is the share of answers covering it, averaged over its windows (baseline:expert:
+its detection statistic). A labelled series is scored as a whole: affiliation and point-wise P/R/F1 of the
+merged intervals, AUC-PR/AUC-ROC/VUS-PR/VUS-ROC of the scores (timerpo/point_metrics.py), beside the trivial
+baselines (empty, full, random) run through the same windows and merge. OUT gets tables.md and results.json
+(one summary table: per method, the mean over files; then one row per file), series/<name>/ with
+intervals.json, scores.csv and series.png, windows/ (the windows as a data folder) and the per-window
+predictions.jsonl and gallery.png. Real anomalies have no known class, so Cls Acc there counts only the
+windows without anomaly (true class normal).
 """
 from __future__ import annotations
 
