@@ -462,7 +462,9 @@ def test_expert_cot_rejects_inconsistent_truth():
     with pytest.raises(ValueError, match="invalid"):
         ec.expert_cot(x, [[50, 40]], "trend")
     with pytest.raises(ValueError, match="not one of"):
-        ec.expert_cot(x, [[5, 9]], "unknown")
+        ec.expert_cot(x, [[5, 9]], "spike")
+    with pytest.raises(ValueError, match="'unknown' needs at least one interval"):
+        ec.expert_cot(x, [], "unknown")
     with pytest.raises(ValueError, match="non-finite"):
         ec.expert_cot(np.r_[x, np.nan], [], "normal")
     with pytest.raises(ValueError, match="at least 64 points"):
