@@ -1,4 +1,4 @@
-"""Evaluation of a checkpoint or a baseline: the paper's tables on a data folder, or one whole real series.
+"""Evaluation of a checkpoint or a baseline: the paper's tables on a data folder, or whole real series.
 
     python eval.py --model baseline:empty --data data/test
     python eval.py --model runs/<run>/ckpt-000060/model --data data/test --limit 400
@@ -120,9 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--series", nargs="+", metavar="PATH", help=HELP["series"])
     p.add_argument("--limit", type=int, default=None, help=HELP["limit"])
     p.add_argument("--temperature", type=float, default=None, help=HELP["temperature"])
-    p.add_argument("--samples", type=int, default=None, help=HELP["samples"] + " (default 1: greedy)")
-    p.add_argument("--vus-window", type=int, default=None,
-                   help=HELP["vus_window"] + f" (default {point_metrics.VUS_WINDOW})")
+    p.add_argument("--samples", type=int, default=1, help=HELP["samples"])
+    p.add_argument("--vus-window", type=int, default=point_metrics.VUS_WINDOW, help=HELP["vus_window"])
     p.add_argument("--out", default=None, help=HELP["out"])
     p.add_argument("--batch-size", type=int, default=16, help=HELP["batch_size"])
     p.add_argument("--max-new-tokens", type=int, default=None, help=HELP["max_new_tokens"])
@@ -133,9 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help=HELP["workers"])
     series_io.add_window_flags(p, "--series")
     args = p.parse_args(argv)
-    series_io.check_window_flags(p, args, args.series is not None, "--series", extra=("samples", "vus_window"))
-    args.samples = args.samples or 1
-    args.vus_window = point_metrics.VUS_WINDOW if args.vus_window is None else args.vus_window
+    series_io.check_window_flags(p, args, args.series is not None, "--series")
+    if args.series is None and (args.samples, args.vus_window) != (1, point_metrics.VUS_WINDOW):
+        p.error("--samples, --vus-window: only with --series")
     if args.samples <= 0 or args.vus_window < 0:
         p.error(f"--samples must be positive and --vus-window >= 0, got {args.samples} and {args.vus_window}")
     if args.temperature is None:
