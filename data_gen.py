@@ -684,8 +684,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--input", default=None,
                         help="--suite series: a file or a folder of files: TimeEval/GutenTAG CSV "
-                             "(timestamp,value[s],is_anomaly), TSB-UAD .out (value,label, no header), NAB CSV "
-                             "(timestamp,value; labels from --labels) or a one-column CSV (no labels)")
+                             "(timestamp,value[s],is_anomaly), TSB-AD CSV (Data,Label), TSB-UAD .out (value,label, "
+                             "no header), NAB CSV (timestamp,value; labels from --labels), UCR archive .txt (the "
+                             "anomaly in the name) or a one-column CSV (no labels); labelled windows get their "
+                             "ExpCoT, so train.py --data can use the folder (docs/series.md)")
     series_io.add_window_flags(parser, "--suite series")
     args = parser.parse_args(argv)
     series_io.check_window_flags(parser, args, args.suite == SERIES_SUITE, "--suite series", extra=("input",))

@@ -66,13 +66,13 @@ from tqdm import tqdm
 
 import data_gen
 import series_io
-from timerpo.algorithm import make_prompt
-from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
 from timerpo import point_metrics
-from timerpo.files import png_bytes, write_atomic
+from timerpo.algorithm import make_prompt
 from timerpo.detection import (SAMPLING_TEMPERATURE, SCORE_KINDS, default_max_new_tokens, detect_windows, make_detector,
                                resolve_model)  # noqa: F401 (resolve_model: eval.resolve_model, as before)
 from timerpo.detection import load_model as load_policy_model
+from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
+from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
 from timerpo.policy import ModelNotFound
@@ -87,9 +87,9 @@ HELP = {
     "model": "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run folder "
              "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert",
     "data": "generated data folder (python data_gen.py --out DIR ...)",
-    "series": "real series files or folders (every .csv / .out inside; TimeEval/GutenTAG or NAB CSV, TSB-UAD "
-              ".out, one-column CSV): detect on every window, merge the intervals onto each whole series, score "
-              "each labelled one as a whole, and the mean over files",
+    "series": "real series files or folders (every readable file inside: TimeEval/GutenTAG, TSB-AD or NAB CSV, "
+              "TSB-UAD .out, UCR archive .txt, one-column CSV; docs/series.md): detect on every window, merge the "
+              "intervals onto each whole series, score each labelled one as a whole, and the mean over files",
     "samples": "--series: answers per window, K; a point's score is the share of answers covering it, averaged "
                "over the windows containing it (K > 1 samples at --temperature, default 0.4)",
     "vus_window": "--series: VUS buffer length, the largest ℓ of VUS-PR/VUS-ROC (TSB-AD's default)",

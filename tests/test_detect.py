@@ -380,3 +380,29 @@ def test_the_tiny_model_trains_on_a_labelled_import(tmp_path):
                        "--expcot-max-tokens", "32", "--beta", "0", "--no-progress"]) == 0
     rows = load_jsonl(tmp_path / "runs" / "real" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"]) for r in rows)
+
+
+def test_folders_joined_by_commas_mix_into_one_pool(tmp_path, tiny_data, tiny_policy):
+    import train
+    from timerpo.algorithm import make_prompt
+
+    path = timeeval_file(tmp_path / "plant.csv", noise(400, 8), [[50, 60]])
+    real = str(tmp_path / "real")
+    assert data_gen.main(["--suite", "series", "--input", path, "--window", "200", "--out", real,
+                          "--no-progress"]) == 0
+    mixed = f"{tiny_data},{real}"
+    samples = train.ensure_data(mixed, 0, False)
+    assert len(samples) == len(data_gen.load_samples(tiny_data)) + len(data_gen.load_samples(real))
+    assert all(os.path.isabs(s.image) and os.path.isfile(s.image) for s in samples)
+    for i in (0, len(samples) - 1):  # a generated and an imported sample, read through the joined name
+        assert make_prompt(tiny_policy, mixed, samples, i, "expcot").target_text == samples[i].expcot
+
+
+def test_the_warm_up_needs_a_window_of_known_class():
+    import train
+
+    unknown = data_gen.Sample(id="u", family="f", label="unknown", length=100, intervals=[[1, 2]],
+                              series=[0.0] * 100, image="", expcot="e", gencot="")
+    config = train.parse_args(["--data", "real"])
+    with pytest.raises(data_gen.DataError, match="no window of known class"):
+        train.format_warmup(None, config, [unknown], progress=False)
