@@ -247,10 +247,11 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
 # Data and prompts
 
 
-def ensure_data(folders: str, seed: int, progress: bool):
+def ensure_data(folders: str, seed: int, progress: bool, expcot: bool = True):
     """Load a data folder, or several joined by commas (their samples in one list, image paths made absolute);
     a folder that does not exist yet is generated first (anomllm suite). Windows of an unlabelled real series
-    are refused (nothing to reward), and so are samples without ExpCoT (the grounding target)."""
+    are refused (nothing to reward), and so are samples without ExpCoT (the grounding target). With `expcot`,
+    a folder written by an older ExpCoT gets its traces recomputed (data_gen.with_current_expcot)."""
     samples = []
     for folder in [f for f in folders.split(",") if f]:
         if not os.path.exists(os.path.join(folder, "samples.jsonl")):
@@ -262,6 +263,8 @@ def ensure_data(folders: str, seed: int, progress: bool):
             why = "has no labels" if bad.intervals is None else "has no ExpCoT (imported by an older data_gen.py)"
             raise data_gen.DataError(f"{folder}: sample {bad.id!r} {why}; training needs labelled windows with "
                                      f"ExpCoT (docs/samples.md); score such folders with eval.py --data")
+        if expcot:
+            loaded = data_gen.with_current_expcot(folder, loaded, progress)
         if "," in folders:  # mixed folders: make_prompt joins `folders` with an absolute path, which wins
             loaded = [dataclasses.replace(s, image=os.path.abspath(os.path.join(folder, s.image))) for s in loaded]
         samples += loaded
@@ -437,7 +440,8 @@ def trim_log(path: str, last_step: int) -> None:
 
 
 def draw_curves(run_dir: str) -> None:
-    """runs/<name>/curves.png: training reward per step and held-out reward per evaluation."""
+    """runs/<name>/curves.png: training reward per step; held-out reward, aff-F1 and localization gain per
+    evaluation."""
     def read(name):
         path = os.path.join(run_dir, name)
         return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
@@ -445,9 +449,11 @@ def draw_curves(run_dir: str) -> None:
     # Rollout rewards of a few prompts per step are noisy: draw their trailing 10-step mean.
     rewards = [r["reward"] for r in train]
     smoothed = [float(np.mean(rewards[max(0, k - 9):k + 1])) for k in range(len(rewards))]
+    gained = [r for r in held if r.get("loc_gain") is not None]  # runs logged before the gain existed lack it
     line_chart({"train reward (10-step mean)": ([r["step"] for r in train], smoothed),
                 "held-out reward": ([r["step"] for r in held], [r["reward"] for r in held]),
-                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held])},
+                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held]),
+                "held-out loc gain": ([r["step"] for r in gained], [r["loc_gain"] for r in gained])},
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
@@ -464,11 +470,20 @@ def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist
     if not dist.is_main:
         return None
     summary = summarize(preds)
+    # loc_gain: Avg F1 less that of the same answers with the class oracle's window (timerpo/evaluate.py)
     row = {"step": step, "phase": tag, "reward": summary["reward"], "aff_f1": summary["aff_f1"],
            "cls_acc": summary["cls_acc"], "avg_group_f1": summary["avg_group_f1"], "groups": summary["groups"],
+           "loc_gain": summary["loc_gain"], "class_window_avg_f1": summary["class_window_avg_f1"],
+           "pw_f1_anomalous": summary["pw_f1_anomalous"], "distinct_intervals": summary["distinct_intervals"],
            "unparsable": summary["unparsable"], "n": summary["n"]}
     append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
     return row
+
+
+def eval_line(row: dict) -> str:
+    """The printed summary of one eval.jsonl row."""
+    return (f"reward {row['reward']:.3f}  Avg F1 {row['avg_group_f1']:.3f}  loc gain {row['loc_gain']:+.3f}  "
+            f"PW-F1 anomalous {row['pw_f1_anomalous']:.3f}  cls acc {row['cls_acc']:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,7 +528,9 @@ def load_splits(config: Config, dist: Dist, progress: bool) -> tuple[list, list]
     """The training and held-out samples. A missing data folder is generated once, by rank 0, before the other
     ranks read it."""
     def load():
-        return ensure_data(config.data, 3407, progress), ensure_data(config.eval_data, 42, progress)
+        # Held-out prompts are never grounded: their ExpCoT is not used, so it is not brought up to date.
+        return (ensure_data(config.data, 3407, progress, expcot=config.cot == "expcot"),
+                ensure_data(config.eval_data, 42, progress, expcot=False))
 
     splits = load() if dist.is_main else None
     dist.barrier()
@@ -620,8 +637,7 @@ def train(config: Config, dist: Dist) -> int:
         t0 = time.time()
         row = run_eval(policy, 0, eval_prompts, config, run_dir, tag="start", dist=dist)
         if dist.is_main:
-            say(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                f"cls acc {row['cls_acc']:.3f}  ({time.time() - t0:.0f} s)")
+            say(f"[eval] step 0 (start of RL): {eval_line(row)}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
     bar = tqdm(range(start_step, config.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
@@ -639,8 +655,7 @@ def train(config: Config, dist: Dist) -> int:
         if done % config.eval_every == 0 or done == config.steps:
             row = run_eval(policy, done, eval_prompts, config, run_dir, dist=dist)
             if dist.is_main:
-                tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                           f"cls acc {row['cls_acc']:.3f}")
+                tqdm.write(f"[eval] step {done}: {eval_line(row)}")
                 draw_curves(run_dir)
         if done % config.save_every == 0 or done == config.steps:
             save_checkpoint(run_dir, done, policy, optimizer, extra={"args": dataclasses.asdict(config)}, dist=dist)
