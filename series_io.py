@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 import data_gen
+import expert_cot
 from expert_cot import interval_mask, runs
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import to_events
@@ -677,8 +678,6 @@ def window_sample(series: RealSeries, start: int, window: int, with_expcot: bool
         label = data_gen.UNKNOWN if intervals else "normal"
     expcot = gencot = ""
     if with_expcot and intervals is not None:
-        import expert_cot
-
         expcot, gencot = expert_cot.expert_cot(stored, intervals, label), generic_cot()
     sid = f"{series.name}-{start:07d}"
     sample = data_gen.Sample(id=sid, family=series.name, label=label, length=window, intervals=intervals,
@@ -754,6 +753,7 @@ def series_manifest(window: int, stride: int, samples: list, sources: list, skip
         "merge": "union of the windows' intervals shifted by their offsets",
         "expcot": ("ExpCoT of every labelled window from its stored values and true intervals (expert_cot.py)"
                    if with_expcot else "none"),
+        **({"expcot_version": expert_cot.EXPCOT_VERSION} if with_expcot else {}),
         "counts": {"total": len(samples), "sources": len(sources), "by_label": by_label},
         "sources": sources, "skipped": skipped,
     }

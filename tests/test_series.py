@@ -281,13 +281,16 @@ def test_samples_of_unknown_class_are_checked():
             data_gen.check_sample_fields(dict(base, label=label, intervals=intervals), "w")
 
 
-def test_training_takes_labelled_imports_and_refuses_unlabelled_ones(tmp_path):
+def test_training_takes_labelled_imports_and_refuses_unlabelled_ones(tmp_path, capsys):
     import train
 
     path = timeeval_file(tmp_path / "r.csv", noise(200), [[5, 9]])
     assert data_gen.main(["--suite", "series", "--input", path, "--window", "100", "--out", str(tmp_path / "d"),
                           "--no-progress"]) == 0
+    assert data_gen.folder_expcot_version(str(tmp_path / "d")) == expert_cot.EXPCOT_VERSION
+    capsys.readouterr()
     samples = train.ensure_data(str(tmp_path / "d"), 0, False)
+    assert "ExpCoT version" not in capsys.readouterr().err  # current traces: nothing recomputed
     first = samples[0]  # the window at 0 holds [5, 9): its ExpCoT names the interval but no type
     assert first.label == "unknown" and first.expcot.endswith("Conclusion: anomalous intervals [[5, 9]]; type not "
                                                               "labelled.")
