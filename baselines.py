@@ -7,6 +7,10 @@ scans of its own:
 then names the type of a located break (classify_region, trend_region, level_shift). Its trace is
 expert_cot's text for the answer it found. Not part of the method: the RL policy never sees it.
 
+`detection_statistic` is its per-point score for threshold-free metrics (AUC-PR, VUS-PR): the statistics
+of the stages its branch uses, each divided by the level at which that stage flags a point, the largest
+of them at each point.
+
 Also the search behind the class oracle of eval.py (`fit_class_windows`): the one fixed window per anomaly
 class that scores best on a data folder's series of that class. Refit the stored windows with
     python baselines.py --fit-class-windows data/train
@@ -20,9 +24,10 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from expert_cot import (StagedScan, activity_ratio, expert_cot, increment_autocorrelation, local_frequency, merge_close,
-                        robust_sigma, runs, shift, slope_change)
+from expert_cot import (DISCORD_Z, SLOPE_Z, Z_FLAG, StagedScan, activity_ratio, expert_cot, increment_autocorrelation,
+                        local_frequency, merge_close, robust_sigma, runs, shift, slope_change)
 from timerpo.metrics import localization_scores
 
 
@@ -177,6 +182,46 @@ def detect(series):
             label, intervals = "trend", region
     trace = expert_cot(scan.x, intervals, label, scan=scan)
     return intervals, label, trace
+
+
+def detection_statistic(series) -> np.ndarray:
+    """Per-point score of the classical detector: the statistics of the stages its branch uses (detect),
+    each divided by the level at which that stage flags a point, the largest at each point. [L]
+
+    1 is where a stage starts to flag a point; the answer needs more (the trigger |z| > 5, a confirming
+    discord or slope change), so the score ranks points and the answer cuts them. The branches:
+      extreme values (global hit)  robust |z| / 3
+      periodic series              robust |z| / 3; cycle residual / its threshold; the slope term
+      otherwise                    robust |z| / 3; the slope term; the shape term
+    (The local-frequency scan is left out: its ratio jumps at every phase slip of a noisy cycle, so as a
+    score it ranks normal points above anomalies; the cycle residual also rises where the rhythm changes.)
+    slope term: |slope − baseline| / σ / 3 at each centre of the cycle-averaged gradient (0 off the centres);
+    shape term: matrix-profile discord z / 3.5, the smallest over the windows through a point (the discord
+    scan flags a point when every window through it is far from its nearest neighbour).
+    Example: N(0, 0.1) noise with one point at +2 has |z| ≈ 20, so it scores ≈ 6.7 there.
+    """
+    scan = StagedScan(series)
+    score = np.abs(scan.z.z) / Z_FLAG  # [L]
+    if scan.global_hit:
+        return score
+    if scan.period.periodic:  # the cycle residual localises every break of a periodic series
+        res = cycle_residual(scan.y, scan.cycle, scan.offset)
+        inner = score[scan.offset:scan.offset + res.residual.size]
+        np.maximum(inner, res.residual / res.threshold, out=inner)
+    else:
+        add_shape_term(score, scan)
+    t = scan.trend
+    np.maximum.at(score, t.centers, np.abs(t.slopes - t.baseline) / t.sigma / SLOPE_Z)
+    return score
+
+
+def add_shape_term(score: np.ndarray, scan: StagedScan) -> None:
+    """score = max(score, discord z / 3.5 of the least distant window through each point), in place."""
+    d, off = scan.discord, scan.offset
+    padded = np.concatenate([np.full(d.m - 1, np.inf), (d.profile - d.median) / d.sigma / DISCORD_Z,
+                             np.full(d.m - 1, np.inf)])  # window i of y covers points i .. i + m - 1
+    through = sliding_window_view(padded, d.m).min(axis=1)  # [len(y)]: min over the windows through a point
+    np.maximum(score[off:off + through.size], through, out=score[off:off + through.size])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,16 +31,18 @@ import sys
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
+if __name__ == "__main__":  # before numpy loads: the ExpCoT's small matrix products run faster on one BLAS thread
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont
 
 from timerpo.files import png_bytes, write_atomic
-from timerpo.prompt import LABELS, build_prompt, check_intervals, check_truth, format_completion, generic_cot
+from timerpo.prompt import (LABELS, UNKNOWN, build_prompt, check_intervals, check_truth, format_completion,
+                            generic_cot)
 
 DATA_VERSION = "1"
 
-# The class of a real anomaly (suite "series"): truth-side only, never an answer, never scored.
-UNKNOWN = "unknown"
 SERIES_SUITE = "series"
 ANOMLLM_FAMILIES = ("range", "point", "freq", "trend", "flat-trend", "noisy-point", "noisy-freq", "noisy-trend")
 TODS_TYPES = ("global", "contextual", "seasonal", "trend", "shapelet")
@@ -726,8 +728,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--input", default=None,
                         help="--suite series: a file or a folder of files: TimeEval/GutenTAG CSV "
-                             "(timestamp,value[s],is_anomaly), TSB-UAD .out (value,label, no header), NAB CSV "
-                             "(timestamp,value; labels from --labels) or a one-column CSV (no labels)")
+                             "(timestamp,value[s],is_anomaly), TSB-AD CSV (Data,Label), TSB-UAD .out (value,label, "
+                             "no header), NAB CSV (timestamp,value; labels from --labels), UCR archive .txt (the "
+                             "anomaly in the name) or a one-column CSV (no labels); labelled windows get their "
+                             "ExpCoT, so train.py --data can use the folder (docs/series.md)")
     series_io.add_window_flags(parser, "--suite series")
     args = parser.parse_args(argv)
     series_io.check_window_flags(parser, args, args.suite == SERIES_SUITE, "--suite series", extra=("input",))
@@ -764,22 +768,24 @@ def round_robin(queues: list[list], n: int) -> list:
 
 
 def import_series(args) -> int:
-    """--suite series: read and check every file first, then write the windows (series_io.py)."""
+    """--suite series: read and check every file first, then write the windows (series_io.py), with the
+    ExpCoT of every labelled window so that train.py can use them."""
     import series_io
 
     try:
-        series = series_io.read_all(args.input, args.column, args.labels)
-        for s in series:
-            series_io.check_windowing(s, args.window, args.stride)
+        series, skipped = series_io.read_all(args.input, args.column, args.labels, args.window, args.stride,
+                                             args.skip_bad)
     except series_io.SeriesError as exc:
-        print(f"data_gen: error: {exc}", file=sys.stderr)
+        series_io.report_refusals(exc, [], "data_gen: ")
         return 2
+    series_io.report_refusals(None, skipped, "data_gen: ")
     for s in series:
         for note in s.notes:
             print(f"data_gen: warning: {note}", file=sys.stderr)
     samples, _ = series_io.write_windows(args.out, series, args.window, args.stride, args.labels,
-                                         progress=not args.no_progress)
-    print(f"wrote {len(samples)} windows of {len(series)} series to {args.out}")
+                                         progress=not args.no_progress, with_expcot=True, skipped=skipped)
+    print(f"wrote {len(samples)} windows of {len(series)} series to {args.out}"
+          + (f" ({len(skipped)} files skipped, listed in manifest.json)" if skipped else ""))
     return 0
 
 

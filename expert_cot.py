@@ -11,7 +11,9 @@ On top of them:
   trace_stages(scan, label)               the stages a trace runs: the blind order, continued to the stage
                                           whose numbers the true type's evidence needs
   expert_cot(series, intervals, label)    ground-truth-conditioned trace (Observation / Reasoning & Validation /
-                                          Conclusion) quoting numbers it computed
+                                          Conclusion) quoting numbers it computed; label UNKNOWN (a labelled
+                                          real anomaly of unlabelled type) weighs every scan's evidence
+                                          inside the true intervals and names no type
 The generic reasoning of the "w/o ExpCoT" ablation is timerpo/prompt.py's generic_cot. The classical blind
 detector built on the staged scan, a baseline and not the method, is baselines.py.
 
@@ -30,7 +32,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import hilbert, medfilt, savgol_filter
 
-from timerpo.prompt import check_truth
+from timerpo.prompt import UNKNOWN, check_intervals, check_truth
 
 Z_TRIGGER = 5.0
 Z_FLAG = 3.0
@@ -569,10 +571,11 @@ class StagedScan:
 
 # The last stage whose numbers the evidence for each true type quotes (method.md §6, Reasoning & Validation):
 # extreme values (global), slope and period statistics (structural), the discord score (pattern). A normal
-# trace shows that no scan finds anything, so it runs them all.
+# trace shows that no scan finds anything, and an anomaly of unlabelled type quotes the range, slope and shape
+# evidence of every scan, so both run them all.
 GLOBAL, STRUCTURAL, PATTERN = 0, 1, 2
 EVIDENCE_STAGE = {"global point": GLOBAL, "trend": STRUCTURAL, "seasonal": STRUCTURAL,
-                  "contextual point": PATTERN, "shapelet": PATTERN, "normal": PATTERN}
+                  "contextual point": PATTERN, "shapelet": PATTERN, "normal": PATTERN, UNKNOWN: PATTERN}
 
 
 @dataclass
@@ -808,6 +811,8 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
                 f"{size}. A lasting change in the rate of rise is a trend anomaly.")
     if label == "normal":
         return normal_validation(scan)
+    if label == UNKNOWN:
+        return unknown_validation(scan, intervals)
     ac = increment_autocorrelation(scan.x, intervals)
     if label == "contextual point":
         text = (f"{head}the values stay within the normal range ({range_clause(scan, intervals)}, "
@@ -871,10 +876,23 @@ def normal_validation(scan: StagedScan) -> str:
             + f", and the strongest discord is weak ({weak}).")
 
 
+def unknown_validation(scan: StagedScan, intervals) -> str:
+    """Reasoning & Validation for labelled anomalies of unknown type: the evidence of every scan inside the
+    true intervals (range, slope, shape), none of it used to name a type."""
+    t = scan.trend
+    excess = (slope_inside(t, intervals) - t.baseline) / t.sigma
+    return (f"Reasoning & Validation: the stretch {where(intervals)} is anomalous; its type is not labelled, so "
+            f"every scan is checked there. Range: {range_clause(scan, intervals)} against the trigger "
+            f"{Z_TRIGGER:g}. Slope: slope excess z = {fmt(excess, 2)} against {SLOPE_Z:g}. Shape: "
+            f"{shape_clause(scan, intervals)}.")
+
+
 def conclusion_text(intervals, label: str) -> str:
     """Conclusion in the answer notation."""
     if label == "normal":
         return "Conclusion: no anomaly; type normal, intervals []."
+    if label == UNKNOWN:
+        return f"Conclusion: anomalous intervals {fmt_intervals(intervals)}; type not labelled."
     return f"Conclusion: type {label}, intervals {fmt_intervals(intervals)}."
 
 
@@ -885,6 +903,11 @@ def expert_cot(series, intervals, label: str, scan: StagedScan | None = None) ->
     Every number is computed here from the series and printed with fixed decimals.
     """
     scan = StagedScan(series) if scan is None else scan
-    intervals = check_truth(intervals, label, scan.length)
+    if label == UNKNOWN:
+        intervals = check_intervals(intervals, scan.length)
+        if not intervals:
+            raise ValueError(f"label {UNKNOWN!r} needs at least one interval (no anomaly is 'normal')")
+    else:
+        intervals = check_truth(intervals, label, scan.length)
     return "\n".join(["Observation: " + observation_text(scan, label), validation_text(scan, intervals, label),
                       conclusion_text(intervals, label)])

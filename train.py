@@ -69,8 +69,12 @@ class Config:
     # -- the run
     model: str = option("tiny", "tiny (embedded, built locally, CPU) | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | "
                                 "a local folder")
-    data: str = option("data/train", "training data folder (generated on first use: anomllm suite, 400 per "
-                                     "family, seed 3407)")
+    data: str = option("data/train", "training data folder, or folders joined by commas to mix them (A,B: one pool "
+                                     "of all their samples); a missing folder is generated (anomllm suite, 400 per "
+                                     "family, seed 3407). Labelled real series imported with data_gen.py --suite "
+                                     "series train too: a window whose anomaly has an unknown class gets no class "
+                                     "term, R = (0.1 R_fmt + 0.7 R_loc) / 0.8, and sits out the warm-up "
+                                     "(docs/samples.md)")
     eval_data: str = option("data/test", "held-out data folder (generated on first use: anomllm suite, seed 42)")
     out: str = option("runs", "parent folder of run folders")
     name: str | None = option(None, "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)")
@@ -288,19 +292,28 @@ def check_memory_modes(parser: argparse.ArgumentParser, config: Config) -> None:
 # Data and prompts
 
 
-def ensure_data(folder: str, seed: int, progress: bool, expcot: bool = True):
-    """Load a data folder; generate the anomllm suite there first when it does not exist yet. Imported real
-    series (data_gen.py --suite series) are refused: their classes are unknown and they have no ExpCoT. With
-    `expcot`, a folder written by an older ExpCoT gets its traces recomputed (data_gen.with_current_expcot)."""
-    if not os.path.exists(os.path.join(folder, "samples.jsonl")):
-        print(f"[data] {folder} not found: generating the anomllm suite (400 per family, seed {seed})")
-        data_gen.generate(folder, "anomllm", 400, seed, progress=progress)
-    samples = data_gen.load_samples(folder)
-    real = next((s for s in samples if s.label == data_gen.UNKNOWN or not s.expcot), None)
-    if real is not None:  # imported real series: no known class, no ExpCoT to ground on
-        raise data_gen.DataError(f"{folder}: sample {real.id!r} is a window of a real series (unknown class, no "
-                                 f"ExpCoT); training needs generated data; score such folders with eval.py --data")
-    return data_gen.with_current_expcot(folder, samples, progress) if expcot else samples
+def ensure_data(folders: str, seed: int, progress: bool, expcot: bool = True):
+    """Load a data folder, or several joined by commas (their samples in one list, image paths made absolute);
+    a folder that does not exist yet is generated first (anomllm suite). Windows of an unlabelled real series
+    are refused (nothing to reward), and so are samples without ExpCoT (the grounding target). With `expcot`,
+    a folder written by an older ExpCoT gets its traces recomputed (data_gen.with_current_expcot)."""
+    samples = []
+    for folder in [f for f in folders.split(",") if f]:
+        if not os.path.exists(os.path.join(folder, "samples.jsonl")):
+            print(f"[data] {folder} not found: generating the anomllm suite (400 per family, seed {seed})")
+            data_gen.generate(folder, "anomllm", 400, seed, progress=progress)
+        loaded = data_gen.load_samples(folder)
+        bad = next((s for s in loaded if s.intervals is None or not s.expcot), None)
+        if bad is not None:
+            why = "has no labels" if bad.intervals is None else "has no ExpCoT (imported by an older data_gen.py)"
+            raise data_gen.DataError(f"{folder}: sample {bad.id!r} {why}; training needs labelled windows with "
+                                     f"ExpCoT (docs/samples.md); score such folders with eval.py --data")
+        if expcot:
+            loaded = data_gen.with_current_expcot(folder, loaded, progress)
+        if "," in folders:  # mixed folders: make_prompt joins `folders` with an absolute path, which wins
+            loaded = [dataclasses.replace(s, image=os.path.abspath(os.path.join(folder, s.image))) for s in loaded]
+        samples += loaded
+    return samples
 
 
 def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -356,6 +369,12 @@ def step_columns(episodes, adv) -> dict[str, np.ndarray]:
     }
 
 
+def nan_mean(values: np.ndarray) -> float | None:
+    """Mean of the values that are not NaN; None when none is."""
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else None
+
+
 def group_std(values: np.ndarray, group_size: int) -> float | None:
     """Mean over groups of the sample std (ddof = 1) within each group of G values; None without values."""
     return float(values.reshape(-1, group_size).std(axis=1, ddof=1).mean()) if len(values) else None
@@ -374,7 +393,7 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
         "step": step,
         "reward": float(rewards.mean()),
         "reward_fmt": float(cols["fmt"].mean()),
-        "reward_cls": float(cols["cls"].mean()),
+        "reward_cls": nan_mean(cols["cls"]),  # NaN for windows of unknown class: left out
         "reward_loc": float(cols["loc"].mean()),
         "reward_std_in_group": float(rewards.reshape(-1, group_size).std(axis=1).mean()),
         "zero_std_frac": float(cols["zero_std_groups"].sum() / cols["groups"].sum()),
@@ -400,8 +419,14 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
 
 
 def format_warmup(policy: Policy, config: Config, train_samples: list, progress: bool) -> list[float]:
-    """The supervised warm-up (tiny only) on the whole training split: plot reading, then answers."""
-    return supervised_warmup(policy, config.data, train_samples, config.warmup_steps, batch_size=8,
+    """The supervised warm-up (tiny only) on the training samples of known class (its target names the class):
+    plot reading, then answers."""
+    known = [s for s in train_samples if s.label != data_gen.UNKNOWN]
+    if not known:
+        raise data_gen.DataError(f"{config.data}: no window of known class for the supervised warm-up; mix in "
+                                 f"generated data (--data data/train,{config.data}) or pass --warmup-steps 0 "
+                                 f"--warmup-vision-steps 0")
+    return supervised_warmup(policy, config.data, known, config.warmup_steps, batch_size=8,
                              lr=config.warmup_lr, seed=config.seed, vision_steps=config.warmup_vision_steps,
                              aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
                              pointer_weight=config.warmup_pointer, progress=progress)
@@ -705,7 +730,10 @@ def train(config: Config, dist: Dist) -> int:
 
     # -- warm-up (tiny only; its result is also the KL reference) or resume ------------------------
     if ckpt is None:
-        start_fresh(policy, config, dist, train_samples, run_dir, say)
+        try:
+            start_fresh(policy, config, dist, train_samples, run_dir, say)
+        except data_gen.DataError as err:  # a warm-up without a window of known class
+            return usage_error(err)
         start_step = 0
     else:
         start_step = resume_from(ckpt, state, dist, run_dir, say)

@@ -380,7 +380,7 @@ def quoted_checks(o: Oracle):
 CONSTANT_PHRASES = [
     "the trigger 5", "below 5)", "(window 31, order 2)", "(window 100)", "(below 1)", "(1 or more)",
     "(window 21, order 2)", "above 3.5", "below 3.5", "above 3", "below 3", "below 0.30", "above 0.05",
-    "below 0.05", "per 100 steps",
+    "below 0.05", "per 100 steps", "against 3.",
 ]
 
 
@@ -499,7 +499,9 @@ def test_expert_cot_rejects_inconsistent_truth():
     with pytest.raises(ValueError, match="invalid"):
         ec.expert_cot(x, [[50, 40]], "trend")
     with pytest.raises(ValueError, match="not one of"):
-        ec.expert_cot(x, [[5, 9]], "unknown")
+        ec.expert_cot(x, [[5, 9]], "spike")
+    with pytest.raises(ValueError, match="'unknown' needs at least one interval"):
+        ec.expert_cot(x, [], "unknown")
     with pytest.raises(ValueError, match="non-finite"):
         ec.expert_cot(np.r_[x, np.nan], [], "normal")
     with pytest.raises(ValueError, match="at least 64 points"):
@@ -562,7 +564,8 @@ def conflict_cases():
     return [pytest.param(np.round(burst, 5), [[300, 330]], "contextual point", id="slope-then-burst"),
             pytest.param(np.round(ramp, 5), [], "normal", id="slope-called-normal"),
             pytest.param(np.round(spiked, 5), [[600, 700]], "trend", id="spike-then-trend"),
-            pytest.param(np.round(sine, 5), [], "normal", id="spike-called-normal")]
+            pytest.param(np.round(sine, 5), [], "normal", id="spike-called-normal"),
+            pytest.param(np.round(spiked, 5), [[200, 203]], "unknown", id="spike-of-unlabelled-type")]
 
 
 @pytest.mark.parametrize("x,intervals,label", conflict_cases())

@@ -73,19 +73,16 @@ def answer_scores(sample, intervals) -> LocScores:
 def score_prediction(sample, text: str, loc_mode: str = "six-mean") -> Prediction:
     """Parse and score one completion against its sample. Never raises on the text.
 
-    Unknown parts of the truth score NaN: the class term and the total reward for a real anomaly of unknown
-    class, everything but the format for a series without labels.
+    Unknown parts of the truth score NaN: the class term for a real anomaly of unknown class (its total is
+    the renormalised fmt and loc terms, as in training), everything but the format for a series without labels.
     """
     parsed = parse_completion(text, sample.length)
     if sample.intervals is None:
         nan = math.nan
         return Prediction(sample=sample, text=text, parsed=parsed, loc=answer_scores(sample, parsed.intervals),
                           reward=RewardParts(fmt=format_reward(parsed), cls=nan, loc=nan, total=nan))
-    # Any anomaly label stands in for an unknown one: it only decides the class term, replaced by NaN below.
-    known_label = ANOMALY_LABELS[0] if sample.label == UNKNOWN else sample.label
-    reward = outcome_reward(parsed, sample.intervals, known_label, sample.length, loc_mode=loc_mode)
-    if sample.label == UNKNOWN:
-        reward = replace(reward, cls=math.nan, total=math.nan)
+    # An anomaly of unknown type: the training reward's own rule (reward.py), class term NaN and left out.
+    reward = outcome_reward(parsed, sample.intervals, sample.label, sample.length, loc_mode=loc_mode)
     return Prediction(sample=sample, text=text, parsed=parsed, reward=reward,
                       loc=answer_scores(sample, parsed.intervals))
 
