@@ -356,7 +356,7 @@ def fit_class_windows(samples, step: int = WINDOW_GRID_STEP, seeds: int = WINDOW
 def fit_main(argv=None) -> int:
     """python baselines.py --fit-class-windows DATA: print the fitted windows beside the stored ones."""
     import data_gen
-    from timerpo.evaluate import ANY_ANOMALY, CLASS_WINDOW_LENGTH, CLASS_WINDOWS
+    from timerpo.evaluate import CLASS_WINDOW_LENGTH, CLASS_WINDOWS
 
     p = argparse.ArgumentParser(description="Fit the class oracle's window per anomaly class on a data folder "
                                             "(the training split: data/train) and compare with the stored ones.",
