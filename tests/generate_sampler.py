@@ -38,12 +38,12 @@ def sample_completions(policy, prompts, seeds, max_new_tokens, temperature=1.0, 
                                        dtype=torch.float64) for s in seeds])  # [B, T]
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=policy.end_ids,
                               pad_token_id=policy.pad_id)
+    draw = LogitsProcessorList([InverseCdfDraw(uniforms, P, policy.forbidden_ids)])
     out = policy.model.generate(input_ids=ids, attention_mask=mask,
                                 pixel_values=torch.cat([p.pixel_values for p in prompts]),
                                 image_grid_thw=torch.stack([p.image_grid_thw for p in prompts]),
                                 mm_token_type_ids=(ids == policy.token_id("<|image_pad|>")).long(),
-                                generation_config=config,
-                                logits_processor=LogitsProcessorList([InverseCdfDraw(uniforms, P, policy.forbidden_ids)]))
+                                generation_config=config, logits_processor=draw)
     rows = []
     for row in out[:, P:].tolist():
         end = next((j for j, tok in enumerate(row) if tok in policy.end_ids), len(row) - 1)
