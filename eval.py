@@ -61,17 +61,18 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 from PIL import Image
-from tqdm import tqdm
 
 import data_gen
 import series_io
 from timerpo.algorithm import make_prompt
 from timerpo.checkpoint import latest_checkpoint
-from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
+from timerpo.evaluate import (Prediction, jsonable, mean, predict, prediction_record, read_suite, score_prediction,
+                              summarize)
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
 from timerpo.policy import ModelNotFound
+from timerpo.progress import progress_bar, quiet_library_bars
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
 BASELINES = ("empty", "full", "random", "expert")
@@ -95,7 +96,7 @@ HELP = {
     "seed": "seed of sampling streams (models) and of the random baseline",
     "device": "cpu | cuda (default: cuda when available)",
     "dtype": "weights and compute: bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)",
-    "no_progress": "no progress bars",
+    "no_progress": "no progress bars (transformers' loading bars included)",
     "workers": "processes running the expert detector (baseline:expert only; default: min(2, CPUs))",
 }
 
@@ -177,27 +178,6 @@ def default_out(model: str, data: str, temperature: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data
-
-
-def read_suite(data_dir: str, samples: list) -> str:
-    """'anomllm', 'tods' or 'series': the manifest's word, else guessed from the family names."""
-    manifest = os.path.join(data_dir, "manifest.json")
-    try:
-        with open(manifest) as f:
-            suite = json.load(f).get("suite")
-        if suite in data_gen.SUITES + (data_gen.SERIES_SUITE,):
-            return suite
-    except (OSError, ValueError, AttributeError):
-        pass  # no or unreadable manifest: fall back to the families
-    if any(s.label == data_gen.UNKNOWN for s in samples):
-        return data_gen.SERIES_SUITE
-    families = {s.family for s in samples}
-    only_tods = families - set(data_gen.ANOMLLM_FAMILIES)
-    return "tods" if only_tods and families <= set(data_gen.TODS_TYPES) else "anomllm"
-
-
-# ---------------------------------------------------------------------------------------------------
 # Baselines: each writes a completion text that the ordinary parser reads
 
 
@@ -250,7 +230,7 @@ def expert_texts(samples: list, workers: int, progress: bool = False) -> list[st
     Why processes: the detector costs ~5 ms per L = 1000 series on one core (mostly its matrix profile),
     and the series are independent, so two processes halve the ~20 s of a 3,200-series split.
     """
-    bar = tqdm(total=len(samples), desc="baseline:expert", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=len(samples), desc="baseline:expert", disable=not progress, leave=False)
     texts = []
     if workers <= 1 or len(samples) <= 1:
         for s in samples:
@@ -274,7 +254,7 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
     if name == "expert":
         return expert_texts(samples, workers, progress), info
     texts = []
-    for s in tqdm(samples, desc=f"baseline:{name}", disable=not progress, dynamic_ncols=True, leave=False):
+    for s in progress_bar(samples, desc=f"baseline:{name}", disable=not progress, leave=False):
         if name == "empty":
             texts.append(format_completion("Baseline: predict no anomaly.", [], "normal"))
         elif name == "full":
@@ -315,8 +295,7 @@ def model_predictions(policy, data_dir: str, all_samples: list, indices: list[in
     and --seed only, so neither the chunking nor --limit changes what a given series gets.
     """
     preds = []
-    bar = tqdm(total=len(indices), desc=f"eval {model_tag(args.model)}", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(indices), desc=f"eval {model_tag(args.model)}", disable=args.no_progress)
     for start in range(0, len(indices), args.batch_size):
         prompts = [make_prompt(policy, data_dir, all_samples, i, "expcot")
                    for i in indices[start:start + args.batch_size]]
@@ -426,30 +405,6 @@ def build_summary(predictions: list[Prediction], suite: str) -> tuple[dict, list
 
 # ---------------------------------------------------------------------------------------------------
 # Files
-
-
-def jsonable(obj):
-    """Plain JSON values: tuples -> lists, NaN/inf -> None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
-def prediction_record(p: Prediction) -> dict:
-    """One predictions.jsonl line."""
-    s, parsed = p.sample, p.parsed
-    return jsonable({
-        "id": s.id, "family": s.family, "label": true_label(s), "length": s.length, "gt_intervals": s.intervals,
-        "completion": p.text,
-        "parsed": {"intervals": parsed.intervals, "label": parsed.label, "has_think": parsed.has_think,
-                   "has_answer": parsed.has_answer, "has_class": parsed.has_class, "answer_ok": parsed.answer_ok},
-        "unparsable": parsed.intervals is None,
-        "reward": vars(p.reward), "loc": vars(p.loc),
-    })
 
 
 def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], tables_md: str,
@@ -668,6 +623,8 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_progress:
+        quiet_library_bars()
     if args.series is not None:
         return series_main(args)
     started = time.perf_counter()
