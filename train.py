@@ -618,7 +618,6 @@ class Resume:
     """What --resume continues: the checkpoint, its trainer state, the run's checkpoints after it (deleted
     with --overwrite) and the run's own KL reference."""
 
-    run_dir: str
     ckpt: str
     state: dict
     later: list[str]
@@ -740,7 +739,7 @@ def resume_settings(parser: argparse.ArgumentParser, config: Config, given: dict
     reference = own_reference(run_dir, state, config, say)  # may refuse: before any change is announced
     for line in setting_changes(raw or {}, config):
         say(line)
-    return config, Resume(run_dir, ckpt, state, later, reference)
+    return config, Resume(ckpt, state, later, reference)
 
 
 def check_report_to(config: Config) -> None:
