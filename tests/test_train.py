@@ -94,11 +94,22 @@ def test_training_can_be_watched(full_run):
 
 
 @pytest.fixture(scope="module")
-def cut_run(tiny_data, tmp_path_factory):
-    """The same run stopped after 2 of its 3 steps; tests resume copies of it."""
+def cut_run(tmp_path_factory, full_run):
+    """The full run stopped after 2 of its 3 steps; tests resume copies of it. Started as a user reruns an
+    experiment over an old folder, `--config <full run>/run_config.json --name cut --steps 2 --overwrite` into a
+    folder that holds another run's files (a stray file, a later checkpoint, log lines, a foreign reference/),
+    it also shows what --config and --overwrite do. The planted reference's fingerprint is kept beside it."""
     out = tmp_path_factory.mktemp("cut")
-    assert train.main(small_args(tiny_data, out, "cut", 2)) == 0
-    return out / "cut"
+    old = out / "cut"
+    (old / "ckpt-000009").mkdir(parents=True)
+    (old / "ckpt-000009" / "trainer_state.json").write_text("{}")
+    (old / "metrics.jsonl").write_text(json.dumps({"step": 9, "reward": 1.0}) + "\n")
+    (old / "stray.txt").write_text("left by the old run")
+    (out / "planted.sha256").write_text(plant_foreign_reference(old))
+    args = ["--config", str(full_run / "run_config.json"), "--out", str(out), "--name", "cut", "--steps", "2",
+            "--overwrite", "--no-progress"]
+    assert train.main(args) == 0
+    return old
 
 
 def assert_resumed_exactly(run_dir, full_run):
@@ -223,31 +234,14 @@ def test_a_foreign_reference_is_never_used_on_resume(tmp_path, cut_run, capsys):
     assert folder_bytes(run) == before
 
 
-@pytest.fixture(scope="module")
-def overwritten(tmp_path_factory, cut_run, full_run):
-    """The cut run's folder with a stray file and a foreign reference/ planted, then a new run started over it:
-    `--config <full run>/run_config.json --name cut --overwrite --steps 1`. Returns (run folder, planted
-    reference's fingerprint)."""
-    out = tmp_path_factory.mktemp("overwrite")
-    run = out / "cut"
-    shutil.copytree(cut_run, run)
-    (run / "stray.txt").write_text("left by the old run")
-    planted = plant_foreign_reference(run)
-    args = ["--config", str(full_run / "run_config.json"), "--out", str(out), "--name", "cut", "--overwrite",
-            "--steps", "1", "--no-progress"]
-    assert train.main(args) == 0
-    return run, planted
-
-
-def test_overwrite_starts_clean(overwritten):
-    run, planted = overwritten
-    assert not (run / "stray.txt").exists()
-    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000001"]
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
-    assert [r["step"] for r in read_jsonl(run / "eval.jsonl")] == [0, 1]
-    made = model_fingerprint(str(run / "reference"))  # the new run's own warm-up result, recorded as such
-    record = json.loads((run / "ckpt-000001" / "trainer_state.json").read_text())["extra"]["reference"]
-    assert made != planted and record["sha256"] == made
+def test_overwrite_starts_clean(cut_run):
+    assert not (cut_run / "stray.txt").exists()
+    assert sorted(p.name for p in cut_run.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000002"]
+    assert [r["step"] for r in read_jsonl(cut_run / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_jsonl(cut_run / "eval.jsonl")] == [0, 2]
+    made = model_fingerprint(str(cut_run / "reference"))  # the new run's own warm-up result, recorded as such
+    record = json.loads((cut_run / "ckpt-000002" / "trainer_state.json").read_text())["extra"]["reference"]
+    assert made != (cut_run.parent / "planted.sha256").read_text() and record["sha256"] == made
 
 
 def test_config_gives_a_runs_settings_and_flags_override_it(full_run, tmp_path, capsys):
@@ -264,17 +258,33 @@ def test_config_gives_a_runs_settings_and_flags_override_it(full_run, tmp_path, 
     assert exc.value.code == 2 and "'learning_rate' is not a setting" in capsys.readouterr().err
 
 
-def test_a_run_from_config_makes_the_same_first_step(overwritten, full_run):
+def test_saved_grpo_settings_switched_to_timerpo_get_alpha_back():
+    """GRPO forces alpha to 0; settings saved from a GRPO run and switched to TimerPO get the default back."""
+    grpo = dataclasses.asdict(train.make_config({"advantage": "grpo"}))
+    assert grpo["alpha"] == 0.0
+    assert train.make_config({"advantage": "timerpo"}, saved=grpo).alpha == train.Config.alpha
+    assert train.make_config({"alpha": 0.7}, saved={**grpo, "advantage": "timerpo"}).alpha == 0.7
+
+
+def test_a_settings_file_of_wrong_types_is_refused():
+    with pytest.raises(train.SettingsError, match="lr = '0.1' is not a valid value"):
+        train.saved_settings({"lr": "0.1"}, "f.json")
+    with pytest.raises(train.SettingsError, match="advantage = 'ppo' is not a valid value"):
+        train.saved_settings({"advantage": "ppo"}, "f.json")
+    assert train.saved_settings({"lr": 1, "steps": 3, "device": "cuda"}, "f.json") == {"lr": 1.0, "steps": 3}
+
+
+def test_a_run_from_config_makes_the_same_steps(cut_run, full_run):
     """The run started from the full run's run_config.json wrote the same settings (but the flags given) and
-    made its first step exactly."""
-    run, _ = overwritten
-    mine, theirs = (json.loads((r / "run_config.json").read_text()) for r in (run, full_run))
+    made the same steps."""
+    mine, theirs = (json.loads((r / "run_config.json").read_text()) for r in (cut_run, full_run))
     for key in set(theirs) - set(train.INVOCATION_SETTINGS) - {"steps"}:
         assert mine[key] == theirs[key], key
-    first, straight = read_jsonl(run / "metrics.jsonl")[0], read_jsonl(full_run / "metrics.jsonl")[0]
-    for key, value in straight.items():
-        if key not in TIMING_KEYS and value is not None and not isinstance(value, bool):
-            assert first[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    straight = read_jsonl(full_run / "metrics.jsonl")
+    for row, ref in zip(read_jsonl(cut_run / "metrics.jsonl"), straight[:2], strict=True):
+        for key, value in ref.items():
+            if key not in TIMING_KEYS and value is not None and not isinstance(value, bool):
+                assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 def test_older_checkpoint_is_refused_and_runs_nothing(tiny_data, tmp_path, cut_run, capsys):
