@@ -140,6 +140,7 @@ def curve_panels(train: list[dict], held: list[dict]) -> list[tuple[str, str, di
                                       "held-out": column(held, "reward")}),
         ("held-out Avg F1 (paper groups)", "Avg F1", {"held-out": column(held, "avg_group_f1")}),
         ("held-out class accuracy", "Cls Acc", {"held-out": column(held, "cls_acc")}),
+        ("held-out localization gain (Avg F1 over the class window's)", "gain", {"held-out": column(held, "loc_gain")}),
         ("loss", "loss", {"train": column(train, "loss")}),
         ("KL to the reference (k3)", "KL", {"train": column(train, "kl")}),
         ("entropy of the completions", "nats per token", {"train": column(train, "entropy")}),
