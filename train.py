@@ -291,7 +291,7 @@ def flag_help(f) -> str:
     """A field's --help line: its doc, then its paper default and the presets' values (or its default)."""
     doc = f.metadata["doc"]
     if not f.metadata["paper"]:
-        return doc if f.default in (None, False) else f"{doc} [default: {f.default}]"
+        return doc if f.default is None or f.default is False else f"{doc} [default: {f.default}]"
     values, last = [], f.default
     for name, preset in PRESETS.items():  # paper, tiny: each value that differs from the one before
         value = preset.get(f.name, f.default)
