@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import zlib
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ if __name__ == "__main__":  # before numpy loads: the ExpCoT's small matrix prod
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont
 
-from timerpo.files import png_bytes, write_atomic
+from timerpo.files import make_temp_dir, png_bytes, replace_dir, write_atomic
+from timerpo.progress import progress_bar
 from timerpo.prompt import (LABELS, UNKNOWN, build_prompt, check_intervals, check_truth, format_completion,
                             generic_cot)
 
@@ -525,11 +527,9 @@ def _work(args):
 def pool_map(fn, tasks: list, workers: int | None, desc: str, progress: bool) -> list:
     """[fn(t) for t in tasks] in order, with a progress bar, in `workers` spawned processes (None: 2 from 64
     tasks on, where processes start to pay off: spawn start-up ≈ 1 s)."""
-    from tqdm import tqdm
-
     if workers is None:
         workers = 1 if len(tasks) < 64 else min(os.cpu_count() or 1, 2)
-    bar = tqdm(total=len(tasks), desc=desc, unit="series", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc=desc, unit="series", disable=not progress)
     out = []
     if workers <= 1:
         for task in tasks:
@@ -714,7 +714,10 @@ def parse_args(argv=None):
         description="Generate synthetic anomaly series, plots and expert reasoning, or import real series "
                     "as plots (samples.jsonl, images/<id>.png, manifest.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (a new or empty one; see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out that holds other files: the new data is written beside it and "
+                             "renamed into its place once complete")
     parser.add_argument("--suite", choices=SUITES + (SERIES_SUITE,), default="anomllm",
                         help="anomllm: 8 training families (L=1000); tods: 5 TODS-style types incl. shapelet "
                              "(L=400); series: windows of the real series in --input")
@@ -767,6 +770,30 @@ def round_robin(queues: list[list], n: int) -> list:
     return picked
 
 
+def check_out(out: str, overwrite: bool) -> None:
+    """--out must be new or empty, unless --overwrite: other data there would be mixed with the new."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise DataError(f"--out {out} already holds files ({len(os.listdir(out))} entries); pass --overwrite to "
+                        f"replace them, or choose a new folder")
+
+
+@contextlib.contextmanager
+def fresh_folder(out: str):
+    """A temporary folder beside `out` to write into; renamed to `out` (replacing what was there) when the
+    block ends without error, deleted otherwise. Readers of `out` see the old data or the new, never a mix."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = make_temp_dir(parent, ".tmp-data-")
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
 def import_series(args) -> int:
     """--suite series: read and check every file first, then write the windows (series_io.py), with the
     ExpCoT of every labelled window so that train.py can use them."""
@@ -782,8 +809,9 @@ def import_series(args) -> int:
     for s in series:
         for note in s.notes:
             print(f"data_gen: warning: {note}", file=sys.stderr)
-    samples, _ = series_io.write_windows(args.out, series, args.window, args.stride, args.labels,
-                                         progress=not args.no_progress, with_expcot=True, skipped=skipped)
+    with fresh_folder(args.out) as tmp:
+        samples, _ = series_io.write_windows(tmp, series, args.window, args.stride, args.labels,
+                                             progress=not args.no_progress, with_expcot=True, skipped=skipped)
     print(f"wrote {len(samples)} windows of {len(series)} series to {args.out}"
           + (f" ({len(skipped)} files skipped, listed in manifest.json)" if skipped else ""))
     return 0
@@ -791,13 +819,18 @@ def import_series(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.suite == SERIES_SUITE:
-        return import_series(args)
     families = None if args.families is None else [f.strip() for f in args.families.split(",") if f.strip()]
     try:
-        samples = generate(args.out, args.suite, args.per_family, args.seed, families=families,
-                           progress=not args.no_progress, workers=args.workers)
-    except ValueError as exc:
+        if args.suite != SERIES_SUITE:
+            for family in families or []:
+                check_family(args.suite, family)  # a bad flag is named before the folder
+        check_out(args.out, args.overwrite)
+        if args.suite == SERIES_SUITE:
+            return import_series(args)
+        with fresh_folder(args.out) as tmp:
+            samples = generate(tmp, args.suite, args.per_family, args.seed, families=families,
+                               progress=not args.no_progress, workers=args.workers)
+    except (ValueError, DataError) as exc:
         print(f"data_gen: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(samples)} samples to {args.out}")

@@ -69,7 +69,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 from PIL import Image
-from tqdm import tqdm
 
 import data_gen
 import series_io
@@ -78,12 +77,13 @@ from timerpo.algorithm import make_prompt
 from timerpo.detection import (SAMPLING_TEMPERATURE, SCORE_KINDS, default_max_new_tokens, detect_windows, make_detector,
                                resolve_model)  # noqa: F401 (resolve_model: eval.resolve_model, as before)
 from timerpo.detection import load_model as load_policy_model
-from timerpo.evaluate import (ANY_ANOMALY, Prediction, class_window, mean, predict, score_prediction, summarize,
-                              true_label)
+from timerpo.evaluate import (ANY_ANOMALY, Prediction, class_window, jsonable, mean, predict, prediction_record,
+                              read_suite, score_prediction, summarize, true_label)
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
 from timerpo.policy import ModelNotFound
+from timerpo.progress import progress_bar, quiet_library_bars
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
 BASELINES = ("empty", "full", "random", "expert", "presence-oracle", "class-oracle")
@@ -111,7 +111,7 @@ HELP = {
     "seed": "seed of sampling streams (models) and of the random baseline",
     "device": "cpu | cuda (default: cuda when available)",
     "dtype": "weights and compute: bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)",
-    "no_progress": "no progress bars",
+    "no_progress": "no progress bars (transformers' loading bars included)",
     "workers": "processes running the expert detector (baseline:expert only; default: min(2, CPUs))",
 }
 
@@ -206,27 +206,6 @@ def default_out(model: str, data: str, temperature: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data
-
-
-def read_suite(data_dir: str, samples: list) -> str:
-    """'anomllm', 'tods' or 'series': the manifest's word, else guessed from the family names."""
-    manifest = os.path.join(data_dir, "manifest.json")
-    try:
-        with open(manifest) as f:
-            suite = json.load(f).get("suite")
-        if suite in data_gen.SUITES + (data_gen.SERIES_SUITE,):
-            return suite
-    except (OSError, ValueError, AttributeError):
-        pass  # no or unreadable manifest: fall back to the families
-    if any(s.label == data_gen.UNKNOWN for s in samples):
-        return data_gen.SERIES_SUITE
-    families = {s.family for s in samples}
-    only_tods = families - set(data_gen.ANOMLLM_FAMILIES)
-    return "tods" if only_tods and families <= set(data_gen.TODS_TYPES) else "anomllm"
-
-
-# ---------------------------------------------------------------------------------------------------
 # Baselines: each writes a completion text that the ordinary parser reads
 
 
@@ -304,7 +283,7 @@ def expert_texts(samples: list, workers: int, progress: bool = False) -> list[st
     Why processes: the detector costs ~5 ms per L = 1000 series on one core (mostly its matrix profile),
     and the series are independent, so two processes halve the ~20 s of a 3,200-series split.
     """
-    bar = tqdm(total=len(samples), desc="baseline:expert", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=len(samples), desc="baseline:expert", disable=not progress, leave=False)
     texts = []
     if workers <= 1 or len(samples) <= 1:
         for s in samples:
@@ -328,7 +307,7 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
     if name == "expert":
         return expert_texts(samples, workers, progress), info
     texts = []
-    for s in tqdm(samples, desc=f"baseline:{name}", disable=not progress, dynamic_ncols=True, leave=False):
+    for s in progress_bar(samples, desc=f"baseline:{name}", disable=not progress, leave=False):
         if name == "empty":
             texts.append(format_completion("Baseline: predict no anomaly.", [], "normal"))
         elif name == "full":
@@ -357,8 +336,7 @@ def model_predictions(policy, data_dir: str, all_samples: list, indices: list[in
     and --seed only, so neither the chunking nor --limit changes what a given series gets.
     """
     preds = []
-    bar = tqdm(total=len(indices), desc=f"eval {model_tag(args.model)}", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(indices), desc=f"eval {model_tag(args.model)}", disable=args.no_progress)
     for start in range(0, len(indices), args.batch_size):
         prompts = [make_prompt(policy, data_dir, all_samples, i, "expcot")
                    for i in indices[start:start + args.batch_size]]
@@ -484,30 +462,6 @@ def build_summary(predictions: list[Prediction], suite: str) -> tuple[dict, list
 
 # ---------------------------------------------------------------------------------------------------
 # Files
-
-
-def jsonable(obj):
-    """Plain JSON values: tuples -> lists, NaN/inf -> None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
-def prediction_record(p: Prediction) -> dict:
-    """One predictions.jsonl line."""
-    s, parsed = p.sample, p.parsed
-    return jsonable({
-        "id": s.id, "family": s.family, "label": true_label(s), "length": s.length, "gt_intervals": s.intervals,
-        "completion": p.text,
-        "parsed": {"intervals": parsed.intervals, "label": parsed.label, "has_think": parsed.has_think,
-                   "has_answer": parsed.has_answer, "has_class": parsed.has_class, "answer_ok": parsed.answer_ok},
-        "unparsable": parsed.intervals is None,
-        "reward": vars(p.reward), "loc": vars(p.loc),
-    })
 
 
 def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], tables_md: str,
@@ -677,7 +631,7 @@ def series_main(args) -> int:
 
     # -- per file: windows, answers, merge, scores ---------------------------------------------------
     files, cut, predictions = [], {}, []
-    bar = tqdm(series_list, desc="files", unit="file", disable=args.no_progress, dynamic_ncols=True)
+    bar = progress_bar(series_list, desc="files", unit="file", disable=args.no_progress)
     for series in bar:
         bar.set_postfix(file=series.name)
         windows = cut[series.name] = series_io.cut_windows(series, args.window, args.stride)
@@ -774,6 +728,8 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_progress:
+        quiet_library_bars()
     if args.series is not None:
         return series_main(args)
     started = time.perf_counter()

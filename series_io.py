@@ -51,6 +51,7 @@ import expert_cot
 from expert_cot import interval_mask, runs
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import to_events
+from timerpo.progress import progress_bar
 from timerpo.prompt import generic_cot
 
 DEFAULT_WINDOW = data_gen.SUITE_LENGTH["anomllm"]  # the training length: one pixel column per step
@@ -712,12 +713,10 @@ def write_windows(out_dir: str, series_list: list, window: int, stride: int, lab
     """
     for series in series_list:
         check_windowing(series, window, stride)
-    from tqdm import tqdm
-
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     samples, sources = [], []
     total = sum(len(window_starts(s.length, window, stride)) for s in series_list)
-    bar = tqdm(total=total, desc="windows", unit="plot", disable=not progress)
+    bar = progress_bar(total=total, desc="windows", unit="plot", disable=not progress)
     for series in series_list:
         records = []
         for start in window_starts(series.length, window, stride):

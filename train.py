@@ -6,7 +6,10 @@ Each RL step is the five functions of timerpo/algorithm.py:
     rollout → score_outcomes → ground_completions (TimerPO) + reference_logprobs (β > 0) → compute_advantages
     → update_policy
 Outputs go to runs/<name>/: metrics.jsonl (one line per step), eval.jsonl (one line per held-out eval),
-curves.png, and atomic checkpoints ckpt-<step>/ (hub format model + optimizer/RNG) named by `latest`.
+eval-<step>/ (gallery.png and a few completions of each held-out eval), curves.png (a panel per quantity),
+run_config.json, and atomic checkpoints ckpt-<step>/ (hub format model + optimizer/RNG) named by `latest`.
+A run folder holds one run: a new run into a used one needs --overwrite; --resume continues it with the
+settings of its checkpoint (see INVOCATION_SETTINGS and RUN_SETTINGS for what may change).
 
 Several processes: `torchrun --nproc_per_node=N train.py --dist ddp|fsdp ...` (timerpo/distributed.py).
 --prompts-per-step stays the GLOBAL batch (split evenly over ranks, whole groups per rank); --micro-batch and
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
+import re
+import shutil
 import sys
 import time
 import typing
@@ -32,17 +38,19 @@ import data_gen
 from timerpo.advantage import TSR_NORMS
 from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, make_prompt, reference_logprobs,
                                rollout, score_outcomes, target_states, update_policy)
-from timerpo.checkpoint import (CheckpointError, append_jsonl, latest_checkpoint, load_trainer_state,
-                                restore_optimizer, save_checkpoint, set_rng_state)
+from timerpo.checkpoint import (LATEST, STATE_FILE, CheckpointError, append_jsonl, checkpoint_names, is_checkpoint,
+                                latest_checkpoint, load_trainer_state, model_fingerprint, restore_optimizer,
+                                save_checkpoint, set_rng_state)
 from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast, full_params, init_distributed,
                                  prepare_policy, rank_slice)
-from timerpo.evaluate import predict, summarize
-from timerpo.files import write_atomic
+from timerpo.evaluate import predict, prediction_record, read_suite, summarize
+from timerpo.files import png_bytes, write_atomic
 from timerpo.lora import DEFAULT_TARGETS, adapters_disabled
 from timerpo.optim import BF16AdamW
-from timerpo.plots import line_chart
+from timerpo.plots import draw_gallery, gallery_picks, training_curves
 from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
 from timerpo.precision import DTYPES, default_dtype, enable_tf32
+from timerpo.progress import is_terminal, progress_bar, quiet_library_bars
 from timerpo.reward import LOC_MODES
 from timerpo.rollout import decode_bytes_per_row, rollout_batch_for_memory
 from timerpo.warmup import supervised_warmup
@@ -81,12 +89,22 @@ class Config:
     preset: str | None = option(None, "the values below: paper (the defaults) or tiny (CPU, ~10 min on 2 cores); "
                                       "default: tiny for --model tiny, paper otherwise", choices=("paper", "tiny"))
     seed: int = option(0, "seed of the run (prompt order, sampling streams, tiny weights)")
-    resume: bool = option(False, "continue runs/<name> from its latest checkpoint")
+    resume: bool | str = option(False, "continue a run where its checkpoint left off, with the settings saved "
+                                       "there: --resume alone continues <out>/<name> from its latest checkpoint, "
+                                       "--resume PATH the run folder PATH, or its ckpt-N folder PATH")
+    override_resumed: bool = option(False, "with --resume: accept flags that change the experiment (model, data, "
+                                           "method, rates, sizes, seed, dtype); each change is printed")
+    overwrite: bool = option(False, "start a new run in a run folder that holds one: the old folder is deleted "
+                                    "first (with --resume PATH/ckpt-N: the run's later checkpoints are)")
+    config: str | None = option(None, "start from the settings of this JSON file (a run's run_config.json); flags "
+                                      "given on the command line override it")
     trust_checkpoint: bool = option(False, "with --resume: also load a checkpoint of the older format, whose "
                                            "trainer_state.pt and optimizer/.metadata are pickles that can run code "
                                            "(only for runs you made yourself)")
     device: str | None = option(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
-    no_progress: bool = option(False, "no progress bars")
+    no_progress: bool = option(False, "no progress bars (transformers' loading and saving bars included)")
+    report_to: str = option("none", "also write the logged numbers for tensorboard (<run>/tensorboard/; needs "
+                                    "`pip install tensorboard`)", choices=("none", "tensorboard"))
     dist: str = option("none", "none (one process) | ddp (full model per rank) | fsdp (FSDP2-sharded); under "
                                "torchrun with WORLD_SIZE > 1, none means ddp", choices=DIST_MODES)
     dist_timeout: float = option(1800.0, "seconds any collective may wait for the other ranks before the job fails")
@@ -169,6 +187,7 @@ class Config:
     eval_samples: int = paper(256, "held-out samples per evaluation, balanced over families")
     eval_temperature: float = paper(0.4, "sampling temperature of held-out evaluation (the paper's validation)")
     save_every: int = paper(25, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(0, "keep the newest N checkpoints, delete older ones (0 keeps all)")
 
 
 # The tiny CPU preset: the only place where values differ from the paper's. Measured: 9.4 min of train.py on 2
@@ -179,15 +198,78 @@ TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_st
 PRESETS = {"paper": {}, "tiny": TINY}
 
 
-def make_config(given: dict) -> Config:
-    """The run's Config: paper defaults, then the preset's values, then the flags given on the command line.
-    The preset is --preset, else tiny for --model tiny and paper for every other model."""
-    model = given.get("model", Config.model)
-    preset = given.get("preset") or ("tiny" if model == "tiny" else "paper")
-    config = Config(**{**PRESETS[preset], **given})
+# What a saved run's settings (a checkpoint's on --resume, a run_config.json given to --config) do, by field.
+# Settings of this command and this machine are never taken from a saved run:
+INVOCATION_SETTINGS = ("out", "name", "resume", "override_resumed", "overwrite", "config", "trust_checkpoint",
+                       "device", "no_progress", "dist", "dist_timeout", "grad_checkpointing", "compile", "offload")
+# Settings of the run's course, which --resume may change (each change is printed): the saved value comes back
+# unless the flag is given. Micro-batches accumulate exactly; the rollout batch only groups the sampling.
+RUN_SETTINGS = ("steps", "eval_every", "save_every", "keep_checkpoints", "report_to", "micro_batch",
+                "rollout_batch")
+# Every other setting defines the experiment (model, data, method, rates, sizes, seed, dtype, evaluation):
+# --resume refuses a flag that changes one, unless --override-resumed.
+
+
+def experiment_settings() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name not in INVOCATION_SETTINGS + RUN_SETTINGS]
+
+
+def make_config(given: dict, saved: dict | None = None) -> Config:
+    """The run's Config: paper defaults, then the preset's values, then the saved settings (--config FILE, or
+    the checkpoint's on --resume), then the flags given on the command line. The preset is --preset, else the
+    saved one, else tiny for --model tiny and paper for every other model; a --preset given on the command line
+    counts as its flags."""
+    saved = dict(saved or {})
+    if saved.get("advantage") == "grpo":
+        saved.pop("alpha", None)  # forced to 0 below, not chosen: a switch to timerpo gets its default back
+    model = given.get("model", saved.get("model", Config.model))
+    preset = given.get("preset") or saved.get("preset") or ("tiny" if model == "tiny" else "paper")
+    flags_preset = PRESETS[preset] if "preset" in given else {}
+    config = Config(**{**PRESETS[preset], **saved, **flags_preset, **given})
+    config.preset = preset
     if config.advantage == "grpo":
         config.alpha = 0.0  # GRPO is TimerPO without the grounded term
     return config
+
+
+def fits(value, kind) -> bool:
+    """Whether a JSON value can be a setting of annotation `kind` (an int is a float; a bool is not an int)."""
+    kinds = typing.get_args(kind) or (kind,)
+    if value is None or isinstance(value, bool):
+        return type(value) in kinds
+    return any(isinstance(value, (int, float) if k is float else k) for k in kinds if k is not bool)
+
+
+def saved_settings(values: dict, where: str) -> dict:
+    """A saved run's settings as make_config takes them: every one checked against its field's type and
+    choices, this invocation's own (INVOCATION_SETTINGS) left out. Raises SettingsError."""
+    if not isinstance(values, dict):
+        raise SettingsError(f"{where} holds no settings (expected a JSON object of train.py settings)")
+    fields, types = {f.name: f for f in dataclasses.fields(Config)}, typing.get_type_hints(Config)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise SettingsError(f"{where}: {key!r} is not a setting of train.py")
+        choices = fields[key].metadata["choices"]
+        if not fits(value, types[key]) or (choices and value is not None and value not in choices):
+            raise SettingsError(f"{where}: {key} = {value!r} is not a valid value")
+        if key not in INVOCATION_SETTINGS:
+            out[key] = float(value) if types[key] is float else value
+    return out
+
+
+def read_settings_file(path: str) -> dict:
+    """--config FILE: the settings of a run_config.json (or any JSON object of settings)."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SettingsError(f"--config {path}: cannot read it ({err})") from None
+    return saved_settings(values, path)
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used as given (a bad --config file, a change --resume refuses); one line."""
 
 
 def resolve_defaults(config: Config) -> Config:
@@ -209,7 +291,7 @@ def flag_help(f) -> str:
     """A field's --help line: its doc, then its paper default and the presets' values (or its default)."""
     doc = f.metadata["doc"]
     if not f.metadata["paper"]:
-        return doc if f.default in (None, False) else f"{doc} [default: {f.default}]"
+        return doc if f.default is None or f.default is False else f"{doc} [default: {f.default}]"
     values, last = [], f.default
     for name, preset in PRESETS.items():  # paper, tiny: each value that differs from the one before
         value = preset.get(f.name, f.default)
@@ -229,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=flag_help(f))
             continue
+        if f.name == "resume":  # a switch that may take a path
+            p.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, metavar="PATH", help=flag_help(f))
+            continue
         kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
         choices = f.metadata["choices"]
         p.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=flag_help(f),
@@ -237,9 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> Config:
-    """The Config of `python train.py <argv>`; a bad value ends the program with a usage error (exit 2)."""
+    """The Config of `python train.py <argv>`, --config FILE included (--resume's checkpoint is read by
+    resume_settings). A bad value ends the program with a usage error (exit 2)."""
     parser = build_parser()
-    config = make_config(vars(parser.parse_args(argv)))
+    return configure(parser, vars(parser.parse_args(argv)))
+
+
+def configure(parser: argparse.ArgumentParser, given: dict, saved: dict | None = None) -> Config:
+    """make_config of the flags `given` over `saved` (else over the --config file's), checked and resolved."""
+    if "config" in given:
+        if "resume" in given:
+            parser.error("--config starts a new run and --resume continues one with its own settings: give one")
+        try:
+            saved = read_settings_file(given["config"])
+        except SettingsError as err:
+            parser.error(str(err))
+    config = make_config(given, saved)
     check_config(parser, config)
     return resolve_defaults(config)
 
@@ -254,7 +352,8 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
     for key in ("lr", "tau", "ot_eps"):
         if not getattr(config, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(config, key)}")
-    for key in ("rollout_batch", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "warmup_pointer",
+    for key in ("rollout_batch", "keep_checkpoints", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight",
+                "warmup_pointer",
                 "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
         if getattr(config, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
@@ -358,6 +457,7 @@ def step_columns(episodes, adv) -> dict[str, np.ndarray]:
         "loc": np.array([ep.reward.loc for ep in episodes]),
         "length": np.array([len(ep.completion_ids) for ep in episodes]),
         "finished": np.array([ep.finished for ep in episodes], dtype=float),
+        "unparsable": np.array([ep.parsed.intervals is None for ep in episodes], dtype=float),
         "grounding": np.array([ep.grounding for ep in episodes if ep.grounding is not None]),
         "s": adv.grounded_reward.numpy() if adv.grounded_reward is not None else np.zeros(0),
         "advantage": adv.advantages.numpy(),
@@ -410,6 +510,7 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
         "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
         "completion_len": float(lengths.mean()),
         "truncated_frac": float(1.0 - cols["finished"].mean()),
+        "unparsable_frac": float(cols["unparsable"].mean()),
         "time_rollout": sec.get("rollout", 0.0), "time_forward": sec.get("forward", 0.0),
         "time_grounding": sec.get("grounding", 0.0), "time_update": sec.get("update", 0.0),
         "time_step": sum(sec.values()),
@@ -461,17 +562,16 @@ def load_device(config: Config) -> str:
     return "cpu" if config.offload else config.device
 
 
-def policy_source(config: Config, ckpt: str | None, run_dir: str) -> str:
+def policy_source(config: Config, resume: Resume | None) -> str:
     """What the policy loads: a checkpoint's model when resuming, else --model. LoRA: always the base
     model (the run's own saved base when it has one), whose adapters add_lora puts in afterwards."""
-    saved_rank = lora_rank_of(ckpt) if ckpt else config.lora_rank
+    saved_rank = lora_rank_of(resume.ckpt) if resume else config.lora_rank
     if saved_rank != config.lora_rank:
-        raise CheckpointError(f"{ckpt} holds " + (f"LoRA adapters of rank {saved_rank}" if saved_rank else
+        raise CheckpointError(f"{resume.ckpt} holds " + (f"LoRA adapters of rank {saved_rank}" if saved_rank else
                               "a fully fine-tuned model") + f": resume it with --lora-rank {saved_rank}")
     if config.lora_rank:
-        base = os.path.join(run_dir, "reference")
-        return base if ckpt is not None and os.path.isdir(base) else config.model
-    return os.path.join(ckpt, "model") if ckpt else config.model
+        return resume.reference.source if resume else config.model  # the base, checked by own_reference
+    return os.path.join(resume.ckpt, "model") if resume else config.model
 
 
 def lora_rank_of(ckpt: str) -> int:
@@ -488,17 +588,16 @@ def lora_rank_of(ckpt: str) -> int:
         raise CheckpointError(f"{path} is not a readable adapter config ({err})") from None
 
 
-def add_lora(policy: Policy, config: Config, ckpt: str | None, run_dir: str) -> None:
+def add_lora(policy: Policy, config: Config, resume: Resume | None, reference: Reference) -> None:
     """LoRA runs: the checkpoint's adapters when resuming, else new ones, which name as their base the run's
-    saved base model when there is one (tiny, or after a warm-up), else --model."""
+    saved base model when it made one (tiny, or after a warm-up), else --model."""
     from timerpo.lora import ADAPTER_DIR, add_adapters, load_adapters
 
-    if ckpt is not None:
-        load_adapters(policy, os.path.join(ckpt, ADAPTER_DIR))
+    if resume is not None:
+        load_adapters(policy, os.path.join(resume.ckpt, ADAPTER_DIR))
         return
-    saved = os.path.join(run_dir, "reference")
-    base = saved if os.path.isdir(saved) else config.model
-    add_adapters(policy, config.lora_rank, config.lora_alpha, config.lora_targets, base=base, seed=config.seed)
+    add_adapters(policy, config.lora_rank, config.lora_alpha, config.lora_targets, base=reference.source,
+                 seed=config.seed)
 
 
 def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, config: Config, dist: Dist = SINGLE):
@@ -537,28 +636,65 @@ def trim_log(path: str, last_step: int) -> None:
     write_atomic(path, "".join(rows))
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a .jsonl log ([] when it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def draw_curves(run_dir: str) -> None:
-    """runs/<name>/curves.png: training reward per step; held-out reward, aff-F1 and localization gain per
-    evaluation."""
-    def read(name):
-        path = os.path.join(run_dir, name)
-        return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
-    train, held = read("metrics.jsonl"), read("eval.jsonl")
-    # Rollout rewards of a few prompts per step are noisy: draw their trailing 10-step mean.
-    rewards = [r["reward"] for r in train]
-    smoothed = [float(np.mean(rewards[max(0, k - 9):k + 1])) for k in range(len(rewards))]
-    gained = [r for r in held if r.get("loc_gain") is not None]  # runs logged before the gain existed lack it
-    line_chart({"train reward (10-step mean)": ([r["step"] for r in train], smoothed),
-                "held-out reward": ([r["step"] for r in held], [r["reward"] for r in held]),
-                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held]),
-                "held-out loc gain": ([r["step"] for r in gained], [r["loc_gain"] for r in gained])},
-               os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
+    """runs/<name>/curves.png: one panel per logged quantity (timerpo/plots.py, training_curves)."""
+    train_rows, eval_rows = (read_jsonl(os.path.join(run_dir, log)) for log in ("metrics.jsonl", "eval.jsonl"))
+    training_curves(train_rows, eval_rows, os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
-def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist: Dist = SINGLE) -> dict | None:
+class RunLog:
+    """Rank 0's record of the numbers: metrics.jsonl (a row per step) and eval.jsonl (a row per held-out
+    evaluation); with --report-to tensorboard also their scalars as TensorBoard events in <run>/tensorboard/,
+    tagged train/<key> and eval/<key>."""
+
+    TAGS = {"metrics": "train", "eval": "eval"}
+
+    def __init__(self, run_dir: str, report_to: str, start_step: int):
+        self.run_dir, self.writer = run_dir, None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # the optional package (check_report_to)
+
+            # purge_step: a resumed run hides the events of the steps after its checkpoint, which it redoes
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
+
+    def write(self, log: str, row: dict) -> None:
+        append_jsonl(os.path.join(self.run_dir, f"{log}.jsonl"), row)
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{self.TAGS[log]}/{key}", value, row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+CURVES_SECONDS = 30  # curves.png is redrawn after the step that ends this long a wait, and at every evaluation
+EVAL_DIR = re.compile(r"eval-(\d+)")
+EVAL_COMPLETIONS = 8  # completions.jsonl: the first few of the gallery's samples
+
+
+def eval_folder(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"eval-{step:06d}")
+
+
+def run_eval(policy, step, eval_prompts, config: Config, run_dir, log: RunLog | None, tag="rl",
+             dist: Dist = SINGLE) -> dict | None:
     """Held-out evaluation. Under torchrun each rank samples a contiguous share and rank 0 scores them all;
     completion seeds depend on the sample, not the rank, so the result equals the 1-process one.
-    Returns the eval.jsonl row on rank 0, None on the other ranks."""
+    Rank 0 writes the eval.jsonl row and eval-<step>/: gallery.png (as eval.py draws it) and completions.jsonl
+    (a few of the gallery's samples: completion, parse, scores). Returns the row on rank 0, None elsewhere."""
     mine = rank_slice(eval_prompts, dist, even=False)
     with full_params(policy, dist):
         preds = predict(policy, mine, config.max_new_tokens, config.eval_temperature,
@@ -574,7 +710,15 @@ def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist
            "loc_gain": summary["loc_gain"], "class_window_avg_f1": summary["class_window_avg_f1"],
            "pw_f1_anomalous": summary["pw_f1_anomalous"], "distinct_intervals": summary["distinct_intervals"],
            "unparsable": summary["unparsable"], "n": summary["n"]}
-    append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
+    log.write("eval", row)
+    folder = eval_folder(run_dir, step)
+    title = (f"{os.path.basename(run_dir)}, step {step}: {summary['n']} held-out samples, reward "
+             f"{summary['reward']:.3f}, Avg F1 {summary['avg_group_f1']:.3f}, {summary['unparsable']} unparsable")
+    gallery = draw_gallery(preds, config.eval_data, read_suite(config.eval_data, [p.sample for p in preds]), title)
+    write_atomic(os.path.join(folder, "gallery.png"), png_bytes(gallery))
+    write_atomic(os.path.join(folder, "completions.jsonl"),
+                 "".join(json.dumps(prediction_record(p), ensure_ascii=False) + "\n"
+                         for p in gallery_picks(preds)[:EVAL_COMPLETIONS]))
     return row
 
 
@@ -582,6 +726,185 @@ def eval_line(row: dict) -> str:
     """The printed summary of one eval.jsonl row."""
     return (f"reward {row['reward']:.3f}  Avg F1 {row['avg_group_f1']:.3f}  loc gain {row['loc_gain']:+.3f}  "
             f"PW-F1 anomalous {row['pw_f1_anomalous']:.3f}  cls acc {row['cls_acc']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run folder: one run each, continued only as the same experiment
+
+REFERENCE_DIR = "reference"
+COMMAND_FLAGS = ("resume", "override_resumed", "overwrite", "config", "trust_checkpoint")  # not printed as changes
+
+
+@dataclass
+class Reference:
+    """The KL reference π_ref: where it loads from (the run's reference/ folder, or its start model) and, when
+    this run made it, the record its checkpoints carry: {"sha256": model_fingerprint, "made_by": settings}."""
+
+    source: str
+    record: dict | None
+
+
+@dataclass
+class Resume:
+    """What --resume continues: the checkpoint, its trainer state, the run's checkpoints after it (deleted
+    with --overwrite) and the run's own KL reference."""
+
+    ckpt: str
+    state: dict
+    later: list[str]
+    reference: Reference
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+
+def main_process_say(*args, **kwargs) -> None:
+    """print, on rank 0 only (under torchrun before the process group exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs)
+
+
+def same_setting(a, b) -> bool:
+    """Equal values; two paths to the same existing file or folder are equal too."""
+    if a == b:
+        return True
+    paths = isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+    return paths and os.path.samefile(a, b)
+
+
+def check_new_run_folder(config: Config) -> None:
+    """A new run gets a folder of its own: one that holds anything is refused unless --overwrite."""
+    run_dir = os.path.join(config.out, config.name)
+    held = os.path.exists(run_dir) and not (os.path.isdir(run_dir) and not os.listdir(run_dir))
+    if held and not config.overwrite:
+        raise SettingsError(f"{run_dir} already holds a run: continue it with --resume, delete it and start "
+                            f"anew with --overwrite, or choose another --name")
+
+
+def resume_target(config: Config, given: dict) -> tuple[str, str]:
+    """(run folder, checkpoint folder) that --resume continues: <out>/<name>'s latest checkpoint, or --resume
+    PATH's (a run folder, or a ckpt-N folder). SettingsError when there is none."""
+    if config.resume is True:
+        run_dir = os.path.join(config.out, config.name)
+        ckpt = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    else:
+        path = os.path.abspath(config.resume)
+        if is_checkpoint(path):
+            run_dir, ckpt = os.path.dirname(path), path
+        else:
+            run_dir, ckpt = path, latest_checkpoint(path) if os.path.isdir(path) else None
+        named = os.path.abspath(os.path.join(given.get("out", os.path.dirname(run_dir)),
+                                             given.get("name", os.path.basename(run_dir))))
+        if named != run_dir:
+            raise SettingsError(f"--resume {config.resume} continues the run in {run_dir}, but --out/--name name "
+                                f"{named}: drop them")
+    if ckpt is None:
+        where = "does not exist" if not os.path.isdir(run_dir) else "holds no complete checkpoint"
+        raise SettingsError(f"--resume: {run_dir} {where}, so there is nothing to continue; start the run "
+                            f"without --resume")
+    return run_dir, ckpt
+
+
+def check_same_experiment(saved: dict, given: dict, config: Config, run_dir: str) -> None:
+    """Refuse flags that would make the continued run another experiment, unless --override-resumed."""
+    changed = [k for k in experiment_settings()
+               if k in given and k in saved and not same_setting(given[k], saved[k])]
+    if changed and not config.override_resumed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {saved[k]})" for k in changed)
+        raise SettingsError(f"--resume: {flags} would change the experiment {run_dir} was trained as; drop "
+                            f"{'them' if len(changed) > 1 else 'it'}, start a new run under another --name, or "
+                            f"pass --override-resumed")
+
+
+def setting_changes(saved: dict, config: Config) -> list[str]:
+    """One line per setting whose value now differs from the saved run's."""
+    now = dataclasses.asdict(config)
+    return [f"[resume] --{k.replace('_', '-')}: {saved[k]} -> {now[k]}" for k in now
+            if k in saved and k not in COMMAND_FLAGS and not same_setting(saved[k], now[k])]
+
+
+def own_reference(run_dir: str, state: dict, config: Config, say) -> Reference:
+    """The KL reference a resumed run continues with: its reference/ folder when the checkpoint records that
+    this run made it and the fingerprint still matches, else its start model (a reference/ that the run did not
+    make is never used). SettingsError when the run's own reference is missing or has changed."""
+    folder, extra = os.path.join(run_dir, REFERENCE_DIR), state.get("extra", {})
+    if "reference" not in extra:  # checkpoints from before fingerprints: the run's own reference, if any
+        if (config.beta > 0 or config.lora_rank) and os.path.isdir(folder):
+            say(f"[resume] {folder}: this older checkpoint records no fingerprint; used as the run's reference "
+                f"and recorded from now on")
+            return Reference(source=folder, record={"sha256": model_fingerprint(folder), "made_by": None})
+        return Reference(source=config.model, record=None)
+    record = extra["reference"]
+    if record is None:
+        if config.beta > 0 and os.path.isdir(folder):
+            say(f"[resume] {folder} ignored: this run's KL reference is its start model {config.model}")
+        return Reference(source=config.model, record=None)
+    if not os.path.isdir(folder) or model_fingerprint(folder) != record["sha256"]:
+        state_word = "is missing" if not os.path.isdir(folder) else "is not the one this run made (its fingerprint " \
+                                                                    "differs from the checkpoint's)"
+        raise SettingsError(f"--resume: the KL reference {folder} {state_word}; put the run's own back, or start "
+                            f"a new run")
+    return Reference(source=folder, record=record)
+
+
+def resume_settings(parser: argparse.ArgumentParser, config: Config, given: dict, say) -> tuple[Config, Resume]:
+    """--resume: the checkpoint's settings re-applied under the flags given now (a change of the experiment
+    refused unless --override-resumed; every change printed), and what the run continues from. Reads only."""
+    run_dir, ckpt = resume_target(config, given)
+    later = [os.path.join(run_dir, n) for n in checkpoint_names(run_dir) if n > os.path.basename(ckpt)]
+    names = ", ".join(map(os.path.basename, later))
+    if later and ckpt != latest_checkpoint(run_dir) and not config.overwrite:
+        raise SettingsError(f"--resume {ckpt}: the run has later checkpoints ({names}) that going on from here "
+                            f"would replace; pass --overwrite to delete them")
+    if later and ckpt == latest_checkpoint(run_dir):  # renamed into place, then cut before `latest` moved
+        say(f"[resume] {names}: written after the latest checkpoint but never named by `latest` (a write cut "
+            f"short); the redone steps replace it")
+    state = load_trainer_state(ckpt, trust_pickle=config.trust_checkpoint)
+    raw = state.get("extra", {}).get("args")
+    location = {"out": os.path.dirname(run_dir), "name": os.path.basename(run_dir)}
+    if raw is None:
+        say(f"[resume] {ckpt} records no settings (an older checkpoint): the flags given now are used")
+        config = configure(parser, {**given, **location})
+    else:
+        saved = saved_settings(raw, os.path.join(ckpt, STATE_FILE))
+        check_same_experiment(saved, given, config, run_dir)
+        config = configure(parser, {**given, **location}, saved)
+    reference = own_reference(run_dir, state, config, say)  # may refuse: before any change is announced
+    for line in setting_changes(raw or {}, config):
+        say(line)
+    return config, Resume(ckpt, state, later, reference)
+
+
+def check_report_to(config: Config) -> None:
+    """--report-to tensorboard needs the optional tensorboard package; say how to get it before anything runs."""
+    if config.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise SettingsError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def open_run_folder(run_dir: str, config: Config, settings: dict, resume: Resume | None, dist: Dist, say) -> None:
+    """Make the run folder ready, once data and model have loaded (a run that fails before leaves no folder).
+    A new run: --overwrite deletes an old folder first, wholly. A resumed run: checkpoints after the one it
+    continues from (--overwrite) are deleted, and log lines and evaluations of later steps, which it redoes."""
+    if dist.is_main:
+        if resume is None:
+            if config.overwrite and os.path.exists(run_dir):
+                shutil.rmtree(run_dir)
+                say(f"[overwrite] deleted the old {run_dir}")
+            os.makedirs(run_dir, exist_ok=True)
+        else:
+            for ckpt in resume.later:
+                shutil.rmtree(ckpt)
+                say(f"[overwrite] deleted {ckpt}")
+            write_atomic(os.path.join(run_dir, LATEST), os.path.basename(resume.ckpt) + "\n")
+            for log in ("metrics.jsonl", "eval.jsonl"):
+                trim_log(os.path.join(run_dir, log), resume.step)
+            for name in os.listdir(run_dir):
+                if EVAL_DIR.fullmatch(name) and int(name.split("-")[1]) > resume.step:
+                    shutil.rmtree(os.path.join(run_dir, name))
+        # not config.json: that name marks a model folder
+        write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(settings, indent=1) + "\n")
+    dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -639,12 +962,9 @@ def load_splits(config: Config, dist: Dist, progress: bool) -> tuple[list, list]
     return splits or load()
 
 
-def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list, run_dir: str, say) -> None:
-    """A run without a checkpoint: empty logs, then the supervised warm-up (tiny only), whose result is saved
-    as the KL reference (β > 0)."""
-    if dist.is_main:
-        for log in ("metrics.jsonl", "eval.jsonl"):
-            trim_log(os.path.join(run_dir, log), -1)
+def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list, run_dir: str, say) -> Reference:
+    """A run without a checkpoint: the supervised warm-up (tiny only), whose result is saved as the KL reference
+    (β > 0) with its fingerprint. Returns the run's reference."""
     warming = config.warmup_steps + config.warmup_vision_steps > 0
     if warming:
         # Every rank runs the same (deterministic) warm-up; DDP/FSDP then start all ranks from rank 0's.
@@ -654,30 +974,34 @@ def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list,
             f"{time.time() - t0:.0f} s" + (f", final answer loss {losses[-1]:.3f}" if losses else ""))
     # the KL reference; and a LoRA run's base model, unless --model can load it again
     keep_base = config.lora_rank and (warming or config.model == "tiny")
-    if (config.beta > 0 and warming or keep_base) and dist.is_main:
-        save_policy(policy, os.path.join(run_dir, "reference"))
-    dist.barrier()  # the reference folder is complete before any rank reads it
-
-
-def resume_from(ckpt: str, state: dict, dist: Dist, run_dir: str, say) -> int:
-    """A run continued from `ckpt`: its RNG streams back, log lines of later steps dropped. Returns its step."""
-    step = state["step"]
-    set_rng_state(state["rng"])
+    if not (config.beta > 0 and warming or keep_base):
+        return Reference(source=config.model, record=None)
+    folder = os.path.join(run_dir, REFERENCE_DIR)
+    record = None
     if dist.is_main:
-        for log in ("metrics.jsonl", "eval.jsonl"):
-            trim_log(os.path.join(run_dir, log), step)
-    say(f"[resume] {ckpt}: continuing after step {step}")
-    return step
+        save_policy(policy, folder)
+        record = {"sha256": model_fingerprint(folder), "made_by": {
+            k: getattr(config, k) for k in ("model", "data", "seed", "warmup_steps", "warmup_vision_steps",
+                                            "warmup_aux_weight", "warmup_lr", "warmup_targets", "warmup_pointer")}}
+    dist.barrier()  # the reference folder is complete before any rank reads it
+    return Reference(source=folder, record=record)
 
 
-def log_step(step: int, columns: dict, update: dict, timer: Timer, config: Config, run_dir: str, bar) -> None:
+def resume_from(resume: Resume, dist: Dist, say) -> int:
+    """A run continued from its checkpoint: its RNG streams back. Returns its step."""
+    set_rng_state(resume.state["rng"])
+    say(f"[resume] {resume.ckpt}: continuing after step {resume.step}")
+    return resume.step
+
+
+def log_step(step: int, columns: dict, update: dict, timer: Timer, config: Config, log: RunLog, bar) -> None:
     """Rank 0: one metrics.jsonl row, a line when the update was skipped, the progress bar's numbers."""
     metrics = step_metrics(step, columns, update, timer, config.group_size)
-    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+    log.write("metrics", metrics)
     if update["skipped"]:
         tqdm.write(f"[step {step}] non-finite loss or gradient: update skipped")
     bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                    s_step=f"{metrics['time_step']:.1f}")
+                    s_step=f"{metrics['time_step']:.1f}", refresh=False)  # shown with the next step's update
 
 
 def say_memory_mode(policy: Policy, config: Config, dist: Dist, say) -> None:
@@ -695,77 +1019,71 @@ def say_memory_mode(policy: Policy, config: Config, dist: Dist, say) -> None:
 
 
 def usage_error(err: Exception) -> int:
-    """A data folder, model or checkpoint that cannot be used: one line, exit code 2."""
+    """A data folder, model, checkpoint or setting that cannot be used: one line, exit code 2."""
     print(f"error: {err}", file=sys.stderr)
     return 2
 
 
-def train(config: Config, dist: Dist) -> int:
-    """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints)."""
+def train(config: Config, dist: Dist, resume: Resume | None = None) -> int:
+    """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints). `resume`:
+    the checkpoint it continues from (resume_settings), None for a new run (check_new_run_folder)."""
     torch.manual_seed(config.seed)
     enable_tf32(config.device)
     run_dir = os.path.join(config.out, config.name)
-    os.makedirs(run_dir, exist_ok=True)
     progress = not config.no_progress and dist.is_main
     say = print if dist.is_main else (lambda *a, **k: None)
+    settings = dataclasses.asdict(config)  # as chosen: run_config.json and every checkpoint's "args"
 
-    # -- data, checkpoint, policy ------------------------------------------------------------------
+    # -- data, policy, then the run folder ---------------------------------------------------------
     try:
         train_samples, eval_samples = load_splits(config, dist, progress)
-    except data_gen.DataError as err:
-        return usage_error(err)
-    ckpt = latest_checkpoint(run_dir) if config.resume else None
-    if config.resume and ckpt is None:
-        say(f"[resume] no checkpoint in {run_dir}: starting from scratch")
-    try:
-        # the trainer state first, so that a checkpoint that is refused stops the run before anything else loads
-        state = load_trainer_state(ckpt, trust_pickle=config.trust_checkpoint) if ckpt else None
-        policy = load_policy(policy_source(config, ckpt, run_dir), device=load_device(config), seed=config.seed)
-    except (CheckpointError, ModelNotFound) as err:
+        policy = load_policy(policy_source(config, resume), device=load_device(config), seed=config.seed)
+    except (data_gen.DataError, ModelNotFound, CheckpointError) as err:
         return usage_error(err)
     eval_prompts = [make_prompt(policy, config.eval_data, eval_samples, i, config.cot)
                     for i in data_gen.balanced_indices(eval_samples, config.eval_samples)]
-    if dist.is_main:  # not config.json: that name marks a model folder
-        write_atomic(os.path.join(run_dir, "run_config.json"), json.dumps(dataclasses.asdict(config), indent=1))
+    open_run_folder(run_dir, config, settings, resume, dist, say)
 
     # -- warm-up (tiny only; its result is also the KL reference) or resume ------------------------
-    if ckpt is None:
+    if resume is None:
         try:
-            start_fresh(policy, config, dist, train_samples, run_dir, say)
+            reference = start_fresh(policy, config, dist, train_samples, run_dir, say)
         except data_gen.DataError as err:  # a warm-up without a window of known class
             return usage_error(err)
         start_step = 0
     else:
-        start_step = resume_from(ckpt, state, dist, run_dir, say)
+        reference = resume.reference
+        start_step = resume_from(resume, dist, say)
     if config.lora_rank:
         try:
-            add_lora(policy, config, ckpt, run_dir)
+            add_lora(policy, config, resume, reference)
         except ModelNotFound as err:
             return usage_error(err)
     prepare_policy(policy, dist, config.grad_checkpointing, config.freeze_vision, dtype=DTYPES[config.dtype],
                    pure=config.pure_bf16)
     say_memory_mode(policy, config, dist, say)
-    reference_dir = os.path.join(run_dir, "reference")
-    ref_source = reference_dir if os.path.isdir(reference_dir) else config.model
-    ref_policy = make_reference(policy, ref_source, config, dist) if config.beta > 0 else None
+    ref_policy = make_reference(policy, reference.source, config, dist) if config.beta > 0 else None
     policy.compile_decode = use_compile(config, dist)
     config.rollout_batch = choose_rollout_batch(policy, config, dist,
                                                 max(len(p.encoded.input_ids) for p in eval_prompts))
     optimizer = make_optimizer(policy, config)
-    if ckpt is not None:
+    log = RunLog(run_dir, config.report_to, start_step) if dist.is_main else None
+    if resume is not None:
         try:
-            restore_optimizer(ckpt, state, policy, optimizer, dist)
+            restore_optimizer(resume.ckpt, resume.state, policy, optimizer, dist)
         except CheckpointError as err:
             return usage_error(err)
     else:
         t0 = time.time()
-        row = run_eval(policy, 0, eval_prompts, config, run_dir, tag="start", dist=dist)
+        row = run_eval(policy, 0, eval_prompts, config, run_dir, log, tag="start", dist=dist)
         if dist.is_main:
             say(f"[eval] step 0 (start of RL): {eval_line(row)}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
-    bar = tqdm(range(start_step, config.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
-               initial=start_step, total=config.steps)
+    extra = {"args": settings, "reference": reference.record}
+    drawn = time.time()
+    bar = progress_bar(range(start_step, config.steps), desc="TimerPO", disable=not progress, initial=start_step,
+                       total=config.steps, log_seconds=0)  # in a log file: one line per step
     for step in bar:
         # This rank's contiguous share of the step's global prompt list (whole groups).
         indices = rank_slice(step_prompt_indices(len(train_samples), config.prompts_per_step, step, config.seed),
@@ -773,35 +1091,55 @@ def train(config: Config, dist: Dist) -> int:
         prompts = [make_prompt(policy, config.data, train_samples, i, config.cot) for i in indices]
         episodes, adv, update, timer = rl_step(policy, ref_policy, optimizer, prompts, step, config, dist)
         columns = concat_columns(dist.gather(step_columns(episodes, adv)))
-        if dist.is_main:
-            log_step(step + 1, columns, update, timer, config, run_dir, bar)
         done = step + 1
+        if dist.is_main:
+            log_step(done, columns, update, timer, config, log, bar)
         if done % config.eval_every == 0 or done == config.steps:
-            row = run_eval(policy, done, eval_prompts, config, run_dir, dist=dist)
+            row = run_eval(policy, done, eval_prompts, config, run_dir, log, dist=dist)
             if dist.is_main:
-                tqdm.write(f"[eval] step {done}: {eval_line(row)}")
-                draw_curves(run_dir)
+                tqdm.write(f"[eval] step {done}: {eval_line(row)}  -> {eval_folder(run_dir, done)}/gallery.png")
+        if dist.is_main and (time.time() - drawn > CURVES_SECONDS or done % config.eval_every == 0):
+            draw_curves(run_dir)
+            drawn = time.time()
         if done % config.save_every == 0 or done == config.steps:
-            save_checkpoint(run_dir, done, policy, optimizer, extra={"args": dataclasses.asdict(config)}, dist=dist)
+            save_checkpoint(run_dir, done, policy, optimizer, extra=extra, keep=config.keep_checkpoints, dist=dist)
     bar.close()
     if dist.is_main:
+        log.close()
         draw_curves(run_dir)
         print(f"[done] {run_dir}: metrics.jsonl, eval.jsonl, curves.png, "
               f"{os.path.basename(latest_checkpoint(run_dir) or '')}")
     return 0
 
 
+def prepare(parser: argparse.ArgumentParser, given: dict) -> tuple[Config, Resume | None]:
+    """The run's settings, and the checkpoint it continues from (--resume) or None (a new run, whose folder
+    must be free). Reads only: a refusal (SettingsError, CheckpointError) leaves every file as it was."""
+    config = configure(parser, given)
+    say = main_process_say
+    resume = None
+    if config.resume:
+        config, resume = resume_settings(parser, config, given, say)
+    else:
+        check_new_run_folder(config)
+    check_report_to(config)
+    if config.no_progress or not is_terminal(sys.stderr) or os.environ.get("RANK", "0") != "0":
+        quiet_library_bars()  # transformers' bars would redraw with carriage returns into a log
+    return config, resume
+
+
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    parser = build_parser()
     try:
+        config, resume = prepare(parser, vars(parser.parse_args(argv)))
         dist = init_distributed(config.dist, config.device, config.dist_timeout, offload=config.offload)
-    except DistError as err:
+    except (SettingsError, CheckpointError, DistError) as err:
         return usage_error(err)
     config.device = dist.device
     if not dist.initialized:
-        return train(config, dist)
+        return train(config, dist, resume)
     with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
-        code = train(config, dist)
+        code = train(config, dist, resume)
         dist.close()
     return code
 

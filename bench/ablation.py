@@ -10,7 +10,8 @@ Prints one markdown table (mean ± std over seeds) and writes bench/results/abla
 bench/results/ablation_curves.png (training reward per step, mean over seeds, smoothed).
 
 Killed half-way? Run the same command again: finished arms (an eval results.json exists) are read back,
-unfinished ones continue from their latest checkpoint (train.py --resume).
+unfinished ones continue from their latest checkpoint (train.py --resume; an arm that died before its first
+checkpoint starts again with --overwrite).
 With --jobs 2 two runs share the machine, one torch thread each (OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from bench.common import tiny_flags  # noqa: E402
+from timerpo.checkpoint import latest_checkpoint  # noqa: E402
 from timerpo.files import write_atomic  # noqa: E402
 from timerpo.plots import line_chart  # noqa: E402
 
@@ -54,10 +56,19 @@ def run(cmd: list[str], log: str, threads: int | None) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
+def continue_flags(run_dir: str) -> list[str]:
+    """--resume for an arm that has a checkpoint; --overwrite for one that died before its first (nothing of it
+    is worth keeping); nothing for a new arm."""
+    if os.path.isdir(run_dir) and latest_checkpoint(run_dir):
+        return ["--resume"]
+    return ["--overwrite"] if os.path.exists(run_dir) else []
+
+
 def train_arm(arm: str, seed: int, args, out: str) -> str:
     name = f"{arm}-s{seed}"
     cmd = [sys.executable, "train.py", "--data", args.data, "--eval-data", args.eval_data, "--out", out,
-           "--name", name, "--seed", str(seed), "--steps", str(args.steps), "--no-progress", "--resume", *ARMS[arm]]
+           "--name", name, "--seed", str(seed), "--steps", str(args.steps), "--no-progress",
+           *continue_flags(os.path.join(out, name)), *ARMS[arm]]
     if arm != "timerpo":  # start from this seed's post-warm-up model, with the tiny preset spelled out
         cmd += tiny_flags() + ["--model", os.path.join(out, f"timerpo-s{seed}", "reference"),
                                "--steps", str(args.steps)]

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from tests.planted import payload
 from tests.test_distributed import assert_same_optimizer_state, stepped_optimizer
-from timerpo.checkpoint import (STATE_FILE, CheckpointError, load_optimizer, load_trainer_state, read_rows,
-                                rng_from_json, rng_state, rng_to_json, save_optimizer, save_trainer_state,
+from timerpo.checkpoint import (STATE_FILE, CheckpointError, load_optimizer, load_trainer_state, prune_checkpoints,
+                                read_rows, rng_from_json, rng_state, rng_to_json, save_optimizer, save_trainer_state,
                                 set_rng_state)
 from timerpo.distributed import SINGLE
 from timerpo.policy import ModelNotFound, load_policy, save_policy
@@ -148,3 +148,14 @@ def test_model_folder_with_pickled_weights_only_is_refused(tiny_policy, tmp_path
     with pytest.raises(ModelNotFound, match="no file named model.safetensors"):
         load_policy(str(folder))
     assert not marker.exists()
+
+
+def test_prune_keeps_the_newest_n_checkpoints_and_zero_keeps_all(tmp_path):
+    for step in (1, 2, 3, 4):
+        (tmp_path / f"ckpt-{step:06d}").mkdir()
+        (tmp_path / f"ckpt-{step:06d}" / STATE_FILE).write_text("{}")
+    (tmp_path / "latest").write_text("ckpt-000004\n")
+    prune_checkpoints(str(tmp_path), 0)
+    assert len(list(tmp_path.glob("ckpt-*"))) == 4
+    prune_checkpoints(str(tmp_path), 2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000003", "ckpt-000004"]

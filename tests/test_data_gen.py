@@ -404,3 +404,18 @@ def test_cli_writes_subset_and_reports_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # --help shows the defaults (ArgumentDefaultsHelpFormatter)
         dg.parse_args(["--help"])
     assert "(default: 400)" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_out_that_holds_data_and_overwrite_replaces_it_whole(tmp_path, capsys):
+    out = tmp_path / "d"
+    flags = ["--out", str(out), "--suite", "anomllm", "--no-progress"]
+    assert dg.main(flags + ["--per-family", "2"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert dg.main(flags + ["--per-family", "1", "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert dg.main(flags + ["--per-family", "1", "--seed", "5", "--overwrite"]) == 0
+    samples = dg.load_samples(str(out))
+    assert len(samples) == 8 and sorted(os.listdir(out / "images")) == sorted(f"{s.id}.png" for s in samples)
+    assert os.listdir(tmp_path) == ["d"]  # the folder it was written in beside was renamed, nothing left over

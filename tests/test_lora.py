@@ -187,8 +187,8 @@ def untimed(row: dict) -> dict:
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "holds LoRA adapters of rank 4: resume it with --lora-rank 4"),
-    (["--lora-rank", "8"], "holds LoRA adapters of rank 4: resume it with --lora-rank 4"),
+    (["--lora-rank", "8"], "--lora-rank 8 (the run has 4) would change the experiment"),
+    (["--lora-rank", "8", "--override-resumed"], "holds LoRA adapters of rank 4: resume it with --lora-rank 4"),
 ])
 def test_resuming_with_another_rank_is_a_clear_error(lora_run, tiny_data, tmp_path, flags, message, capsys):
     cut_to_step_one(lora_run, tmp_path / "lora")

@@ -23,6 +23,7 @@ complete checkpoint: the previous one until the rename of the new one has happen
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -48,6 +49,7 @@ OPTIMIZER_INDEX = "index.json"
 FORMAT = 1  # of trainer_state.json and optimizer/index.json
 PIECE_FILE = re.compile(r"rank-\d{5}\.safetensors")
 PICKLED_STATE_FILE = "trainer_state.pt"  # the older format
+CHECKPOINT_NAME = re.compile(r"ckpt-\d+")
 
 
 class CheckpointError(Exception):
@@ -55,8 +57,9 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(run_dir: str, step: int, policy: Policy, optimizer: torch.optim.Optimizer,
-                    extra: dict | None = None, keep: int = 2, dist: Dist | None = None) -> str:
+                    extra: dict | None = None, keep: int = 0, dist: Dist | None = None) -> str:
     """Save everything needed to continue after `step` completed steps; return the checkpoint folder.
+    Only the newest `keep` checkpoints stay (0: all).
 
     Under torchrun every rank calls this (the optimizer save and FSDP's state-dict gather are collective);
     rank 0 writes the model, the trainer state and `latest`. The run folder must be on a file system all
@@ -91,13 +94,23 @@ def save_checkpoint(run_dir: str, step: int, policy: Policy, optimizer: torch.op
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (never the one `latest` names)."""
+    """Delete all but the newest `keep` checkpoints (keep 0 deletes none; never the one `latest` names)."""
     latest = latest_checkpoint(run_dir)
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt-"))
+    names = checkpoint_names(run_dir)
     for n in names[:-keep] if keep > 0 else []:
         path = os.path.join(run_dir, n)
         if path != latest:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_names(run_dir: str) -> list[str]:
+    """The run's ckpt-<step> folder names, oldest first (the step is zero-padded, so names sort by step)."""
+    return sorted(n for n in os.listdir(run_dir) if CHECKPOINT_NAME.fullmatch(n))
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether `path` is a complete checkpoint folder (its trainer state is written last, before the rename)."""
+    return any(os.path.isfile(os.path.join(path, n)) for n in (STATE_FILE, PICKLED_STATE_FILE))
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -107,8 +120,21 @@ def latest_checkpoint(run_dir: str) -> str | None:
         return None
     with open(pointer) as f:
         path = os.path.join(run_dir, f.read().strip())
-    complete = any(os.path.isfile(os.path.join(path, n)) for n in (STATE_FILE, PICKLED_STATE_FILE))
-    return path if complete else None
+    return path if is_checkpoint(path) else None
+
+
+def model_fingerprint(folder: str) -> str:
+    """SHA-256 over what from_pretrained loads from a saved model folder: config.json and the safetensors
+    weights with their index, each by name and content. Other files (tokenizer, a planted pickle) do not count.
+    Reads every weight byte: seconds per GB."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json")):
+            digest.update(name.encode() + b"\0")
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def checkpoint_weights(ckpt_dir: str) -> str:

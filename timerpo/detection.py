@@ -23,11 +23,11 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 import series_io
 from expert_cot import runs
 from timerpo.evaluate import EVAL_STEP, Prediction, score_prediction
+from timerpo.progress import progress_bar
 
 SAMPLING_TEMPERATURE = 0.4  # K > 1 answers: the paper's validation sampling temperature
 DEFAULT_MAX_NEW_TOKENS = {"tiny": 72, "other": 1024}  # the tiny model was warmed up on short answers
@@ -174,8 +174,8 @@ def policy_answers(detector: Detector, windows: list, progress: bool) -> list[li
     policy.model.eval()
     jobs = [(w, k) for w in range(len(windows)) for k in range(K)]
     answers = [[None] * K for _ in windows]
-    bar = tqdm(total=len(jobs), desc=f"answers of {detector.tag}", unit="answer", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=len(jobs), desc=f"answers of {detector.tag}", unit="answer", disable=not progress,
+                       leave=False)
     for chunk in chunks(jobs, detector.batch_size):
         encoded = {}
         for w, _ in chunk:

@@ -16,15 +16,17 @@ localization figures (method.md §22):
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, replace
 
-from tqdm import tqdm
-
+import data_gen
 from data_gen import UNKNOWN
 from timerpo.algorithm import Prompt, chunks
 from timerpo.metrics import PAPER_GROUPS, LocScores, class_accuracy, group_of, localization_scores, to_events
 from timerpo.policy import Policy
+from timerpo.progress import progress_bar
 from timerpo.prompt import ANOMALY_LABELS, Parsed, parse_completion
 from timerpo.reward import RewardParts, format_reward, outcome_reward
 from timerpo.rollout import completion_seed, sample_completions
@@ -92,7 +94,7 @@ def predict(policy: Policy, prompts: list[Prompt], max_new_tokens: int, temperat
     """Generate one completion per prompt (greedy at temperature 0) and score it."""
     policy.model.eval()
     out = []
-    bar = tqdm(total=len(prompts), desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=len(prompts), desc="eval", disable=not progress, leave=False)
     for chunk in chunks(prompts, batch_size):
         seeds = [completion_seed(seed, EVAL_STEP, p.index, 0) for p in chunk]
         completions = sample_completions(policy, [p.encoded for p in chunk], seeds, max_new_tokens, temperature)
@@ -222,3 +224,48 @@ def true_label(sample) -> str:
     if sample.label == UNKNOWN:
         return UNKNOWN
     return sample.label if sample.intervals else "normal"
+
+
+def read_suite(data_dir: str, samples: list) -> str:
+    """'anomllm', 'tods' or 'series': the manifest's word, else guessed from the family names."""
+    manifest = os.path.join(data_dir, "manifest.json")
+    try:
+        with open(manifest) as f:
+            suite = json.load(f).get("suite")
+        if suite in data_gen.SUITES + (data_gen.SERIES_SUITE,):
+            return suite
+    except (OSError, ValueError, AttributeError):
+        pass  # no or unreadable manifest: fall back to the families
+    if any(s.label == data_gen.UNKNOWN for s in samples):
+        return data_gen.SERIES_SUITE
+    families = {s.family for s in samples}
+    only_tods = families - set(data_gen.ANOMLLM_FAMILIES)
+    return "tods" if only_tods and families <= set(data_gen.TODS_TYPES) else "anomllm"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records for output files (eval.py's predictions.jsonl, train.py's eval-<step>/completions.jsonl)
+
+
+def jsonable(obj):
+    """Plain JSON values: tuples -> lists, NaN/inf -> None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def prediction_record(p: Prediction) -> dict:
+    """One predictions.jsonl line: the sample's truth, the completion, its parse and its scores."""
+    s, parsed = p.sample, p.parsed
+    return jsonable({
+        "id": s.id, "family": s.family, "label": true_label(s), "length": s.length, "gt_intervals": s.intervals,
+        "completion": p.text,
+        "parsed": {"intervals": parsed.intervals, "label": parsed.label, "has_think": parsed.has_think,
+                   "has_answer": parsed.has_answer, "has_class": parsed.has_class, "answer_ok": parsed.answer_ok},
+        "unparsable": parsed.intervals is None,
+        "reward": vars(p.reward), "loc": vars(p.loc),
+    })

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 
 FILE_MODE = 0o666  # before the umask, like open()
 DIR_MODE = 0o777  # before the umask, like os.makedirs()
@@ -54,6 +55,18 @@ def set_usual_modes(folder: str) -> None:
     for parent, _, names in os.walk(folder):
         for name in names:
             os.chmod(os.path.join(parent, name), mode)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Put folder src at dst. A crash at any point leaves either the old dst or the new one in place."""
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: str, data: str | bytes) -> None:

@@ -1,6 +1,7 @@
-"""The pictures, drawn with PIL (no matplotlib in the product): training curves for the run folder
-(line_chart), eval.py's gallery of answers (draw_gallery: the input plot with truth and prediction as two
-shaded bands, and the start of the reasoning) and its whole-series figure (draw_series)."""
+"""The pictures, drawn with PIL (no matplotlib in the product): a run folder's training curves (training_curves:
+one line chart per logged quantity), eval.py's gallery of answers (draw_gallery: the input plot with truth and
+prediction as two shaded bands, and the start of the reasoning; train.py draws it at every held-out evaluation)
+and its whole-series figure (draw_series)."""
 from __future__ import annotations
 
 import math
@@ -18,47 +19,140 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#1
 
 def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str, title: str,
                width: int = 720, height: int = 360, y_label: str = "") -> None:
-    """Draw one line per named (xs, ys) series with axes, ticks and a legend; save a PNG at path."""
-    font = ImageFont.load_default()
+    """Draw one line per named (steps, values) series with axes, ticks and a legend; save a PNG at path."""
     img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 56, width - 16, 36, height - 36
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
-    draw.text((left, 4), title, fill="black", font=font)
+    draw_panel(ImageDraw.Draw(img), (0, 0, width, height), series, title, y_label)
+    save_png(img, path)
+
+
+def round_ticks(lo: float, hi: float, most: int = 6, smallest: float = 0.0) -> list[float]:
+    """Ticks in [lo, hi] at the multiples of a round spacing (1, 2 or 5 times a power of ten, at least
+    `smallest`), at most `most` of them.
+
+    Example: round_ticks(0, 250) == [0, 50, 100, 150, 200, 250]; round_ticks(-0.03, 1.04) == [0, 0.2, ..., 1].
+    """
+    span = max(hi - lo, 1e-12)
+    first = math.floor(math.log10(max(span / most, smallest)))
+    spacing = next(s for s in (m * 10.0 ** e for e in range(first, first + 3) for m in (1, 2, 5))
+                   if s >= smallest and span / s < most)
+    first_k, last_k = math.ceil(lo / spacing - 1e-9), math.floor(hi / spacing + 1e-9)  # tolerant of float error
+    return [round(k * spacing, 12) for k in range(first_k, last_k + 1)]
+
+
+def step_ticks(x0: float, x1: float, most: int = 6) -> list[int]:
+    """Integer ticks for a step axis. Example: step_ticks(1, 3) == [1, 2, 3]."""
+    return [int(x) for x in round_ticks(x0, x1, most, smallest=1)]
+
+
+def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, series: dict, title: str, y_label: str) -> None:
+    """One chart in `box` (left, top, right, bottom): title, legend, frame, integer step ticks on x (labelled
+    "step"), value ticks on y (labelled `y_label`), one line per series; non-finite values are skipped."""
+    font = ImageFont.load_default()
+    bx0, by0, bx1, by1 = box
+    left, right, top, bottom = bx0 + 62, bx1 - 14, by0 + 50, by1 - 34
+    draw.text((bx0 + 8, by0 + 4), title, fill="black", font=font)
+    x = bx0 + 8
+    for k, name in enumerate(series):  # legend under the title
+        color = PALETTE[k % len(PALETTE)]
+        draw.text((x, by0 + 20), f"-- {name}", fill=color, font=font)
+        x += int(draw.textlength(f"-- {name}", font=font)) + 16
+    draw.text((right - int(draw.textlength("step", font=font)), bottom + 18), "step", fill="black", font=font)
+    if y_label:
+        draw.text((bx0 + 8, by0 + 34), y_label, fill="dimgray", font=font)  # above the value ticks
+    draw.rectangle([left, top, right, bottom], outline="black")
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if finite(y)]
     if not points:
-        save_png(img, path)
+        draw.text((left + 8, top + 8), "(nothing logged yet)", fill="gray", font=font)
         return
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
     x1 = x1 if x1 > x0 else x0 + 1
-    pad = (y1 - y0) * 0.05 or 0.05
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    pad = (y1 - y0) * 0.05 or max(abs(y0) * 0.05, 0.05)
     y0, y1 = y0 - pad, y1 + pad
 
     def px(x, y):
         return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
 
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for k in range(5):
-        yv = y0 + (y1 - y0) * k / 4
+    for yv in round_ticks(y0, y1, most=5):
         _, yp = px(x0, yv)
         draw.line([(left - 4, yp), (left, yp)], fill="black")
-        draw.text((4, yp - 6), f"{yv:.3f}", fill="black", font=font)
-        xv = x0 + (x1 - x0) * k / 4
+        text = f"{yv:g}"
+        draw.text((left - 6 - draw.textlength(text, font=font), yp - 6), text, fill="black", font=font)
+    for xv in step_ticks(x0, x1):
         xp, _ = px(xv, y0)
         draw.line([(xp, bottom), (xp, bottom + 4)], fill="black")
-        draw.text((xp - 10, bottom + 6), f"{xv:g}", fill="black", font=font)
-    draw.text((right - 40, bottom + 20), "step", fill="black", font=font)
-    if y_label:
-        draw.text((left + 4, top + 2), y_label, fill="gray", font=font)
-    for k, (name, (xs, ys)) in enumerate(series.items()):
+        draw.text((xp - draw.textlength(str(xv), font=font) / 2, bottom + 6), str(xv), fill="black", font=font)
+    for k, (xs, ys) in enumerate(series.values()):
         color = PALETTE[k % len(PALETTE)]
-        pts = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+        pts = [px(x, y) for x, y in zip(xs, ys) if finite(y)]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
         for p in pts if len(pts) < 40 else []:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-        draw.text((left + 200 * k, 18), f"-- {name}", fill=color, font=font)  # legend above the frame
+
+
+def finite(y) -> bool:
+    """A value that can be drawn (logs hold None for quantities a step did not have, e.g. W under GRPO)."""
+    return y is not None and math.isfinite(y)
+
+
+def panel_grid(panels: list[tuple[str, str, dict]], path: str, title: str, columns: int = 3,
+               panel_size: tuple[int, int] = (440, 250)) -> None:
+    """Charts side by side under a title, `columns` per row: each panel is (title, y-axis label, series)."""
+    w, h = panel_size
+    rows = max(1, math.ceil(len(panels) / columns))
+    img = Image.new("RGB", (columns * w, 24 + rows * h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 6), title, fill="black", font=ImageFont.load_default())
+    for k, (name, y_label, series) in enumerate(panels):
+        r, c = divmod(k, columns)
+        draw_panel(draw, (c * w, 24 + r * h, (c + 1) * w, 24 + (r + 1) * h), series, name, y_label)
     save_png(img, path)
+
+
+def trailing_mean(values: list, k: int = 10) -> list:
+    """Mean of each value and the k - 1 before it (None values skipped)."""
+    out = []
+    for i in range(len(values)):
+        window = [v for v in values[max(0, i - k + 1):i + 1] if finite(v)]
+        out.append(sum(window) / len(window) if window else None)
+    return out
+
+
+def training_curves(train: list[dict], held: list[dict], path: str, title: str) -> None:
+    """A run's curves.png from its metrics.jsonl rows (`train`, one per step) and eval.jsonl rows (`held`)."""
+    panel_grid(curve_panels(train, held), path, title)
+
+
+def curve_panels(train: list[dict], held: list[dict]) -> list[tuple[str, str, dict]]:
+    """One panel per quantity a GRPO user watches first, as panel_grid takes them. Rollout rewards of a few
+    prompts per step are noisy, so the training reward is drawn as its trailing 10-step mean beside the raw
+    value."""
+    def column(rows, key):
+        return [r["step"] for r in rows], [r.get(key) for r in rows]
+
+    steps = [r["step"] for r in train]
+    held_unparsable = ([r["step"] for r in held], [r["unparsable"] / r["n"] if r.get("n") else None for r in held])
+    grounding = column(train, "grounding_mean")
+    panels = [
+        ("outcome reward", "reward", {"train, per step": column(train, "reward"),
+                                      "train, 10-step mean": (steps, trailing_mean([r["reward"] for r in train])),
+                                      "held-out": column(held, "reward")}),
+        ("held-out Avg F1 (paper groups)", "Avg F1", {"held-out": column(held, "avg_group_f1")}),
+        ("held-out class accuracy", "Cls Acc", {"held-out": column(held, "cls_acc")}),
+        ("held-out localization gain (Avg F1 over the class window's)", "gain", {"held-out": column(held, "loc_gain")}),
+        ("loss", "loss", {"train": column(train, "loss")}),
+        ("KL to the reference (k3)", "KL", {"train": column(train, "kl")}),
+        ("entropy of the completions", "nats per token", {"train": column(train, "entropy")}),
+        ("completion length", "tokens", {"mean": column(train, "completion_len")}),
+        ("unparsable answers", "share", {"train": column(train, "unparsable_frac"), "held-out": held_unparsable}),
+        ("groups with zero reward spread", "share", {"train": column(train, "zero_std_frac")}),
+        ("gradient norm before clipping", "norm", {"train": column(train, "grad_norm")}),
+        ("PPO clip fraction", "share", {"train": column(train, "clip_frac")}),
+    ]
+    if any(finite(v) for v in grounding[1]):  # TimerPO; GRPO computes no grounding
+        panels.append(("grounding W (OT cost; cosine with --grounding cosine)", "W", {"mean": grounding}))
+    return panels
 
 
 def save_png(img: Image.Image, path: str) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from timerpo.files import make_temp_dir, set_usual_modes
+from timerpo.files import make_temp_dir, replace_dir, set_usual_modes
 
 HUB_IDS = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -225,15 +225,3 @@ def save_policy(policy: Policy, out_dir: str, state_dict: dict | None = None) ->
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(src: str, dst: str) -> None:
-    """Put folder src at dst. A crash at any point leaves either the old dst or the new one in place."""
-    if not os.path.exists(dst):
-        os.replace(src, dst)
-        return
-    old = dst + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import data_gen
 from timerpo.algorithm import Prompt
 from timerpo.policy import Policy, encode_prompt
+from timerpo.progress import progress_bar
 from timerpo.prompt import build_prompt, format_completion
 from timerpo.rollout import capture_output, collate, completion_forward
 
@@ -209,7 +209,7 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
 
     policy.model.train()
     vision_opt = torch.optim.AdamW([*visual.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
-    for _ in tqdm(range(vision_steps), desc="warm-up (plot reading)", disable=not progress, dynamic_ncols=True):
+    for _ in progress_bar(range(vision_steps), desc="warm-up (plot reading)", disable=not progress):
         prompts = draw()
         batch = collate(policy, [p.encoded for p in prompts])
         tokens = merged_tokens(visual(batch.pixel_values, grid_thw=batch.image_grid_thw))  # [sum of tokens, D]
@@ -218,12 +218,12 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
 
     optimizer = torch.optim.AdamW([*policy.model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
     losses = []
-    bar = tqdm(range(steps), desc="warm-up (answers)", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(steps), desc="warm-up (answers)", disable=not progress)
     pointer = Pointer(pointer_weight, pointer_head, policy.token_id("<|image_pad|>"))
     with captured_attention(policy, pointer_layer) if pointer_weight > 0 else nullcontext() as pointer.attention:
         for _ in bar:
             losses.append(answer_step(policy, optimizer, heads, draw(), end, snap, aux_weight, pointer))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # shown with the next update
     policy.model.eval()
     return losses
 
