@@ -71,7 +71,7 @@ from timerpo.evaluate import Prediction, mean, predict, score_prediction, summar
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
-from timerpo.policy import ModelNotFound
+from timerpo.policy import ModelNotFound, find_model
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
 BASELINES = ("empty", "full", "random", "expert")
@@ -615,6 +615,12 @@ def series_main(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_model(args) -> None:
+    """Raise ModelNotFound at once when --model names no weights on this machine (before any data is read)."""
+    if not baseline_name(args.model):
+        find_model(resolve_model(args.model))
+
+
 def load_model(args):
     """The policy of --model on --device, None for a baseline; raises ModelNotFound."""
     if baseline_name(args.model):
@@ -622,13 +628,13 @@ def load_model(args):
     import torch
 
     from timerpo.policy import load_policy
-    from timerpo.precision import DTYPES, cast_parameters, default_dtype, enable_tf32
+    from timerpo.precision import DTYPES, default_dtype, enable_tf32
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_policy(resolve_model(args.model), device=device, seed=args.seed)
     # Evaluation never updates the weights: bf16 means bf16 weights outright (buffers stay fp32), and on CUDA
     # the decode step is compiled, as in train.py's rollouts.
-    cast_parameters(policy.model, DTYPES[args.dtype or default_dtype(device)])
+    policy = load_policy(resolve_model(args.model), dtype=DTYPES[args.dtype or default_dtype(device)],
+                         device=device, seed=args.seed)
     enable_tf32(device)
     policy.compile_decode = device.startswith("cuda")
     return policy
@@ -668,6 +674,11 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_model(args)
+    except ModelNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.series is not None:
         return series_main(args)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import typing
@@ -39,7 +40,7 @@ from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast,
 from timerpo.evaluate import predict, summarize
 from timerpo.files import write_atomic
 from timerpo.plots import line_chart
-from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
+from timerpo.policy import ModelNotFound, Policy, find_model, load_policy, save_policy
 from timerpo.precision import DTYPES, default_dtype, enable_tf32
 from timerpo.reward import LOC_MODES
 from timerpo.rollout import decode_bytes_per_row, rollout_batch_for_memory
@@ -544,10 +545,13 @@ def usage_error(err: Exception) -> int:
 
 def train(config: Config, dist: Dist) -> int:
     """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints)."""
+    try:
+        find_model(config.model)  # a missing or misspelt --model ends the run before anything is generated
+    except ModelNotFound as err:
+        return usage_error(err)
     torch.manual_seed(config.seed)
     enable_tf32(config.device)
     run_dir = os.path.join(config.out, config.name)
-    os.makedirs(run_dir, exist_ok=True)
     progress = not config.no_progress and dist.is_main
     say = print if dist.is_main else (lambda *a, **k: None)
 
@@ -566,6 +570,7 @@ def train(config: Config, dist: Dist) -> int:
                              seed=config.seed)
     except (CheckpointError, ModelNotFound) as err:
         return usage_error(err)
+    os.makedirs(run_dir, exist_ok=True)  # only now: data and model are there (see train_or_clean_up)
     eval_prompts = [make_prompt(policy, config.eval_data, eval_samples, i, config.cot)
                     for i in data_gen.balanced_indices(eval_samples, config.eval_samples)]
     if dist.is_main:  # not config.json: that name marks a model folder
@@ -626,6 +631,20 @@ def train(config: Config, dist: Dist) -> int:
     return 0
 
 
+def train_or_clean_up(config: Config, dist: Dist) -> int:
+    """train(); when it fails before its first step is logged, the run folder it created is removed, so that a
+    failed start leaves nothing behind. A folder that existed before (a resumed run) is never removed."""
+    run_dir = os.path.join(config.out, config.name)
+    existed, code = os.path.exists(run_dir), 1
+    try:
+        code = train(config, dist)
+    finally:
+        stepped = os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+        if code != 0 and dist.is_main and not existed and not stepped:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return code
+
+
 def main(argv=None) -> int:
     config = parse_args(argv)
     try:
@@ -634,9 +653,9 @@ def main(argv=None) -> int:
         return usage_error(err)
     config.device = dist.device
     if not dist.initialized:
-        return train(config, dist)
+        return train_or_clean_up(config, dist)
     with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
-        code = train(config, dist)
+        code = train_or_clean_up(config, dist)
         dist.close()
     return code
 
