@@ -132,41 +132,37 @@ def test_eval_refuses_a_misspelt_model_before_reading_data(source, tmp_path, emp
     assert not out.exists()
 
 
+def tiny_run_args(data, out, name, steps) -> list[str]:
+    """The smallest train.py run: no warm-up, 2 prompts x 2 completions of <= 4 tokens."""
+    return ["--data", data, "--eval-data", data, "--out", str(out), "--name", name, "--steps", str(steps),
+            "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--warmup-steps", "0",
+            "--warmup-vision-steps", "0", "--eval-samples", "2", "--eval-every", "5", "--save-every", "5",
+            "--micro-batch", "4", "--rollout-batch", "4", "--no-progress"]
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tiny_data, tmp_path, monkeypatch):
     def broken_eval(*args, **kwargs):  # the start-of-RL evaluation: after the folder is made, before step 1
         raise RuntimeError("injected")
 
     monkeypatch.setattr(train, "run_eval", broken_eval)
-    args = ["--data", tiny_data, "--eval-data", tiny_data, "--out", str(tmp_path / "runs"), "--name", "early",
-            "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
-            "--warmup-steps", "1", "--warmup-vision-steps", "0", "--eval-samples", "2", "--micro-batch", "4",
-            "--rollout-batch", "4", "--no-progress"]
+    args = tiny_run_args(tiny_data, tmp_path / "runs", "early", 1)
     with pytest.raises(RuntimeError, match="injected"):
         train.main(args)
-    assert not (tmp_path / "runs" / "early").exists()
+    assert (tmp_path / "runs").is_dir() and not (tmp_path / "runs" / "early").exists()
     # a folder that was there before (a resumed or re-used run) is never removed
-    (tmp_path / "runs" / "early").mkdir(parents=True)
+    (tmp_path / "runs" / "early").mkdir()
     (tmp_path / "runs" / "early" / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="injected"):
         train.main(args)
     assert (tmp_path / "runs" / "early" / "notes.txt").read_text() == "mine"
 
 
-def test_a_run_that_fails_after_a_step_keeps_its_folder(tiny_data, tmp_path, monkeypatch):
-    real_step, calls = train.rl_step, []
+def test_a_run_that_fails_after_its_first_step_keeps_its_folder(tiny_data, tmp_path, monkeypatch):
+    def broken_save(*args, **kwargs):  # the checkpoint after step 1 (--steps 1 saves at the end)
+        raise RuntimeError("injected")
 
-    def second_step_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "rl_step", second_step_fails)
+    monkeypatch.setattr(train, "save_checkpoint", broken_save)
     monkeypatch.setattr(train, "run_eval", lambda *a, **k: {"reward": 0.0, "aff_f1": 0.0, "cls_acc": 0.0})
-    args = ["--data", tiny_data, "--eval-data", tiny_data, "--out", str(tmp_path / "runs"), "--name", "late",
-            "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
-            "--warmup-steps", "0", "--warmup-vision-steps", "0", "--eval-samples", "2", "--eval-every", "5",
-            "--save-every", "5", "--micro-batch", "4", "--rollout-batch", "4", "--no-progress"]
     with pytest.raises(RuntimeError, match="injected"):
-        train.main(args)
+        train.main(tiny_run_args(tiny_data, tmp_path / "runs", "late", 1))
     assert (tmp_path / "runs" / "late" / "metrics.jsonl").exists()
