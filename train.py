@@ -92,7 +92,8 @@ class Config:
                                      "rollout and reference weights) | fp32 (default: bf16 on CUDA, fp32 on CPU)",
                                choices=tuple(DTYPES))
     compile: str = option("auto", "torch.compile the rollout's decode step (CUDA graphs on GPU): auto = on for CUDA "
-                                  "without FSDP, off on CPU, where compiling costs more than it saves on short runs",
+                                  "without FSDP, off on CPU, where compiling costs more than it saves on short runs; "
+                                  "if compiling fails, sampling goes on in eager mode with a one-line note",
                           choices=("auto", "on", "off"))
 
     # -- the method's variants
