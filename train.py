@@ -276,18 +276,21 @@ def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> 
 
 
 class Timer:
-    """Accumulates wall seconds per named phase: `with timer("rollout"): ...`."""
+    """Accumulates wall seconds per named phase: `with timer("rollout"): ...`; also this process's CPU seconds
+    (`cpu_seconds`), which a benchmark on a shared machine can trust more than wall time."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
 
 
 def step_columns(episodes, adv) -> dict[str, np.ndarray]:
