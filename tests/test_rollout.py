@@ -184,6 +184,24 @@ def test_update_forward_encodes_each_image_once_with_the_same_gradient(tiny_poli
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
 
 
+def test_text_states_without_padding_mask_are_the_padded_forwards_bits(tiny_policy):
+    """text_hidden_states (the ExpCoT states) runs right-padded texts under the causal mask alone: on real tokens
+    that is the same computation as with the padding mask, to the bit, and cheaper."""
+    from timerpo.rollout import text_hidden_states
+
+    g = torch.Generator().manual_seed(2)
+    tokens = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (5, 150, 37, 301, 64)]
+    states, mask = text_hidden_states(tiny_policy, tokens)  # [B, T, D], [B, T]
+    with torch.no_grad():
+        ids = torch.full(mask.shape, tiny_policy.pad_id)
+        for i, t in enumerate(tokens):
+            ids[i, :len(t)] = torch.tensor(t)
+        padded = tiny_policy.model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert mask.sum(1).tolist() == [len(t) for t in tokens]
+    for i, t in enumerate(tokens):
+        assert torch.equal(states[i, :len(t)], padded[i, :len(t)])
+
+
 # -- compiled decode step --------------------------------------------------------------------------------
 
 def test_compiled_decode_step_samples_what_the_eager_one_does(tiny_policy, prompts):

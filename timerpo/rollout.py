@@ -273,8 +273,11 @@ def text_hidden_states(policy: Policy, token_lists: list[list[int]]) -> tuple[to
         mask[i, :len(tokens)] = 1
     ids, mask = ids.to(policy.device), mask.to(policy.device)
     # Text only: 1-D positions are the right ones (no image, so mrope's three axes coincide). The text model
-    # alone: no LM head at all (its output is the final norm's, the state the OT needs).
-    out = policy.sampler.model.language_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    # alone: no LM head at all (its output is the final norm's, the state the OT needs). No padding mask: the
+    # padding is on the right, so under the causal mask alone a real token never sees it, and attention skips
+    # the blocks above the diagonal (the same bits on real tokens as with the padding mask, tested; the states
+    # of pad tokens differ and are masked out by the caller).
+    out = policy.sampler.model.language_model(input_ids=ids, use_cache=False)
     return out.last_hidden_state, mask  # [B, T, D], [B, T]
 
 
