@@ -39,6 +39,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 # Qwen2.5-VL: 14 px patches merged 2 x 2, so one visual token covers 28 x 28 px (data_gen.visual_tokens).
 MIN_PIXELS = 4 * 28 * 28
 MAX_PIXELS = 1280 * 28 * 28
+ADAPTER_CONFIG = "adapter_config.json"  # marks a folder of LoRA adapters (peft's format)
 
 
 class ModelNotFound(Exception):
@@ -207,11 +208,13 @@ def cached_snapshot(hub_id: str) -> str | None:
 def find_model(name: str) -> str:
     """Where the weights of --model `name` are on this machine, found without loading them or the network.
 
-    'tiny' stays 'tiny' (built in memory). A folder must hold config.json and safetensors weights. A short
-    name (qwen2.5-vl-3b) or any other name is looked up in the local Hugging Face cache, as a hub id.
-    Raises ModelNotFound with one sentence: how to fetch known weights, or the known name a near miss meant.
+    'tiny' stays 'tiny' (built in memory); a folder of LoRA adapters is passed on as it is. A model folder must
+    hold config.json and safetensors weights. A short name (qwen2.5-vl-3b) or any other name is looked up in
+    the local Hugging Face cache, as a hub id. Raises ModelNotFound with one sentence: how to fetch known weights, or the known name a near miss meant.
     """
     if name == "tiny":
+        return name
+    if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):  # LoRA adapters: their loader finds their base
         return name
     if looks_like_folder(name):
         return check_weights_folder(name)
