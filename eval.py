@@ -1,9 +1,9 @@
-"""Evaluation of a checkpoint or a baseline: the paper's tables on a data folder, or one whole real series.
+"""Evaluation of a checkpoint or a baseline: the paper's tables on a data folder, or whole real series.
 
     python eval.py --model baseline:empty --data data/test
     python eval.py --model runs/<run>/ckpt-000060/model --data data/test --limit 400
     python eval.py --model qwen2.5-vl-3b --data data/test --temperature 0.4
-    python eval.py --model baseline:expert --series nyc_taxi.csv --labels NAB/labels.json
+    python eval.py --model baseline:expert --series NAB/realKnownCause TSB-AD-U --labels NAB/labels.json
 
 Reads top to bottom: flags → data → completion texts (a baseline's or a model's) → scoring (the same parser
 and metric code as the reward, timerpo/evaluate.py) → tables → files in OUT:
@@ -20,25 +20,33 @@ scores that a model's output does:
     random  k ~ U{1, 2, 3} windows, each of width w ~ U{5, .., max(5, floor(0.1 L))} and start
             ~ U{0, .., L - w}, class uniform over the five anomaly classes; the generator of a series is
             seeded by (--seed, crc32(series id)), so a series gets the same windows whatever --limit is;
-    expert  the classical blind detector baselines.detect (no ground truth), its trace as the reasoning.
+    expert  the classical blind detector baselines.detect (no ground truth), its trace as the reasoning;
+and two oracles that read the truth but never a position, to show what Avg F1 pays for presence and class:
+    presence-oracle  the whole series [[0, L]] with the true class when the series holds an anomaly, [] and
+            normal otherwise;
+    class-oracle     the true class with its fixed window (timerpo/evaluate.py CLASS_WINDOWS, fitted on the
+            training split by baselines.fit_class_windows), [] and normal for a normal series.
 
 Tables. anomllm suite: the paper's Table 1 layout (Cls Acc, Frequency, Trend, Range, Point, Avg F1; Avg is
-the plain mean of the four groups, all in %) and a per-family table. tods suite: its types are not the
+the plain mean of the four groups, all in %) with two localization figures beside it (timerpo/evaluate.py):
+Loc gain, Avg F1 minus that of the same answers with the class oracle's window for the class answered, and
+PW-F1 over the anomalous series; then a per-family table. tods suite: its types are not the
 paper's groups (the paper reports no such table), so the headline row has one column per type, shapelet
 (never seen in training) included, and Avg over the five types; plus the per-type table. For tods the
 summary's `groups` is left empty and `avg_group_f1` null, so no one reads the tods `trend` type as the
 paper's Trend column.
 
-Whole series (--series FILE, reading and windowing in series_io.py): the series is cut into windows (written
-to OUT/windows like `data_gen.py --suite series` would), every window is answered as above, and the windows'
-intervals are shifted back by their offsets and united on the series' own index. OUT also gets
-    intervals.json     the merged intervals (and their timestamps when the file has any), the truth, the
-                       whole-series scores and every window's own answer
-    series.png         the whole series with the predicted spans, and the true spans when labelled (timerpo/plots.py)
-With labels, the merged answer is scored on the full timeline (affiliation P/R/F1 and point-wise P/R/F1,
-timerpo/metrics.py), printed beside the trivial baselines (empty, full, random) run through the same windows
-and merge, and beside the per-window tables. Real anomalies have no known class, so Cls Acc there counts
-only the windows without anomaly (true class normal).
+Whole series (--series FILE_OR_FOLDER ..., docs/series.md): each series is cut into windows, every window is
+answered --samples K times (timerpo/detection.py, also `timerpo.detect`), a window flags the points most of
+its answers cover, and the windows' intervals are shifted back by their offsets and united on the series'
+own index. A point's score is the share of answers covering it, averaged over its windows (baseline:expert:
+its detection statistic). A labelled series is scored as a whole: affiliation and point-wise P/R/F1 of the
+merged intervals, AUC-PR/AUC-ROC/VUS-PR/VUS-ROC of the scores (timerpo/point_metrics.py), beside the trivial
+baselines (empty, full, random) run through the same windows and merge. OUT gets tables.md and results.json
+(one summary table: per method, the mean over files; then one row per file), series/<name>/ with
+intervals.json, scores.csv and series.png, windows/ (the windows as a data folder) and the per-window
+predictions.jsonl and gallery.png. Real anomalies have no known class, so Cls Acc there counts only the
+windows without anomaly (true class normal).
 """
 from __future__ import annotations
 
@@ -65,30 +73,38 @@ from tqdm import tqdm
 
 import data_gen
 import series_io
+from timerpo import point_metrics
 from timerpo.algorithm import make_prompt
-from timerpo.checkpoint import latest_checkpoint
-from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
+from timerpo.detection import (SAMPLING_TEMPERATURE, SCORE_KINDS, default_max_new_tokens, detect_windows, make_detector,
+                               resolve_model)  # noqa: F401 (resolve_model: eval.resolve_model, as before)
+from timerpo.detection import load_model as load_policy_model
+from timerpo.evaluate import (ANY_ANOMALY, Prediction, class_window, mean, predict, score_prediction, summarize,
+                              true_label)
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
 from timerpo.policy import ModelNotFound, find_model
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
-BASELINES = ("empty", "full", "random", "expert")
-# Completion caps: the tiny model was warmed up on short answers (train.py TINY), Qwen writes ~1024 tokens.
-DEFAULT_MAX_NEW_TOKENS = {"tiny": 72, "other": 1024}
+BASELINES = ("empty", "full", "random", "expert", "presence-oracle", "class-oracle")
 RANDOM_MAX_WINDOWS = 3
 RANDOM_MIN_WIDTH = 5
 RANDOM_MAX_WIDTH_FRACTION = 0.1
 
 HELP = {
     "model": "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run folder "
-             "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert",
+             "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert | "
+             "baseline:presence-oracle | baseline:class-oracle (these two read the truth)",
     "data": "generated data folder (python data_gen.py --out DIR ...)",
-    "series": "one real series file (TimeEval/GutenTAG or NAB CSV, TSB-UAD .out, one-column CSV): detect on "
-              "every window, merge the intervals onto the whole series, score it as a whole when labelled",
+    "series": "real series files or folders (every readable file inside: TimeEval/GutenTAG, TSB-AD or NAB CSV, "
+              "TSB-UAD .out, UCR archive .txt, one-column CSV; docs/series.md): detect on every window, merge the "
+              "intervals onto each whole series, score each labelled one as a whole, and the mean over files",
+    "samples": "--series: answers per window, K; a point's score is the share of answers covering it, averaged "
+               "over the windows containing it (K > 1 samples at --temperature, default 0.4)",
+    "vus_window": "--series: VUS buffer length, the largest ℓ of VUS-PR/VUS-ROC (TSB-AD's default)",
     "limit": "evaluate N samples, spread evenly over families (default: all)",
-    "temperature": "sampling temperature: 0 = greedy; 0.4 = the paper's validation sampling",
+    "temperature": "sampling temperature: 0 = greedy; 0.4 = the paper's validation sampling (default: 0, or 0.4 "
+                   "with --samples K > 1)",
     "out": "output folder (default: runs/eval/<model-tag>-<data-folder-name or series-file-name>)",
     "batch_size": "prompts generated together (models only)",
     "max_new_tokens": "completion length cap (default: a run folder's own, 72 for tiny, 1024 otherwise)",
@@ -110,9 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help=HELP["model"])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help=HELP["data"])
-    source.add_argument("--series", help=HELP["series"])
+    source.add_argument("--series", nargs="+", metavar="PATH", help=HELP["series"])
     p.add_argument("--limit", type=int, default=None, help=HELP["limit"])
-    p.add_argument("--temperature", type=float, default=0.0, help=HELP["temperature"])
+    p.add_argument("--temperature", type=float, default=None, help=HELP["temperature"])
+    p.add_argument("--samples", type=int, default=1, help=HELP["samples"])
+    p.add_argument("--vus-window", type=int, default=point_metrics.VUS_WINDOW, help=HELP["vus_window"])
     p.add_argument("--out", default=None, help=HELP["out"])
     p.add_argument("--batch-size", type=int, default=16, help=HELP["batch_size"])
     p.add_argument("--max-new-tokens", type=int, default=None, help=HELP["max_new_tokens"])
@@ -124,6 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     series_io.add_window_flags(p, "--series")
     args = p.parse_args(argv)
     series_io.check_window_flags(p, args, args.series is not None, "--series")
+    if args.series is None and (args.samples, args.vus_window) != (1, point_metrics.VUS_WINDOW):
+        p.error("--samples, --vus-window: only with --series")
+    if args.samples <= 0 or args.vus_window < 0:
+        p.error(f"--samples must be positive and --vus-window >= 0, got {args.samples} and {args.vus_window}")
+    if args.temperature is None:
+        args.temperature = SAMPLING_TEMPERATURE if args.samples > 1 else 0.0
     if args.series is not None and args.limit is not None:
         p.error("--limit does not apply to --series: every window is evaluated to cover the whole series")
     if args.model.startswith("baseline:") and args.model.split(":", 1)[1] not in BASELINES:
@@ -141,11 +165,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--workers must be positive, got {args.workers}")
     args.workers = args.workers or min(2, os.cpu_count() or 1)
     if args.max_new_tokens is None:
-        args.max_new_tokens = run_max_new_tokens(args.model) or \
-            DEFAULT_MAX_NEW_TOKENS["tiny" if args.model == "tiny" else "other"]
-    args.out = args.out or default_out(args.model, args.data or series_io.series_name(args.series),
-                                       args.temperature)
+        args.max_new_tokens = default_max_new_tokens(args.model)
+    args.out = args.out or default_out(args.model, args.data or series_out_name(args.series), args.temperature)
     return args
+
+
+def series_out_name(paths: list[str]) -> str:
+    """The --series inputs' name in the default output folder: 'NAB/nyc taxi.csv' -> 'nyc-taxi', and
+    'a.csv b.csv c.csv' -> 'a-and-2-more'."""
+    name = series_io.series_name(os.path.normpath(paths[0]))
+    return name if len(paths) == 1 else f"{name}-and-{len(paths) - 1}-more"
 
 
 def baseline_name(model: str):
@@ -234,6 +263,31 @@ def random_completion(sample, seed: int) -> str:
     return format_completion("Baseline: random windows and a random anomaly class.", windows, label)
 
 
+def oracle_class(sample) -> str:
+    """The class an oracle answers: the true one; for a real anomaly of unknown class any anomaly label
+    (its class is not scored)."""
+    label = true_label(sample)
+    return ANOMALY_LABELS[0] if label == data_gen.UNKNOWN else label
+
+
+def presence_oracle_completion(sample) -> str:
+    """The whole series with the true class when the truth holds an anomaly, else [] and normal."""
+    if true_label(sample) == "normal" or sample.intervals is None:
+        return format_completion("Oracle: the truth's presence and class, no position.", [], "normal")
+    return format_completion("Oracle: the truth's presence and class, no position.", [[0, sample.length]],
+                             oracle_class(sample))
+
+
+def class_oracle_completion(sample) -> str:
+    """The true class with its fixed window (class_window); [] and normal for a normal series. A real anomaly
+    of unknown class takes the window fitted on every anomalous training series."""
+    label = true_label(sample)
+    if label == "normal" or sample.intervals is None:
+        return format_completion("Oracle: the true class and its fixed window.", [], "normal")
+    window = class_window(ANY_ANOMALY if label == data_gen.UNKNOWN else label, sample.length)
+    return format_completion("Oracle: the true class and its fixed window.", window, oracle_class(sample))
+
+
 def expert_completion(sample) -> str:
     import baselines  # local: only this baseline needs the detector
 
@@ -282,6 +336,10 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
                                            info["full_label"]))
         elif name == "random":
             texts.append(random_completion(s, seed))
+        elif name == "presence-oracle":
+            texts.append(presence_oracle_completion(s))
+        elif name == "class-oracle":
+            texts.append(class_oracle_completion(s))
         else:
             raise ValueError(f"unknown baseline {name!r}; choose one of {BASELINES}")
     return texts, info
@@ -289,22 +347,6 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
 
 # ---------------------------------------------------------------------------------------------------
 # Models
-
-
-def run_max_new_tokens(model: str) -> int | None:
-    """The completion cap a train.py run folder was trained with (its run_config.json), else None: a tiny
-    run is scored at its 72 tokens, not at the 1,024 meant for Qwen checkpoints."""
-    try:
-        with open(os.path.join(model, "run_config.json")) as f:
-            return int(json.load(f)["max_new_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def resolve_model(model: str) -> str:
-    """A train.py run folder means its latest checkpoint's model; anything else is passed on as given."""
-    ckpt = latest_checkpoint(model) if os.path.isdir(model) else None  # a run folder has a `latest` pointer
-    return os.path.join(ckpt, "model") if ckpt is not None else model
 
 
 def model_predictions(policy, data_dir: str, all_samples: list, indices: list[int], args) -> list[Prediction]:
@@ -371,23 +413,39 @@ def family_rows(predictions: list[Prediction], suite: str = "anomllm") -> list[d
     return rows
 
 
+def signed_pct(x) -> str:
+    """A signed difference of fractions in points: signed_pct(0.0123) == '+1.2'; '–' when missing."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:+.1f}"
+
+
+LOCALIZATION_HEADERS = ["Loc gain", "PW-F1 anom."]
+
+
+def localization_cells(summary: dict) -> list[str]:
+    """The headline's localization figures (timerpo/evaluate.py): gain over the class windows, PW-F1 on the
+    anomalous series."""
+    return [signed_pct(summary["loc_gain"]), pct(summary["pw_f1_anomalous"])]
+
+
 def headline_table(tag: str, suite: str, summary: dict, rows: list[dict]) -> str:
     """anomllm: the paper's Table 1 row; tods: one column per type and Avg over the types; series: mean
-    per-window scores with the number of windows that could be scored (all in %)."""
+    per-window scores with the number of windows that could be scored (all in %). Each ends with the
+    localization figures."""
     if suite == data_gen.SERIES_SUITE:
         return markdown_table(
-            ["Method", "Windows", "Labelled", "Known class", "Cls Acc", "Aff-F1", "PW-F1", "Unparsable"],
+            ["Method", "Windows", "Labelled", "Known class", "Cls Acc", "Aff-F1", "PW-F1"] + LOCALIZATION_HEADERS
+            + ["Unparsable"],
             [[tag, summary["n"], summary["n_labelled"], summary["n_known_class"], pct(summary["cls_acc"]),
-              pct(summary["aff_f1"]), pct(summary["pw_f1"]), summary["unparsable"]]])
+              pct(summary["aff_f1"]), pct(summary["pw_f1"])] + localization_cells(summary) + [summary["unparsable"]]])
     if suite == "tods":
         types = [r["family"] for r in rows]
-        return markdown_table(["Method", "Cls Acc"] + types + ["Avg F1"],
+        return markdown_table(["Method", "Cls Acc"] + types + ["Avg F1"] + LOCALIZATION_HEADERS,
                               [[tag, pct(summary["cls_acc"])] + [pct(r["aff_f1"]) for r in rows]
-                               + [pct(summary["avg_type_f1"])]])
+                               + [pct(summary["avg_type_f1"])] + localization_cells(summary)])
     groups = summary["groups"]
-    return markdown_table(["Method", "Cls Acc"] + list(PAPER_GROUPS) + ["Avg F1"],
+    return markdown_table(["Method", "Cls Acc"] + list(PAPER_GROUPS) + ["Avg F1"] + LOCALIZATION_HEADERS,
                           [[tag, pct(summary["cls_acc"])] + [pct(groups.get(g)) for g in PAPER_GROUPS]
-                           + [pct(summary["avg_group_f1"])]])
+                           + [pct(summary["avg_group_f1"])] + localization_cells(summary)])
 
 
 def family_table(rows: list[dict], suite: str) -> str:
@@ -413,7 +471,7 @@ def build_summary(predictions: list[Prediction], suite: str) -> tuple[dict, list
     series scoring 1 and 0 with one Trend series scoring 1 give Frequency 0.5, Trend 1.0, Avg 0.75 (a
     series-weighted mean would say 2/3). tods: no paper groups; `avg_type_f1` is the plain mean over types.
     """
-    summary = summarize(predictions)
+    summary = summarize(predictions, suite)
     rows = family_rows(predictions, suite)
     if suite == data_gen.SERIES_SUITE:  # real series: no paper groups, and a file is not an anomaly type
         summary["groups"], summary["avg_group_f1"] = {}, None
@@ -464,56 +522,74 @@ def write_outputs(out_dir: str, results: dict, predictions: list[Prediction], ta
 
 
 # ---------------------------------------------------------------------------------------------------
-# Whole series (--series)
+# Whole series (--series): detection in timerpo/detection.py, reading and windowing in series_io.py
 
 TRIVIAL_BASELINES = ("empty", "full", "random")
-MERGE_RULE = "union of the windows' intervals shifted by their offsets (series_io.merge_windows)"
+MERGE_RULE = ("a window flags a point when more than half of its answers cover it; the union over windows, "
+              "shifted by their offsets (series_io.merge_windows)")
+INTERVAL_KEYS = ("aff_p", "aff_r", "aff_f1", "pw_p", "pw_r", "pw_f1")
+POINT_KEYS = ("auc_pr", "auc_roc", "vus_pr", "vus_roc")
 
 
-def merge_predictions(predictions: list[Prediction], offsets: list[int], length: int) -> list[list[int]]:
-    """The windows' answered intervals united on the series' index; an unparsable answer adds none."""
-    return series_io.merge_windows([(o, p.parsed.intervals or []) for o, p in zip(offsets, predictions)], length)
+def series_row(method: str, found, series, vus_window: int) -> dict:
+    """One method on one whole series: merged intervals and, with labels, their interval scores on the full
+    timeline and the threshold-free scores of its per-point scores."""
+    row = {"method": method, "intervals": found.intervals, "classes": found.classes,
+           "score_kind": found.score_kind, "scores": None, "point": None}
+    if series.intervals is not None:
+        row["scores"] = vars(localization_scores(found.intervals, series.intervals, series.length))
+        labels = series_io.interval_mask(series.length, series.intervals)
+        row["point"] = vars(point_metrics.point_metrics(found.scores, labels, vus_window))
+    return row
 
 
-def interval_classes(merged, predictions: list[Prediction], offsets: list[int]) -> list[list[str]]:
-    """For each merged interval, the classes answered by the windows that contributed to it (window order)."""
-    out = []
-    for s, e in merged:
-        classes = []
-        for o, p in zip(offsets, predictions):
-            inside = any(s <= o + a < e for a, _ in p.parsed.intervals or [])
-            if inside and p.parsed.label and p.parsed.label not in classes:
-                classes.append(p.parsed.label)
-        out.append(classes)
-    return out
-
-
-def series_row(method: str, merged, truth, length: int) -> dict:
-    """One whole-series result: the merged intervals and, with labels, their scores on the full timeline."""
-    scores = None if truth is None else vars(localization_scores(merged, truth, length))
-    return {"method": method, "intervals": merged, "scores": scores}
-
-
-def trivial_rows(samples: list, offsets: list[int], series, seed: int, skip: str | None) -> list[dict]:
-    """Whole-series rows of the trivial baselines, run through the same windows and merge as the model."""
+def trivial_rows(series, windows: list, args, skip: str | None) -> list[dict]:
+    """Rows of the trivial baselines, run through the same windows, answers per window and merge."""
     rows = []
     for name in TRIVIAL_BASELINES:
-        if name == skip:
-            continue
-        texts, _ = baseline_texts(name, samples, seed)
-        merged = merge_predictions([score_prediction(s, t) for s, t in zip(samples, texts)], offsets, series.length)
-        rows.append(series_row(f"baseline-{name}", merged, series.intervals, series.length))
+        if name != skip:
+            detector = make_detector(f"baseline:{name}", samples=args.samples, seed=args.seed)
+            rows.append(series_row(detector.tag, detect_windows(series, windows, detector), series, args.vus_window))
     return rows
 
 
-def series_table(rows: list[dict]) -> str:
-    """Whole-series scores of each method (in %), the first row being the evaluated one."""
+def row_values(row: dict) -> dict:
+    """The numbers of a row: interval scores then point scores (None where not scored)."""
+    return {**dict.fromkeys(INTERVAL_KEYS), **(row["scores"] or {}),
+            **dict.fromkeys(POINT_KEYS), **(row["point"] or {})}
+
+
+def mean_over_files(files: list[dict]) -> dict:
+    """{method: mean of every number over the labelled files that have it, and the file count}."""
+    by_method: dict[str, list[dict]] = {}
+    for f in files:
+        for r in f["rows"]:
+            if r["scores"] is not None:
+                by_method.setdefault(r["method"], []).append(row_values(r))
+    return {method: {**{k: mean(math.nan if v[k] is None else v[k] for v in values)
+                        for k in INTERVAL_KEYS + POINT_KEYS}, "files": len(values)}
+            for method, values in by_method.items()}
+
+
+def summary_table(means: dict) -> str:
+    """Mean over the labelled files, one row per method (in %), the evaluated method first."""
+    body = [[m, v["files"]] + [pct(v[k]) for k in ("aff_p", "aff_r", "aff_f1", "pw_f1") + POINT_KEYS]
+            for m, v in means.items()]
+    return markdown_table(["Method", "Files", "Aff-P", "Aff-R", "Aff-F1", "PW-F1", "AUC-PR", "AUC-ROC", "VUS-PR",
+                           "VUS-ROC"], body)
+
+
+def files_table(files: list[dict]) -> str:
+    """The evaluated method on each file (in %)."""
     body = []
-    for r in rows:
-        sc = r["scores"] or {}
-        body.append([r["method"]] + [pct(sc.get(k)) for k in ("aff_p", "aff_r", "aff_f1", "pw_p", "pw_r", "pw_f1")]
-                    + [len(r["intervals"]), intervals_text(r["intervals"], limit=4)])
-    return markdown_table(["Method", "Aff-P", "Aff-R", "Aff-F1", "PW-P", "PW-R", "PW-F1", "n", "Intervals"], body)
+    for f in files:
+        row = f["rows"][0]
+        v = row_values(row)
+        truth = "unlabelled" if f["truth"] is None else intervals_text(f["truth"], limit=3)
+        body.append([f["name"], f["format"], f["length"], f["windows"], truth, intervals_text(row["intervals"], limit=3)]
+                    + [pct(v[k]) for k in ("aff_f1", "pw_f1") + POINT_KEYS])
+    return markdown_table(["File", "Format", "Points", "Windows", "Truth", "Found", "Aff-F1", "PW-F1", "AUC-PR",
+                           "AUC-ROC", "VUS-PR", "VUS-ROC"], body)
 
 
 def series_heading(series, window: int, stride: int, n_windows: int) -> str:
@@ -523,93 +599,132 @@ def series_heading(series, window: int, stride: int, n_windows: int) -> str:
             f"{truth}")
 
 
-def intervals_record(args, series, tag: str, rows: list[dict], predictions: list[Prediction],
-                     offsets: list[int]) -> dict:
+def intervals_record(args, series, tag: str, rows: list[dict], found) -> dict:
     """intervals.json: the merged answer on the series' index (and timestamps), truth, scores, windows."""
     merged = rows[0]["intervals"]
     return {
         "source": series.path, "name": series.name, "format": series.fmt, "column": series.column,
         "length": series.length, "window": args.window, "stride": args.stride, "model": args.model, "tag": tag,
-        "merge": MERGE_RULE, "intervals": merged,
-        "timestamps": series_io.timestamp_spans(merged, series.timestamps),
-        "classes": interval_classes(merged, predictions, offsets),
+        "samples": args.samples, "temperature": args.temperature, "merge": MERGE_RULE, "intervals": merged,
+        "timestamps": series_io.timestamp_spans(merged, series.timestamps), "classes": rows[0]["classes"],
         "truth": series.intervals,
         "truth_timestamps": (None if series.intervals is None
                              else series_io.timestamp_spans(series.intervals, series.timestamps)),
-        "scores": rows[0]["scores"], "baselines": {r["method"]: r["scores"] for r in rows[1:]},
-        "windows": [{"id": p.sample.id, "offset": o, "intervals": p.parsed.intervals, "class": p.parsed.label,
-                     "unparsable": p.parsed.intervals is None} for o, p in zip(offsets, predictions)],
+        "scores": rows[0]["scores"], "point_scores": rows[0]["point"],
+        "score_kind": SCORE_KINDS[found.score_kind], "vus_window": args.vus_window,
+        "baselines": {r["method"]: r["scores"] for r in rows[1:]},
+        "baselines_point_scores": {r["method"]: r["point"] for r in rows[1:]},
+        "windows": [{"id": answers[0].sample.id, "offset": o, "intervals": answers[0].parsed.intervals,
+                     "class": answers[0].parsed.label, "unparsable": answers[0].parsed.intervals is None,
+                     "samples": [{"intervals": a.parsed.intervals, "class": a.parsed.label} for a in answers]}
+                    for o, answers in zip(found.offsets, found.answers)],
     }
 
 
-def read_one_series(args):
-    """The --series file, read and checked (its windows too); SeriesError for anything unusable."""
-    if os.path.isdir(args.series):
-        raise series_io.SeriesError(f"{args.series}: --series takes one file; import a folder with "
-                                    f"`python data_gen.py --suite series --input {args.series} --out DIR`")
-    series = series_io.read_all(args.series, args.column, args.labels)[0]
-    series_io.check_windowing(series, args.window, args.stride)
-    return series
+def write_series_files(args, series, tag: str, rows: list[dict], found, n_windows: int) -> str:
+    """OUT/series/<name>/: intervals.json, scores.csv and series.png of one file; returns the folder."""
+    folder = os.path.join(args.out, "series", series.name)
+    os.makedirs(folder, exist_ok=True)
+    record = intervals_record(args, series, tag, rows, found)
+    write_atomic(os.path.join(folder, "intervals.json"), json.dumps(jsonable(record), indent=1) + "\n")
+    write_atomic(os.path.join(folder, "scores.csv"), series_io.scores_csv(series, found.scores))
+    sc, pt = rows[0]["scores"], rows[0]["point"]
+    score_line = ("" if sc is None else f"; whole series: Aff-F1 {pct(sc['aff_f1'])} PW-F1 {pct(sc['pw_f1'])} "
+                  f"AUC-PR {pct(pt['auc_pr'])} VUS-PR {pct(pt['vus_pr'])}")
+    picture = draw_series(series, series_io.normalise_window(series.values), series_io.SERIES_YLIM,
+                          found.intervals, f"{tag} on {series_heading(series, args.window, args.stride, n_windows)}"
+                          f"{score_line}")
+    write_atomic(os.path.join(folder, "series.png"), png_bytes(picture))
+    return folder
+
+
+def file_record(series, rows: list[dict], n_windows: int, folder: str) -> dict:
+    """One file's entry of results.json."""
+    return {"file": series.path, "name": series.name, "format": series.fmt, "length": series.length,
+            "windows": n_windows, "truth": series.intervals, "notes": series.notes, "folder": folder, "rows": rows}
+
+
+def read_inputs(args):
+    """The --series files, read and checked (their windows too), refusals reported; None when refused."""
+    try:
+        series, skipped = series_io.read_all(args.series, args.column, args.labels, args.window, args.stride,
+                                             args.skip_bad)
+    except series_io.SeriesError as err:
+        series_io.report_refusals(err, [], "")
+        return None, []
+    series_io.report_refusals(None, skipped, "")
+    for s in series:
+        for note in s.notes:
+            print(f"warning: {note}", file=sys.stderr)
+    return series, skipped
 
 
 def series_main(args) -> int:
-    """eval.py --series: read and check, load the model, write the windows, answer them, merge, score, write."""
+    """eval.py --series: read and check every file, load the model; per file: cut the windows, answer them,
+    merge, score, write its folder; then the windows, the tables over files and the per-window tables."""
     started = time.perf_counter()
     tag = model_tag(args.model, args.temperature)
-    try:
-        series = read_one_series(args)
-    except series_io.SeriesError as err:
-        print(f"error: {err}", file=sys.stderr)
+    series_list, skipped = read_inputs(args)
+    if series_list is None:
         return 2
-    for note in series.notes:
-        print(f"warning: {note}", file=sys.stderr)
     try:
-        policy = load_model(args)
+        detector = make_detector(load_model(args) or args.model, samples=args.samples, temperature=args.temperature,
+                                 seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                 workers=args.workers, tag=tag)
     except ModelNotFound as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # -- windows, answers, merge --------------------------------------------------------------------
-    windows_dir = os.path.join(args.out, "windows")
-    samples, manifest = series_io.write_windows(windows_dir, [series], args.window, args.stride, args.labels)
-    offsets = [w["offset"] for w in manifest["sources"][0]["windows"]]
-    predictions, info = window_predictions(args, windows_dir, samples, list(range(len(samples))), policy)
-    merged = merge_predictions(predictions, offsets, series.length)
-    rows = [series_row(tag, merged, series.intervals, series.length)]
-    if series.intervals is not None:
-        rows += trivial_rows(samples, offsets, series, args.seed, baseline_name(args.model))
+    # -- per file: windows, answers, merge, scores ---------------------------------------------------
+    files, cut, predictions = [], {}, []
+    bar = tqdm(series_list, desc="files", unit="file", disable=args.no_progress, dynamic_ncols=True)
+    for series in bar:
+        bar.set_postfix(file=series.name)
+        windows = cut[series.name] = series_io.cut_windows(series, args.window, args.stride)
+        found = detect_windows(series, windows, detector, progress=not args.no_progress)
+        rows = [series_row(tag, found, series, args.vus_window)]
+        if series.intervals is not None:
+            rows += trivial_rows(series, windows, args, baseline_name(args.model))
+        folder = write_series_files(args, series, tag, rows, found, len(windows))
+        files.append(file_record(series, rows, len(windows), folder))
+        predictions += [answers[0] for answers in found.answers]  # the first answer of each window
+    bar.close()
 
-    # -- tables -------------------------------------------------------------------------------------
-    heading = series_heading(series, args.window, args.stride, len(samples))
-    whole = series_table(rows)
+    # -- the windows as a data folder, tables --------------------------------------------------------
+    windows_dir = os.path.join(args.out, "windows")
+    series_io.write_windows(windows_dir, series_list, args.window, args.stride, args.labels, skipped=skipped,
+                            cut=cut)
+    means = mean_over_files(files)
+    whole, per_file = summary_table(means), files_table(files)
     summary, fam_rows, headline, per_family, window_md = window_tables(
-        tag, data_gen.SERIES_SUITE, predictions, info, windows_dir)
-    note = ("Whole-series scores: the merged intervals against the labels on the full timeline; the trivial "
-            "baselines went through the same windows and merge." if series.intervals is not None
-            else "No labels: nothing is scored.")
-    tables_md = f"## {tag} on the whole series {heading}\n\n{whole}\n\n{note}\n\n{window_md}"
+        tag, data_gen.SERIES_SUITE, predictions, {}, windows_dir)
+    labelled = sum(f["truth"] is not None for f in files)
+    note = (f"Mean over the {labelled} labelled files of {len(files)}; the trivial baselines went through the same "
+            f"windows and merge. Per-point scores: {SCORE_KINDS[detector_kind(files)]}; VUS buffer up to "
+            f"{args.vus_window} points." if labelled else "No labels: nothing is scored.")
+    skipped_md = "".join(f"\nSkipped {r['file']}: {r['reason']}" for r in skipped)
+    tables_md = (f"## {tag} on {len(files)} series (window {args.window}, stride {args.stride}, {args.samples} "
+                 f"answers per window)\n\n{whole}\n\n{note}{skipped_md}\n\n### per file\n\n{per_file}\n\n"
+                 f"{window_md}")
     print(tables_md)
 
-    # -- files --------------------------------------------------------------------------------------
-    scores = rows[0]["scores"]
-    score_line = ("" if scores is None else f"; whole series: Aff-P {pct(scores['aff_p'])} Aff-R "
-                  f"{pct(scores['aff_r'])} Aff-F1 {pct(scores['aff_f1'])} PW-F1 {pct(scores['pw_f1'])}")
-    picture = draw_series(series, series_io.normalise_window(series.values), series_io.SERIES_YLIM, merged,
-                          f"{tag} on {heading}{score_line}")
+    # -- files ---------------------------------------------------------------------------------------
     gallery = draw_gallery(predictions, windows_dir, data_gen.SERIES_SUITE,
-                           f"{tag} on the windows of {series.name}: {summary['n']} windows, "
+                           f"{tag} on the windows of {len(files)} series: {summary['n']} windows, "
                            f"{summary['unparsable']} unparsable")
     results = {"model": args.model, "tag": tag, "suite": data_gen.SERIES_SUITE, "summary": summary,
-               "families": fam_rows, "baseline": info or None, "whole_series": rows,
-               "tables": {"whole_series": whole, "headline": headline, "families": per_family},
+               "families": fam_rows, "files": files, "mean": means, "skipped": skipped,
+               "tables": {"summary": whole, "files": per_file, "headline": headline, "families": per_family},
                "args": vars(args), "seconds": time.perf_counter() - started}
     write_outputs(args.out, results, predictions, tables_md, gallery)
-    record = intervals_record(args, series, tag, rows, predictions, offsets)
-    write_atomic(os.path.join(args.out, "intervals.json"), json.dumps(jsonable(record), indent=1) + "\n")
-    write_atomic(os.path.join(args.out, "series.png"), png_bytes(picture))
-    print(f"[eval] wrote {args.out}/intervals.json, series.png, results.json, predictions.jsonl, tables.md, "
-          f"gallery.png, windows/ ({time.perf_counter() - started:.1f} s)")
+    print(f"[eval] wrote {args.out}/results.json, tables.md, predictions.jsonl, gallery.png, windows/, series/<name>/"
+          f"{{intervals.json, scores.csv, series.png}} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def detector_kind(files: list[dict]) -> str:
+    """The kind of per-point score of the evaluated method ("share" when no file was evaluated)."""
+    return files[0]["rows"][0]["score_kind"] if files else "share"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -625,19 +740,7 @@ def load_model(args):
     """The policy of --model on --device, None for a baseline; raises ModelNotFound."""
     if baseline_name(args.model):
         return None
-    import torch
-
-    from timerpo.policy import load_policy
-    from timerpo.precision import DTYPES, default_dtype, enable_tf32
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Evaluation never updates the weights: bf16 means bf16 weights outright (buffers stay fp32), and on CUDA
-    # the decode step is compiled, as in train.py's rollouts.
-    policy = load_policy(resolve_model(args.model), dtype=DTYPES[args.dtype or default_dtype(device)],
-                         device=device, seed=args.seed)
-    enable_tf32(device)
-    policy.compile_decode = device.startswith("cuda")
-    return policy
+    return load_policy_model(args.model, args.device, args.dtype, args.seed)
 
 
 def window_predictions(args, data_dir: str, all_samples: list, indices: list[int], policy) -> tuple[list, dict]:
@@ -658,12 +761,15 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
     kind = {"tods": "per-type (tods: shapelet is the type unseen in training)",
             data_gen.SERIES_SUITE: "per-source file"}.get(suite, "per-family")
     notes = [f"{summary['n']} samples from {data_dir} ({suite} suite); unparsable completions: "
-             f"{summary['unparsable']} (scored 0)."]
+             f"{summary['unparsable']} (scored 0); distinct interval answers: {summary['distinct_intervals']}."]
     if suite == data_gen.SERIES_SUITE:
         notes.append(f"Real anomalies have no known class: Cls Acc counts only the {summary['n_known_class']} "
                      f"windows without anomaly (true class normal).")
         if summary["n_labelled"] < summary["n"]:
             notes.append(f"{summary['n'] - summary['n_labelled']} windows of unlabelled series are not scored.")
+    notes.append("Loc gain: Avg F1 minus the Avg F1 of the same answers with each interval list replaced by the "
+                 "class oracle's fixed window for the class answered (positive: the positions carry information "
+                 "beyond the class); PW-F1 anom.: point-wise F1 over the series that hold an anomaly.")
     if "full_label" in info:
         notes.append(f"baseline:full predicts [[0, L]] with class '{info['full_label']}' (most common true "
                      f"anomaly class of these samples).")

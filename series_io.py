@@ -1,13 +1,19 @@
 """Real univariate series in, plots out, intervals back onto the series' own index.
 
-Reading (``read_series``), one file or every .csv / .out file of a folder:
+Reading (``read_series``), one file or every readable file of a folder (``read_all``):
   * TimeEval / GutenTAG CSV: a header ``timestamp,value,is_anomaly``; several value columns are allowed when
     ``--column`` names the one to read;
   * TSB-UAD ``.out``: two columns ``value,label`` and no header;
   * NAB: ``timestamp,value`` CSV files, the label windows in a JSON file (``--labels``) mapping each file name
     to ``[[start_timestamp, end_timestamp], ...]`` (both ends inclusive, as NAB writes them);
+  * TSB-AD (TSB-AD-U) CSV: a header ``Data,Label``, read like TimeEval's (any value column name, a label column
+    named is_anomaly, label or anomaly);
+  * UCR anomaly archive ``.txt``: values only, the one anomaly in the file name
+    ``NNN_UCR_Anomaly_<name>_<train end>_<begin>_<end>.txt``, read as [begin, end) on the 0-based index;
   * a plain one-column CSV (with or without a header line): no labels, detection only.
 Point labels and label windows become half-open [s, e) index intervals, like everywhere in the project.
+NAB windows are placed row by row by timestamp (a repeated or backward timestamp only earns a warning).
+A folder is read file by file: each refused file is reported with its reason, and --skip-bad uses the rest.
 
 Choices where a real file can be bad (each refusal is a one-line SeriesError naming the file, before
 anything is written):
@@ -35,20 +41,23 @@ import json
 import math
 import os
 import re
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 
 import data_gen
-from expert_cot import runs
+import expert_cot
+from expert_cot import interval_mask, runs
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import to_events
+from timerpo.prompt import generic_cot
 
 DEFAULT_WINDOW = data_gen.SUITE_LENGTH["anomllm"]  # the training length: one pixel column per step
 MIN_WINDOW = 64  # expert_cot.StagedScan.MIN_LENGTH: the classical detector needs this many points
 SUFFIXES = (".csv", ".out")
+# UCR anomaly archive: values only, the one anomaly in the name: NNN_UCR_Anomaly_<name>_<train end>_<begin>_<end>.txt
+UCR_NAME = re.compile(r"_(\d+)_(\d+)_(\d+)\.txt$", re.IGNORECASE)
 TIME_COLUMNS = ("timestamp", "time", "date", "datetime")
 LABEL_COLUMNS = ("is_anomaly", "label", "anomaly")
 MISSING = ("", "nan", "na", "null")  # cells read as a gap, compared lower-case
@@ -67,7 +76,7 @@ class RealSeries:
 
     path: str
     name: str  # file name without suffix: the family of its windows and the stem of their ids
-    fmt: str  # "timeeval", "tsb-uad", "nab" or "unlabelled"
+    fmt: str  # "timeeval" (also TSB-AD), "tsb-uad", "nab", "ucr", "unlabelled" or "array" (timerpo.detect)
     column: str | None  # the value column's header name (None: a file without header)
     values: np.ndarray = field(repr=False)  # [N] float64, gaps filled
     timestamps: list | None = field(repr=False)  # [N] the timestamp cells as written, or None
@@ -83,19 +92,25 @@ class RealSeries:
 # --------------------------------------------------------------------------------------------- files
 
 
+def readable_name(name: str) -> bool:
+    """A .csv or .out file, or a .txt file named as in the UCR anomaly archive."""
+    return name.lower().endswith(SUFFIXES) or UCR_NAME.search(name) is not None
+
+
 def series_files(path: str) -> list[str]:
-    """The file itself, or the .csv / .out files directly inside a folder, sorted by name."""
+    """The file itself, or the readable files directly inside a folder (readable_name), sorted by name."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.lower().endswith(SUFFIXES) and os.path.isfile(os.path.join(path, f)))
+                       if readable_name(f) and os.path.isfile(os.path.join(path, f)))
         if not files:
-            raise SeriesError(f"{path}: no .csv or .out files in this folder")
+            raise SeriesError(f"{path}: no .csv, .out or UCR .txt files in this folder")
         return files
     if not os.path.isfile(path):
         raise SeriesError(f"{path}: no such file or folder")
-    if not path.lower().endswith(SUFFIXES):
-        raise SeriesError(f"{path}: unsupported file type; expected .csv (TimeEval/GutenTAG, NAB or one "
-                          f"column) or .out (TSB-UAD value,label)")
+    if not readable_name(os.path.basename(path)):
+        raise SeriesError(f"{path}: unsupported file type; expected .csv (TimeEval/GutenTAG, TSB-AD, NAB or one "
+                          f"column), .out (TSB-UAD value,label) or a UCR archive file "
+                          f"NNN_UCR_Anomaly_<name>_<train end>_<begin>_<end>.txt")
     return [path]
 
 
@@ -252,47 +267,59 @@ def load_label_file(labels_path: str) -> dict:
     return table
 
 
-def label_entry(table: dict, labels_path: str, path: str) -> list:
-    """The windows listed for ``path``: a key equal to its file name or to the tail of its path
-    (NAB keys look like 'realKnownCause/nyc_taxi.csv')."""
+def label_keys(table: dict, path: str) -> list[str]:
+    """Keys of the labels table naming ``path``: its file name or the tail of its path, else (for a folder
+    laid out differently from NAB's 'realKnownCause/nyc_taxi.csv') a key with the same file name."""
     norm = os.path.normpath(os.path.abspath(path)).replace(os.sep, "/")
     base = os.path.basename(path)
     hits = [k for k in table if k == base or norm.endswith("/" + k.strip("/"))]
+    return hits or [k for k in table if k.replace("\\", "/").rsplit("/", 1)[-1] == base]
+
+
+def label_entry(table: dict, labels_path: str, path: str) -> list:
+    """The windows listed for ``path`` (label_keys); SeriesError without exactly one entry."""
+    hits = label_keys(table, path)
     if not hits:
-        raise SeriesError(f"{path}: the labels file {labels_path} has no entry for {base!r}")
+        raise SeriesError(f"{path}: the labels file {labels_path} has no entry for {os.path.basename(path)!r}")
     if len(hits) > 1:
         raise SeriesError(f"{path}: the labels file {labels_path} has several entries for it ({', '.join(hits)})")
     return table[hits[0]]
 
 
-def windows_to_intervals(windows: list, timestamps: list[str], path: str) -> list[list[int]]:
-    """Inclusive [start, end] timestamp windows -> sorted half-open index intervals.
+def windows_to_intervals(windows: list, timestamps: list[str], path: str) -> tuple[list[list[int]], list[str]]:
+    """Inclusive [start, end] timestamp windows -> (sorted half-open index intervals, notes).
 
-    Refuses a window outside the series' time range, a reversed or empty window, overlapping windows and
-    timestamps that do not increase. Example: timestamps 0..9, window [2, 4] -> [[2, 5]].
+    A row is anomalous when its timestamp lies inside a window, row by row, as NAB's scorer places its
+    windows: a repeated hour or a clock going back (daylight saving) changes nothing for the other rows, and
+    a note counts the rows out of order. Refuses a window outside the series' time range, a reversed window,
+    one holding no row, and overlapping windows. Example: timestamps 0..9, window [2, 4] -> [[2, 5]].
     """
     keys = time_keys(timestamps, path)
     numeric = isinstance(keys[0], float)
-    for k in range(1, len(keys)):
-        if not keys[k] > keys[k - 1]:
-            raise SeriesError(f"{path}: timestamps must increase to place label windows; "
-                              f"{timestamps[k]!r} follows {timestamps[k - 1]!r}")
     spans = sorted((label_key(a, numeric, path), label_key(b, numeric, path), [a, b]) for a, b in windows)
-    out, previous = [], None
+    first, last = min(keys), max(keys)
+    as_array = np.asarray(keys, dtype=float if numeric else "datetime64[us]")  # [N]
+    inside = np.zeros(len(keys), dtype=bool)
+    previous = None
     for start, end, raw in spans:
         if end < start:
             raise SeriesError(f"{path}: label window {raw} ends before it starts")
-        if start < keys[0] or end > keys[-1]:
+        if start < first or end > last:
             raise SeriesError(f"{path}: label window {raw} lies outside the series "
-                              f"({timestamps[0]} .. {timestamps[-1]})")
+                              f"({timestamps[keys.index(first)]} .. {timestamps[keys.index(last)]})")
         if previous is not None and start <= previous[1]:
             raise SeriesError(f"{path}: label windows {previous[2]} and {raw} overlap")
-        s, e = bisect_left(keys, start), bisect_right(keys, end)
-        if s >= e:
+        lo, hi = (start, end) if numeric else (np.datetime64(start, "us"), np.datetime64(end, "us"))
+        rows = (as_array >= lo) & (as_array <= hi)  # [N]
+        if not rows.any():
             raise SeriesError(f"{path}: label window {raw} holds no point of the series")
-        out.append([s, e])
+        inside |= rows
         previous = (start, end, raw)
-    return [list(iv) for iv in to_events(out, len(keys))]
+    unordered = int((as_array[1:] <= np.maximum.accumulate(as_array)[:-1]).sum())  # not after every earlier row
+    notes = [] if not unordered else [
+        f"{path}: {unordered} rows have a timestamp not after an earlier row's (repeated or going back); label "
+        f"windows are placed row by row, by whether each row's timestamp lies inside a window"]
+    return runs(inside), notes
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -346,10 +373,27 @@ def read_values(path: str, body, k_value: int, name: str) -> tuple[np.ndarray, l
     refused (it has no shape to detect and no scale to normalise by)."""
     values = np.array([parse_number(cells[k_value], f"{path}:{line} column {name}") for line, cells in body],
                       dtype=float)
+    return usable_values(values, path)
+
+
+def usable_values(values: np.ndarray, path: str) -> tuple[np.ndarray, list[str]]:
+    """Gaps (NaN) filled, with the note saying so; a constant series is refused."""
     values, notes = fill_gaps(values, path)
     if values.max() == values.min():
         raise SeriesError(f"{path}: the series is constant (every value is {values[0]:g}); nothing to detect")
     return values, notes
+
+
+def from_values(values, name: str = "series") -> RealSeries:
+    """An unlabelled RealSeries from numbers in memory (timerpo.detect); NaN gaps are filled as in files."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1:
+        raise SeriesError(f"{name}: expected a 1-D array of values, got shape {x.shape}")
+    if np.isinf(x).any():
+        raise SeriesError(f"{name}: {int(np.isinf(x).sum())} values are infinite")
+    x, notes = usable_values(x, name)
+    return RealSeries(path=name, name=name, fmt="array", column=None, values=x, timestamps=None, intervals=None,
+                      notes=notes)
 
 
 def read_timestamps(path: str, body, k_time) -> list[str] | None:
@@ -362,12 +406,52 @@ def read_timestamps(path: str, body, k_time) -> list[str] | None:
     return [cells[k_time] for _, cells in body]
 
 
+def read_ucr(path: str, column: str | None, labels_path: str | None) -> RealSeries:
+    """A UCR anomaly archive .txt file: whitespace-separated numbers (one per line, or all on one line), the
+    anomaly [begin, end) from the name, on the whole file's 0-based index (its training part included)."""
+    if column is not None or labels_path is not None:
+        raise SeriesError(f"{path}: a UCR archive file has no columns and labels itself in its name; drop "
+                          f"--column / --labels")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cells = fh.read().split()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SeriesError(f"{path}: cannot be read as text ({err})") from None
+    if not cells:
+        raise SeriesError(f"{path}: the file holds no values")
+    values, notes = usable_values(np.array([parse_number(c, f"{path}: value {k + 1}") for k, c in enumerate(cells)],
+                                           dtype=float), path)
+    _, begin, end = (int(g) for g in UCR_NAME.search(os.path.basename(path)).groups())
+    if not 0 <= begin < end <= values.size:
+        raise SeriesError(f"{path}: the anomaly [{begin}, {end}) named in the file name lies outside its "
+                          f"{values.size} values")
+    return RealSeries(path=path, name=series_name(path), fmt="ucr", column=None, values=values, timestamps=None,
+                      intervals=[[begin, end]], notes=notes)
+
+
+def own_labels(path: str) -> bool:
+    """Whether the file carries labels itself: a UCR name, a .out file, or a CSV header with a label column."""
+    if UCR_NAME.search(os.path.basename(path)) or path.lower().endswith(".out"):
+        return True
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False  # read_series says what is wrong with it
+    return any(c.strip().lower() in LABEL_COLUMNS for c in header)
+
+
 def read_series(path: str, column: str | None = None, labels_path: str | None = None,
                 labels_table: dict | None = None) -> RealSeries:
     """Read one file in any of the supported formats (module docstring) into a RealSeries.
 
     ``labels_table`` is the already loaded ``labels_path`` (read_all loads it once for a folder).
     """
+    if labels_path is not None and labels_table is not None and not label_keys(labels_table, path) \
+            and own_labels(path):
+        labels_path = None  # a folder mixing formats: --labels is for the files without labels of their own
+    if UCR_NAME.search(os.path.basename(path)):
+        return read_ucr(path, column, labels_path)
     header, body = layout(path, read_rows(path))
     k_value, k_time, k_label = column_roles(path, header, body, column)
     value_name = header[k_value] if header else None
@@ -385,22 +469,62 @@ def read_series(path: str, column: str | None = None, labels_path: str | None = 
         if timestamps is None:
             raise SeriesError(f"{path}: --labels gives timestamp windows, but the file has no timestamp column")
         table = labels_table if labels_table is not None else load_label_file(labels_path)
-        intervals = windows_to_intervals(label_entry(table, labels_path, path), timestamps, path)
-        fmt = "nab"
+        intervals, label_notes = windows_to_intervals(label_entry(table, labels_path, path), timestamps, path)
+        notes, fmt = notes + label_notes, "nab"
     return RealSeries(path=path, name=series_name(path), fmt=fmt, column=value_name, values=values,
                       timestamps=timestamps, intervals=intervals, notes=notes)
 
 
-def read_all(path: str, column: str | None = None, labels_path: str | None = None) -> list[RealSeries]:
-    """Every series under ``path`` (a file or a folder), all read and checked before anything is written."""
+def read_all(path, column: str | None = None, labels_path: str | None = None, window: int | None = None,
+             stride: int | None = None, skip_bad: bool = False) -> tuple[list[RealSeries], list[dict]]:
+    """Every series of ``path`` (a file, a folder, or a list of both), read and, with ``window``, its windowing
+    checked, all before anything is written. Returns (usable series, refused files as {"file", "reason"}).
+
+    A single file that cannot be used raises its SeriesError. Of several files, each refused one is
+    collected with its reason; unless ``skip_bad``, any refusal then raises a SeriesError whose ``refused``
+    lists them all (the caller prints one line per file, report_refusals).
+    """
+    files = [f for p in ([path] if isinstance(path, str) else path) for f in series_files(p)]
     table = load_label_file(labels_path) if labels_path is not None else None
-    series = [read_series(f, column, labels_path, table) for f in series_files(path)]
+    series, refused = [], []
+    for f in files:
+        try:
+            s = read_series(f, column, labels_path, table)
+            if window is not None:
+                check_windowing(s, window, stride)
+        except SeriesError as err:
+            if len(files) == 1:
+                raise
+            refused.append({"file": f, "reason": str(err)})
+            continue
+        series.append(s)
+    if not series or (refused and not skip_bad):
+        err = SeriesError(f"none of the {len(files)} files can be used (listed above)" if not series else
+                          f"{len(refused)} of {len(files)} files refused (listed above); pass --skip-bad to use "
+                          f"the other {len(series)}")
+        err.refused = refused
+        raise err
+    check_names(series)
+    return series, refused
+
+
+def check_names(series: list[RealSeries]) -> None:
+    """SeriesError when two files would give windows of the same name (their ids would collide)."""
     seen = {}
     for s in series:
         if s.name in seen:
             raise SeriesError(f"{s.path}: has the same name {s.name!r} as {seen[s.name]}; rename one of them")
         seen[s.name] = s.path
-    return series
+
+
+def report_refusals(err: SeriesError | None, refused: list[dict], prefix: str) -> None:
+    """One stderr line per refused file (``refused:`` or, with --skip-bad, ``skipped:``), then the error."""
+    import sys
+
+    for r in getattr(err, "refused", refused):
+        print(f"{prefix}{'refused' if err is not None else 'skipped'}: {r['reason']}", file=sys.stderr)
+    if err is not None:
+        print(f"{prefix}error: {err}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- windows
@@ -455,6 +579,36 @@ def merge_windows(pieces, length: int) -> list[list[int]]:
     return [list(iv) for iv in to_events(shifted, length)]
 
 
+def spread_scores(pieces, length: int) -> np.ndarray:
+    """Per-point scores on the series' index: each point's mean over the windows that contain it.
+
+    ``pieces`` is [(offset, window scores [L]), ...] and every index lies in a window (window_starts).
+    Example: length 4, [(0, [1, 1, 0]), (1, [0, 0, 1])] -> [1, 0.5, 0, 1].
+    """
+    total, count = np.zeros(length), np.zeros(length)  # [N], [N]
+    for offset, scores in pieces:
+        scores = np.asarray(scores, dtype=float)
+        total[offset:offset + scores.size] += scores
+        count[offset:offset + scores.size] += 1
+    if not count.all():
+        raise ValueError(f"points {runs(count == 0)} lie in no window")
+    return total / count
+
+
+def scores_csv(series: RealSeries, scores: np.ndarray) -> str:
+    """scores.csv text: index, timestamp (empty without one), score, label (empty when unlabelled)."""
+    import io
+
+    labels = None if series.intervals is None else interval_mask(series.length, series.intervals)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["index", "timestamp", "score", "label"])
+    for k, score in enumerate(scores):
+        writer.writerow([k, "" if series.timestamps is None else series.timestamps[k], f"{score:.6g}",
+                         "" if labels is None else int(labels[k])])
+    return out.getvalue()
+
+
 def normalise_window(values) -> np.ndarray:
     """Min-max scale to [-1, 1] (NORMALISATION); a flat window becomes all 0."""
     x = np.asarray(values, dtype=float)
@@ -473,7 +627,7 @@ def timestamp_spans(intervals, timestamps) -> list | None:
 
 
 def add_window_flags(parser, what: str) -> None:
-    """--window/--stride/--column/--labels, shared by data_gen.py --suite series and eval.py --series."""
+    """--window/--stride/--column/--labels/--skip-bad, shared by data_gen.py --suite series and eval.py --series."""
     parser.add_argument("--window", type=int, default=None,
                         help=f"{what}: points per plot (default {DEFAULT_WINDOW}, the training length; at least "
                              f"{MIN_WINDOW}); each window is min-max scaled to [-1, 1]")
@@ -486,27 +640,34 @@ def add_window_flags(parser, what: str) -> None:
                         help=f"{what}: NAB-style JSON mapping file names to [[start_timestamp, end_timestamp], "
                              f"...] windows (both ends inclusive); CSV files with an is_anomaly or label column "
                              f"and .out files carry their own labels")
+    parser.add_argument("--skip-bad", action="store_true", default=None,
+                        help=f"{what}: of several files, use the readable ones and list the refused ones with "
+                             f"their reasons (default: one refused file stops everything, before anything is "
+                             f"written)")
 
 
 def check_window_flags(parser, args, series_mode: bool, what: str, extra=()) -> None:
     """Argparse error for a series flag used outside series mode; fills in the default window and stride."""
-    names = ("window", "stride", "column", "labels") + tuple(extra)
+    names = ("window", "stride", "column", "labels", "skip_bad") + tuple(extra)
     used = [f"--{name}" for name in names if getattr(args, name, None) is not None]
     if not series_mode and used:
         parser.error(f"{', '.join(used)}: only with {what}")
     args.window = DEFAULT_WINDOW if args.window is None else args.window
     args.stride = max(1, args.window // 2) if args.stride is None else args.stride
+    args.skip_bad = bool(args.skip_bad)
 
 
 # --------------------------------------------------------------------------------------------- samples
 
 
-def window_sample(series: RealSeries, start: int, window: int) -> tuple:
+def window_sample(series: RealSeries, start: int, window: int, with_expcot: bool = False) -> tuple:
     """(Sample, png bytes, manifest record) of the window of ``series`` at offset ``start``.
 
     The class of a real anomaly is unknown: a window holding labelled anomalies gets label UNKNOWN, one
     without gets 'normal' (the labels say nothing is there), and every window of an unlabelled series gets
-    UNKNOWN with intervals None. There is no ground-truth-conditioned reasoning (expcot, gencot are empty).
+    UNKNOWN with intervals None. ``with_expcot`` (an import for training) writes the ExpCoT of a labelled
+    window from its stored values and true intervals, as for generated data (expert_cot.py; an UNKNOWN one
+    names no type), and the generic reasoning; otherwise both are empty.
     """
     raw = series.values[start:start + window]
     stored = np.round(normalise_window(raw), data_gen.SERIES_DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -515,12 +676,20 @@ def window_sample(series: RealSeries, start: int, window: int) -> tuple:
     else:
         intervals = cut_intervals(series.intervals, start, window)
         label = data_gen.UNKNOWN if intervals else "normal"
+    expcot = gencot = ""
+    if with_expcot and intervals is not None:
+        expcot, gencot = expert_cot.expert_cot(stored, intervals, label), generic_cot()
     sid = f"{series.name}-{start:07d}"
     sample = data_gen.Sample(id=sid, family=series.name, label=label, length=window, intervals=intervals,
-                             series=stored.tolist(), image=f"images/{sid}.png", expcot="", gencot="")
+                             series=stored.tolist(), image=f"images/{sid}.png", expcot=expcot, gencot=gencot)
     png = png_bytes(data_gen.render_indexed(sample.series, ylim=SERIES_YLIM))
     record = {"id": sid, "offset": start, "min": float(raw.min()), "max": float(raw.max())}
     return sample, png, record
+
+
+def cut_windows(series: RealSeries, window: int, stride: int, with_expcot: bool = False) -> list[tuple]:
+    """window_sample for every window of ``series``, in offset order."""
+    return [window_sample(series, start, window, with_expcot) for start in window_starts(series.length, window, stride)]
 
 
 def source_record(series: RealSeries, labels_path: str | None, windows: list) -> dict:
@@ -533,10 +702,13 @@ def source_record(series: RealSeries, labels_path: str | None, windows: list) ->
 
 
 def write_windows(out_dir: str, series_list: list, window: int, stride: int, labels_path: str | None = None,
-                  progress: bool = False) -> tuple[list, dict]:
+                  progress: bool = False, with_expcot: bool = False, skipped: list | None = None,
+                  cut: dict | None = None) -> tuple[list, dict]:
     """Write DIR/images/<id>.png, DIR/samples.jsonl and DIR/manifest.json for every window of every series.
 
-    Checks every series' windowing first, so a bad one writes nothing. Returns (samples, manifest).
+    Checks every series' windowing first, so a bad one writes nothing. ``skipped`` (files refused under
+    --skip-bad) goes into the manifest; ``cut`` maps a series name to its already cut windows (cut_windows).
+    Returns (samples, manifest).
     """
     for series in series_list:
         check_windowing(series, window, stride)
@@ -549,7 +721,9 @@ def write_windows(out_dir: str, series_list: list, window: int, stride: int, lab
     for series in series_list:
         records = []
         for start in window_starts(series.length, window, stride):
-            sample, png, record = window_sample(series, start, window)
+            k = len(records)
+            sample, png, record = (cut[series.name][k] if cut and series.name in cut
+                                   else window_sample(series, start, window, with_expcot))
             write_atomic(os.path.join(out_dir, sample.image), png)
             samples.append(sample)
             records.append(record)
@@ -557,14 +731,15 @@ def write_windows(out_dir: str, series_list: list, window: int, stride: int, lab
         sources.append(source_record(series, labels_path, records))
     bar.close()
     write_atomic(os.path.join(out_dir, "samples.jsonl"),
-                          "".join(s.to_json() + "\n" for s in samples).encode("utf-8"))
-    manifest = series_manifest(window, stride, samples, sources)
+                 "".join(s.to_json() + "\n" for s in samples).encode("utf-8"))
+    manifest = series_manifest(window, stride, samples, sources, skipped or [], with_expcot)
     write_atomic(os.path.join(out_dir, "manifest.json"),
-                          (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+                 (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return samples, manifest
 
 
-def series_manifest(window: int, stride: int, samples: list, sources: list) -> dict:
+def series_manifest(window: int, stride: int, samples: list, sources: list, skipped: list,
+                    with_expcot: bool) -> dict:
     """manifest.json of an imported folder (deterministic: no timestamps of the import itself)."""
     by_label = {}
     for s in samples:
@@ -576,6 +751,9 @@ def series_manifest(window: int, stride: int, samples: list, sources: list) -> d
         "classes": (f"real anomalies have an unknown class: label {data_gen.UNKNOWN!r} (intervals null when the "
                     f"source has no labels); a labelled window without anomaly is 'normal'"),
         "merge": "union of the windows' intervals shifted by their offsets",
+        "expcot": ("ExpCoT of every labelled window from its stored values and true intervals (expert_cot.py)"
+                   if with_expcot else "none"),
+        **({"expcot_version": expert_cot.EXPCOT_VERSION} if with_expcot else {}),
         "counts": {"total": len(samples), "sources": len(sources), "by_label": by_label},
-        "sources": sources,
+        "sources": sources, "skipped": skipped,
     }

@@ -84,12 +84,91 @@ def test_bench_sinkhorn_smoke(tmp_path):
     assert all(r["max_abs_dW_reference_vs_pot"] < 1e-6 for r in rows)
 
 
-def test_bench_data_gen_smoke():
-    proc = subprocess.run([sys.executable, "bench/bench_data_gen.py", "--per-family", "2"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    # exit 1 means "a share is outside its tolerance", expected with 2 series per family
-    assert proc.returncode in (0, 1), proc.stderr[-3000:]
-    assert "range" in proc.stdout and "noisy-trend" in proc.stdout
+# method.md §4: anomaly-free share and intervals per series of the four interval processes; the other
+# families share their clean family's process.
+SHARE_COUNT = {"range": (0.30, 1.1), "point": (0.29, 1.2), "freq": (0.10, 2.2), "trend": (0.55, 0.45)}
+PROCESS = {"range": "range", "point": "point", "freq": "freq", "trend": "trend", "flat-trend": "trend",
+           "noisy-point": "point", "noisy-freq": "freq", "noisy-trend": "trend"}
+
+
+def data_gen_table(stdout: str) -> tuple[dict, dict]:
+    """bench_data_gen.py's table as {family: (n, [(value, reference, mark)] for share %, count, length)}, and
+    its process expectations as {process: mean interval length}."""
+    rows, lengths = {}, {}
+    for line in stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) == 4 and parts[0].split()[0] in PROCESS:
+            family, n = parts[0].split()
+            cells = [cell.split() for cell in parts[1:]]
+            rows[family] = (int(n), [(float(v.rstrip("%")), float(r.rstrip("%")), m) for v, r, m in cells])
+        elif line.strip().startswith("process expectation"):
+            words = line.replace(":", " ").split()
+            lengths[words[2]] = float(words[words.index("length") + 1])
+    return rows, lengths
+
+
+def write_interval_data(folder, free: dict, intervals: dict, length: dict, per_family: int = 20):
+    """A data folder whose statistics are known: per family, `free[f]` samples without anomaly, then
+    `intervals[f]` intervals of `length[f]` steps spread over the other samples (one image for all)."""
+    import data_gen
+    from PIL import Image
+
+    os.makedirs(os.path.join(folder, "images"))
+    Image.new("RGB", (8, 8), "white").save(os.path.join(folder, "images", "blank.png"))
+    lines = []
+    for family in PROCESS:
+        anomalous = per_family - free[family]
+        for k in range(per_family):
+            j = k - free[family]  # index among the anomalous samples
+            n = 0 if j < 0 else intervals[family] // anomalous + (j < intervals[family] % anomalous)
+            spans = [[10 + i * (length[family] + 10), 10 + i * (length[family] + 10) + length[family]]
+                     for i in range(n)]
+            lines.append(json.dumps({"id": f"{family}-{k}", "family": family,
+                                     "label": data_gen.FAMILY_LABEL[family] if spans else "normal",
+                                     "length": 1000, "intervals": spans, "series": [0.0] * 1000,
+                                     "image": "images/blank.png", "expcot": "", "gencot": ""}))
+    with open(os.path.join(folder, "samples.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_data_gen_bench(args):
+    proc = subprocess.run([sys.executable, "bench/bench_data_gen.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.returncode, *data_gen_table(proc.stdout), proc.stdout
+
+
+def test_bench_data_gen_smoke(tmp_path):
+    """Three runs whose verdict is known beforehand. (1) Generating 2 series per family fails the table
+    (exit 1): a share of 0, 1/2 or 1 is 20 points from range's 30 % and point's 29 %, 10 from freq's 10 %.
+    (2) A folder built with the reference share, count and length of every family passes it (exit 0), and
+    the table prints the values it was built with. (3) The same folder with every point series anomalous
+    fails on that one cell (exit 1)."""
+    code, rows, lengths, stdout = run_data_gen_bench(["--per-family", "2"])
+    assert code == 1 and "generated 16 samples" in stdout
+    assert set(rows) == set(PROCESS) and set(lengths) == set(SHARE_COUNT)
+    for family, (n, [(share, share_ref, mark), (_, count_ref, _), _]) in rows.items():
+        assert n == 2 and share in (0.0, 50.0, 100.0)
+        assert (share_ref / 100, count_ref) == SHARE_COUNT[PROCESS[family]]
+        if PROCESS[family] != "trend":
+            assert mark == "FAIL", family
+
+    free = {f: round(20 * SHARE_COUNT[p][0]) for f, p in PROCESS.items()}
+    count = {f: round(20 * SHARE_COUNT[p][1]) for f, p in PROCESS.items()}
+    length = {f: round(lengths[p]) for f, p in PROCESS.items()}
+    write_interval_data(tmp_path / "matching", free, count, length)
+    code, rows, _, _ = run_data_gen_bench(["--data", str(tmp_path / "matching")])
+    assert code == 0
+    for family, (n, cells) in rows.items():
+        assert n == 20 and [mark for _, _, mark in cells] == ["ok"] * 3
+        assert [value for value, _, _ in cells] == pytest.approx(
+            [100 * free[family] / 20, count[family] / 20, length[family]], abs=0.051)
+
+    write_interval_data(tmp_path / "no-free-point", {**free, "point": 0}, count, length)
+    code, rows, _, _ = run_data_gen_bench(["--data", str(tmp_path / "no-free-point")])
+    assert code == 1
+    assert {(f, k) for f, (_, cells) in rows.items() for k, (_, _, mark) in enumerate(cells) if mark != "ok"} \
+        == {("point", 0)}
 
 
 def test_answer_figure_smoke(tiny_data, tmp_path):
@@ -122,10 +201,36 @@ def test_gpu_bench_smoke(tiny_data, tmp_path):
     assert math.isfinite(update["loss"])
 
 
+# An "earlier checkout" whose rollout writes other completions: one end token per row.
+LONE_END_TOKENS = """
+def sample_completions(policy, prompts, seeds, max_new_tokens, temperature=1.0, with_states=False):
+    return [([policy.end_ids[0]], [0.0]) + ((None,) if with_states else ()) for _ in prompts]
+"""
+
+
 def test_bench_rollout_smoke(tiny_data, tmp_path):
-    out = tmp_path / "rollout.json"
-    stdout = run_script(["bench/bench_rollout.py", "--before", ROOT, "--reps", "1", "--steps", "1", "--warmup-vision-steps", "1",
-                         "--warmup-steps", "1", "--data", tiny_data, "--cache", str(tmp_path), "--results", str(out)])
-    report = json.loads(out.read_text())
-    assert set(report["sides"]) == {"ours", "before"} and "ratio ours/before" in stdout
-    assert report["same_completions"]  # this checkout against itself
+    """bench_rollout.py against two stand-ins for an earlier checkout. tests/generate_sampler.py samples with
+    transformers' own generate, driven by the same draws: the report must find the same completions. A
+    rollout that writes one end token per row: the report must find different ones."""
+    for name, source in (("generate", open(os.path.join(ROOT, "tests", "generate_sampler.py")).read()),
+                         ("lone-end", LONE_END_TOKENS)):
+        os.makedirs(tmp_path / name / "timerpo")
+        (tmp_path / name / "timerpo" / "rollout.py").write_text(source)
+        out = tmp_path / f"{name}.json"
+        stdout = run_script(["bench/bench_rollout.py", "--before", str(tmp_path / name), "--reps", "1", "--steps",
+                             "1", "--warmup-vision-steps", "1", "--warmup-steps", "1", "--data", tiny_data,
+                             "--cache", str(tmp_path), "--results", str(out)])
+        report = json.loads(out.read_text())
+        assert set(report["sides"]) == {"ours", "before"} and "ratio ours/before" in stdout
+        assert report["same_completions"] is (name == "generate"), name
+
+
+def test_expcot_rates_smoke(tmp_path):
+    out = tmp_path / "rates.json"
+    stdout = run_script(["bench/expcot_rates.py", "--suite", "tods", "--per-family", "2", "--workers", "1",
+                         "--results", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert "| family | truth | n | global |" in stdout
+    assert [r["family"] for r in rows] == ["global", "contextual", "seasonal", "trend", "shapelet", "all"]
+    assert all(r["truth"] == "anomalous" and r["n"] == (10 if r["family"] == "all" else 2) for r in rows)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("global", "period", "slope", "pattern", "discord"))

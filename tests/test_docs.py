@@ -106,6 +106,7 @@ def test_ci_runs_the_quickstart_test_line_last():
     tests = quickstart_lines(read("README.md"))[-1]
     commands = [line.strip() for line in read(".ci", "run").splitlines() if line.strip() and not line.startswith("#")]
     assert commands[-1] == tests
+    assert [c for c in commands if "pip install" in c] == [tests]  # everything comes from the requirement files
     assert "set -euo pipefail" in commands  # a failing (or empty, exit 5) pytest fails CI
 
 

@@ -1,6 +1,7 @@
 """The objective of method.md §16 against a hand computation in plain Python floats."""
 import math
 
+import pytest
 import torch
 
 from timerpo.objective import clipped_surrogate, k3_kl, timerpo_objective
@@ -56,3 +57,25 @@ def test_k3_is_nonnegative_zero_at_equality_and_clamped():
     r = -2.0 - (-0.5)  # ref - logp for element 2
     assert abs(float(kl[2]) - (math.exp(r) - r - 1)) < 1e-6
     assert float(kl[3]) <= 10.0  # the extreme ratio is clamped
+
+
+def test_clip_binds_on_both_sides_in_the_loss_and_its_gradient():
+    """Ratios outside [1 − ϵ, 1 + ϵ] = [0.8, 1.2] where the pessimistic min picks the clipped term: ρ = 1.3 with
+    A > 0 (counts 1.2·A, no gradient) and ρ = 0.7 with A < 0 (counts 0.8·A, no gradient). Beside them, ratios
+    outside the range where the min picks the unclipped term (ρ = 1.3, A < 0; ρ = 0.7, A > 0) and one inside
+    (ρ = 1.1): those count ρ·A, with gradient ρ·A in log π. Hand-computed with ϵ = 0.2, A = ±2, N = 10."""
+    rho = [[1.3, 0.7, 1.1], [1.3, 0.7, 1.1]]
+    adv = [2.0, -2.0]
+    logp = torch.tensor([[math.log(r) for r in row] for row in rho], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.float64)
+    terms = timerpo_objective(logp, old, None, None, torch.tensor(adv, dtype=torch.float64), mask, 10,
+                              clip_eps=0.2, beta=0.0, entropy_coef=0.0)
+    # row 0 (A = 2):  min(2.6, 2.4) = 2.4 (clipped), min(1.4, 1.6) = 1.4, 2.2
+    # row 1 (A = −2): min(−2.6, −2.4) = −2.6, min(−1.4, −1.6) = −1.6 (clipped), −2.2
+    assert float(terms.loss.detach()) == pytest.approx(-(2.4 + 1.4 + 2.2 - 2.6 - 1.6 - 2.2) / 10, abs=1e-12)
+    terms.loss.backward()
+    # d(−ρA/N)/d log π = −ρA/N where the unclipped term counts; 0 where the clipped one does
+    expected = [[0.0, -1.4 / 10, -2.2 / 10], [2.6 / 10, 0.0, 2.2 / 10]]
+    assert torch.allclose(logp.grad, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0), logp.grad
+    assert terms.clipped == 4  # all four ratios outside the range, whichever term the min picked

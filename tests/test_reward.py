@@ -1,4 +1,6 @@
 """Outcome reward R = 0.1·R_fmt + 0.2·R_cls + 0.7·R_loc on hand-made completions (method.md §3)."""
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,6 +95,21 @@ def test_partial_localization_six_mean_and_aff_f1():
     got = parts(text, CHECK_GT, "global point", CHECK_L, "aff-f1")
     assert got.loc == pytest.approx(aff_f1, abs=1e-6)
     assert got.total == pytest.approx(0.1 + 0.2 + 0.7 * aff_f1, abs=1e-6)
+
+
+def test_unknown_type_leaves_the_class_term_out_and_renormalises():
+    # Same answer as above, truth of unlabelled type: (0.1 · 1 + 0.7 · six) / 0.8, whatever class is answered.
+    aff_f1 = 2 * CHECK_AFF_P * CHECK_AFF_R / (CHECK_AFF_P + CHECK_AFF_R)
+    six = (0.5 + 0.25 + 1 / 3 + CHECK_AFF_P + CHECK_AFF_R + aff_f1) / 6
+    for answered in ("global point", "trend", "normal"):
+        got = parts(format_completion("two spikes", CHECK_PRED, answered), CHECK_GT, "unknown", CHECK_L, "six-mean")
+        assert math.isnan(got.cls) and got.loc == pytest.approx(six, abs=1e-6)
+        assert got.total == pytest.approx((0.1 + 0.7 * six) / 0.8, abs=1e-6)
+    perfect = parts(format_completion("r", CHECK_GT, "trend"), CHECK_GT, "unknown", CHECK_L, "six-mean")
+    assert perfect.total == 1.0
+    # No anomaly means the class is known, "normal", whatever label is given; an empty truth keeps its class term.
+    empty = parts(format_completion("r", [], "normal"), [], "unknown", CHECK_L, "six-mean")
+    assert empty.cls == 1.0 and empty.total == 1.0
 
 
 def test_score_completion_is_parse_then_outcome_reward():

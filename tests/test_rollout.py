@@ -273,3 +273,83 @@ def test_rollout_batch_for_memory_counts_kv_bytes():
     assert rollout_batch_for_memory(640, per_row, 640 * per_row) == 640  # all of them fit
     assert rollout_batch_for_memory(640, per_row, 100.5 * per_row) == 100  # as many as fit
     assert rollout_batch_for_memory(640, per_row, 0.0) == 1  # never zero
+
+
+# -- what the sampler draws ------------------------------------------------------------------------------
+
+FAVOURED = [200, 300, 400, 500, 600, 700]  # ordinary text tokens of the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def peaked(tiny_policy):
+    """A copy of the tiny model whose LM head adds 8, 7.5, 7, 6.5, 6, 5 to six tokens, so that the first token
+    of a completion falls on a handful of them (about 85 % of the mass) and the rest: few, well-filled bins."""
+    pol = copy.copy(tiny_policy)
+    pol.model = copy.deepcopy(tiny_policy.model).eval()
+    bias = torch.zeros(pol.model.lm_head.out_features)
+    bias[FAVOURED] = torch.tensor([8.0, 7.5, 7.0, 6.5, 6.0, 5.0])
+    pol.model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    img = Image.new("RGB", (56, 56), "white")  # the smallest plot: 4 image tokens, a short prompt
+    ImageDraw.Draw(img).line([(0, 40), (55, 10)], fill="steelblue", width=2)
+    return pol, encode_prompt(pol, img, "Which token comes first?")
+
+
+def first_token_logprobs(policy, enc) -> torch.Tensor:
+    """log π of the first completion token, from transformers' own forward (it computes the 3-D positions
+    itself from mm_token_type_ids): the oracle, independent of the rollout's prefill. [V] float64"""
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        out = policy.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.pixel_values,
+                           image_grid_thw=enc.image_grid_thw[None],
+                           mm_token_type_ids=(ids == policy.token_id("<|image_pad|>")).long())
+    logits = out.logits[0, -1].double()
+    logits[policy.forbidden_ids] = -float("inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def chi_square(tokens: list[int], probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's χ² of the drawn tokens against `probs`: one bin per token expected at least 5 times, one
+    bin for all the others (merged into the smallest bin when it expects fewer than 5). (χ², degrees of freedom)"""
+    n = len(tokens)
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(probs)).double()
+    expected = n * probs
+    big = (expected >= 5).nonzero().squeeze(1).tolist()
+    observed, wanted = [counts[t].item() for t in big], [expected[t].item() for t in big]
+    rest_observed, rest_wanted = n - sum(observed), n - sum(wanted)
+    if rest_wanted >= 5:
+        observed.append(rest_observed), wanted.append(rest_wanted)
+    else:
+        k = wanted.index(min(wanted))
+        observed[k] += rest_observed
+        wanted[k] += rest_wanted
+    return sum((o - e) ** 2 / e for o, e in zip(observed, wanted)), len(observed) - 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.4])
+def test_tokens_are_drawn_from_the_distribution_the_sampler_reports(peaked, temperature):
+    """2,000 first tokens, one per completion seed. Each reported log-prob is log π of its token under the
+    independent forward (temperature 1, whatever the sampling temperature), and the token frequencies match
+    π^(1/T) / Z: Pearson's χ² below its 0.999 quantile (p > 0.001; the seeds are fixed, so is the outcome:
+    χ² = 3.2 on 6 degrees of freedom at T = 1, 9.4 on 4 at T = 0.4, against bounds 22.5 and 18.5).
+    Temperature 1 goes through algorithm.rollout's default, the one train.rl_step samples with; 0.4 (the
+    held-out evaluation's) through sample_completions."""
+    from scipy import stats
+
+    from timerpo.algorithm import Prompt, rollout
+
+    policy, enc = peaked
+    n = 2000
+    if temperature == 1.0:
+        episodes = rollout(policy, [Prompt(index=0, sample=None, encoded=enc, target_text="")], group_size=n,
+                           step=0, seed=1, max_new_tokens=1, batch_size=n)
+        draws = [(ep.completion_ids[0], ep.sample_logprobs[0]) for ep in episodes]
+    else:
+        seeds = [completion_seed(1, 0, 0, k) for k in range(n)]
+        draws = [(ids[0], lps[0]) for ids, lps in sample_completions(policy, [enc] * n, seeds, 1, temperature)]
+    logp = first_token_logprobs(policy, enc)  # [V]
+    tokens = [t for t, _ in draws]
+    reported = torch.tensor([lp for _, lp in draws], dtype=torch.float64)
+    assert (reported - logp[tokens]).abs().max() <= 1e-4
+    statistic, dof = chi_square(tokens, torch.softmax(logp / temperature, dim=-1))
+    assert dof >= 4
+    assert statistic < stats.chi2.ppf(0.999, dof), (statistic, dof)

@@ -82,7 +82,7 @@ def run_series(tmp_path, model, series, *extra, out="out"):
     rc = ev.main(["--model", model, "--series", series, "--out", out_dir, "--no-progress", "--workers", "1",
                   *extra])
     assert rc == 0
-    return out_dir, strict_json(os.path.join(out_dir, "intervals.json"))
+    return out_dir, strict_json(os.path.join(out_dir, "series", series_io.series_name(series), "intervals.json"))
 
 
 # --------------------------------------------------------------------------------------------- formats
@@ -281,14 +281,26 @@ def test_samples_of_unknown_class_are_checked():
             data_gen.check_sample_fields(dict(base, label=label, intervals=intervals), "w")
 
 
-def test_training_refuses_imported_real_series(tmp_path):
+def test_training_takes_labelled_imports_and_refuses_unlabelled_ones(tmp_path, capsys):
     import train
 
     path = timeeval_file(tmp_path / "r.csv", noise(200), [[5, 9]])
     assert data_gen.main(["--suite", "series", "--input", path, "--window", "100", "--out", str(tmp_path / "d"),
                           "--no-progress"]) == 0
-    with pytest.raises(data_gen.DataError, match="real series"):
-        train.ensure_data(str(tmp_path / "d"), 0, False)
+    assert data_gen.folder_expcot_version(str(tmp_path / "d")) == expert_cot.EXPCOT_VERSION
+    capsys.readouterr()
+    samples = train.ensure_data(str(tmp_path / "d"), 0, False)
+    assert "ExpCoT version" not in capsys.readouterr().err  # current traces: nothing recomputed
+    first = samples[0]  # the window at 0 holds [5, 9): its ExpCoT names the interval but no type
+    assert first.label == "unknown" and first.expcot.endswith("Conclusion: anomalous intervals [[5, 9]]; type not "
+                                                              "labelled.")
+    assert first.expcot == expert_cot.expert_cot(first.series, [[5, 9]], "unknown")
+    assert all(s.label == "normal" and s.expcot for s in samples[1:])
+    write(tmp_path / "u.csv", csv_text(["value"], [noise(200)]))
+    assert data_gen.main(["--suite", "series", "--input", str(tmp_path / "u.csv"), "--window", "100", "--out",
+                          str(tmp_path / "du"), "--no-progress"]) == 0
+    with pytest.raises(data_gen.DataError, match="has no labels"):
+        train.ensure_data(str(tmp_path / "du"), 0, False)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -301,7 +313,7 @@ def real_sample(label, intervals, k=0):
 
 def test_unknown_class_and_missing_labels_are_not_scored():
     anomalous = score_prediction(real_sample("unknown", [[10, 20]]), format_completion("r", [[10, 20]], "trend"))
-    assert math.isnan(anomalous.reward.cls) and math.isnan(anomalous.reward.total)
+    assert math.isnan(anomalous.reward.cls) and anomalous.reward.total == 1.0  # (0.1 + 0.7) / 0.8
     assert anomalous.loc.aff_f1 == 1.0 and anomalous.reward.loc == 1.0 and anomalous.reward.fmt == 1.0
     unlabelled = score_prediction(real_sample("unknown", None, 1), format_completion("r", [[1, 2]], "trend"))
     assert all(math.isnan(v) for v in vars(unlabelled.loc).values()) and unlabelled.reward.fmt == 1.0
@@ -359,9 +371,9 @@ def test_expert_finds_a_planted_spike_and_level_shift_on_the_whole_timeline(tmp_
     assert record["baselines"]["baseline-full"] == pytest.approx(vars(full))
     assert record["baselines"]["baseline-empty"]["aff_f1"] == 0.0
     tables = open(os.path.join(out, "tables.md")).read()
-    assert "| baseline-expert | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 |" in tables
+    assert "| baseline-expert | 1 | 100.0 | 100.0 | 100.0 | 100.0 |" in tables
     assert "baseline-random" in tables and "per-source file" in tables
-    with Image.open(os.path.join(out, "series.png")) as img:
+    with Image.open(os.path.join(out, "series", "planted", "series.png")) as img:
         assert img.size[0] == plots.SERIES_FIG_WIDTH and img.size[1] > plots.SERIES_FIG_HEIGHT
         pixels = np.asarray(img.convert("RGB"))
     plot = pixels[-plots.SERIES_FIG_HEIGHT:]
@@ -491,8 +503,9 @@ def test_a_folder_is_one_import_but_not_one_series(tmp_path, capsys):
     assert data_gen.main(["--suite", "series", "--input", str(folder), "--window", "100", "--out",
                           str(tmp_path / "o"), "--no-progress"]) == 2
     assert "same name 'a'" in capsys.readouterr().err
-    assert ev.main(["--model", "baseline:empty", "--series", str(folder), "--out", str(tmp_path / "e")]) == 2
-    assert "--series takes one file" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert ev.main(["--model", "baseline:empty", "--series", str(folder), "--window", "100", "--out",
+                    str(tmp_path / "e")]) == 2
+    assert "same name 'a'" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import train
 from tests.planted import make_genuine_older_format, make_malicious_older_format, payload, plant_pickles
-from timerpo.checkpoint import latest_checkpoint
+from timerpo.checkpoint import latest_checkpoint, load_trainer_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"time_rollout", "time_forward", "time_grounding", "time_update", "time_step", "tokens_per_s"}
@@ -46,6 +47,9 @@ def test_short_run_writes_logs_curves_and_checkpoints(full_run):
         assert key in rows[0], key
     evals = read_jsonl(full_run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3]  # start of RL, every 2 steps, and the end
+    for key in ("avg_group_f1", "loc_gain", "class_window_avg_f1", "pw_f1_anomalous"):  # tests/test_eval.py: values
+        assert key in evals[0], key
+    assert evals[0]["loc_gain"] == pytest.approx(evals[0]["avg_group_f1"] - evals[0]["class_window_avg_f1"])
     assert (full_run / "curves.png").stat().st_size > 0
     assert latest_checkpoint(str(full_run)).endswith("ckpt-000003")
 
@@ -58,7 +62,18 @@ def cut_run(tiny_data, tmp_path_factory):
     return out / "cut"
 
 
+def checkpoint_tensors(run_dir, step) -> dict:
+    """The weights and the optimizer state (AdamW's moments and step counts) a checkpoint holds, by name."""
+    ckpt = os.path.join(run_dir, f"ckpt-{step:06d}")
+    model = load_file(os.path.join(ckpt, "model", "model.safetensors"))
+    optimizer = load_file(os.path.join(ckpt, "optimizer", "rank-00000.safetensors"))
+    return {**{f"model/{k}": v for k, v in model.items()}, **{f"optimizer/{k}": v for k, v in optimizer.items()}}
+
+
 def assert_resumed_exactly(run_dir, full_run):
+    """The step after the resume logs what the uninterrupted run logged, and leaves the same weights and
+    optimizer state: the logged numbers are all computed before the step's update, so a resume that lost
+    the optimizer's moments would log them unchanged."""
     resumed = read_jsonl(run_dir / "metrics.jsonl")
     straight = read_jsonl(full_run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3]
@@ -66,6 +81,10 @@ def assert_resumed_exactly(run_dir, full_run):
         if key in TIMING_KEYS or value is None or isinstance(value, bool):
             continue
         assert resumed[2][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    after, expected = checkpoint_tensors(run_dir, 3), checkpoint_tensors(full_run, 3)
+    assert after.keys() == expected.keys() and any(k.endswith("/exp_avg_sq") for k in after)
+    off = {k: (after[k] - expected[k]).abs().max().item() for k in after}
+    assert max(off.values()) <= 1e-7, {k: v for k, v in off.items() if v > 1e-7}
 
 
 def test_planted_payload_runs_code_when_unpickled(tmp_path):
@@ -109,31 +128,102 @@ def test_trusted_older_checkpoint_resumes_exactly(tiny_data, tmp_path, cut_run, 
     assert os.path.isfile(os.path.join(latest_checkpoint(str(tmp_path / "cut")), "trainer_state.json"))
 
 
+# Processes killed while writing checkpoint 3 into copies of the cut run, one at each stage of the write. The
+# checkpoint written is the uninterrupted run's (its model and optimizer loaded once, in the parent); each
+# write runs in a forked child that dies by os._exit, as a kill would: no cleanup, no finally blocks.
 KILL_SCRIPT = """
-import os, sys, torch
+import dataclasses, os, sys
+import torch
+torch.set_num_threads(1)  # no worker threads in the parent of forked children
 sys.path.insert(0, {root!r})
-from timerpo.tiny import build_tiny_policy
 import timerpo.checkpoint as ckpt
-pol = build_tiny_policy(0)
-opt = torch.optim.AdamW(pol.model.parameters())
-ckpt.save_checkpoint({run!r}, 1, pol, opt)
-def dying_save(*a, **k):
-    os._exit(9)  # the process dies mid-checkpoint: no cleanup, no finally blocks
-ckpt.save_trainer_state = dying_save  # the last file written before the rename
-ckpt.save_checkpoint({run!r}, 2, pol, opt)
+import train
+from timerpo.policy import load_policy
+
+config = train.parse_args({args!r})
+policy = load_policy(os.path.join({source!r}, "model"))
+optimizer = train.make_optimizer(policy, config)
+ckpt.restore_optimizer({source!r}, ckpt.load_trainer_state({source!r}), policy, optimizer)
+
+
+def die(*args, **kwargs):
+    os._exit(9)
+
+
+def then_die(write):
+    def run(*args, **kwargs):
+        write(*args, **kwargs)
+        os._exit(9)
+    return run
+
+
+def die_once_renamed_to(name):  # os.replace, dying right after it puts something at a path named `name`
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if os.path.basename(dst) == name:
+            os._exit(9)
+    return replace
+
+
+real_replace = os.replace
+KILLS = {{  # stage reached -> (module, function) replaced by one that dies there
+    "model written": (os, "replace", die_once_renamed_to("model")),  # the model folder is in place
+    "optimizer written": (ckpt, "save_trainer_state", die),
+    "trainer state written": (ckpt, "save_trainer_state", then_die(ckpt.save_trainer_state)),
+    "renamed": (os, "replace", die_once_renamed_to("ckpt-000003")),
+    "latest updated": (os, "replace", die_once_renamed_to("latest")),
+}}
+for stage, run_dir in {runs!r}.items():
+    pid = os.fork()
+    if pid == 0:
+        setattr(*KILLS[stage])
+        ckpt.save_checkpoint(run_dir, 3, policy, optimizer, extra={{"args": dataclasses.asdict(config)}})
+        os._exit(0)
+    print(stage, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
+KILL_STAGES = ["model written", "optimizer written", "trainer state written", "renamed", "latest updated"]
 
 
-def test_kill_during_checkpoint_keeps_previous_loadable(tmp_path):
-    run = str(tmp_path / "run")
-    os.makedirs(run)
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, run=run)], capture_output=True)
-    assert proc.returncode == 9
-    latest = latest_checkpoint(run)
-    assert latest.endswith("ckpt-000001")
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(latest, "model"))
-    assert sum(p.numel() for p in model.parameters()) > 0
+@pytest.fixture(scope="module")
+def killed_runs(tiny_data, cut_run, full_run, tmp_path_factory):
+    """{stage: copy of the cut run (2 of 3 steps) whose checkpoint-3 write was killed at that stage}."""
+    out = tmp_path_factory.mktemp("killed")
+    runs = {stage: str(out / stage.replace(" ", "-") / "cut") for stage in KILL_STAGES}
+    for run in runs.values():
+        shutil.copytree(cut_run, run)
+    script = KILL_SCRIPT.format(root=ROOT, args=small_args(tiny_data, out, "cut", 3),
+                                source=str(full_run / "ckpt-000003"), runs=runs)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:-1] == [f"{stage} 9" for stage in KILL_STAGES], proc.stdout
+    return {stage: out / stage.replace(" ", "-") / "cut" for stage in KILL_STAGES}
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_kill_at_any_stage_of_a_checkpoint_leaves_latest_on_a_complete_one(killed_runs, cut_run, full_run, stage):
+    """`latest` names checkpoint 2 until checkpoint 3 is renamed into place and `latest` rewritten, then 3;
+    what it names is complete and intact (the tensors of the run it was copied from), and it is what
+    --resume loads (latest_checkpoint)."""
+    run = killed_runs[stage]
+    step = 3 if stage == "latest updated" else 2
+    named = (run / "latest").read_text().strip()
+    assert named == f"ckpt-{step:06d}"
+    assert latest_checkpoint(str(run)) == str(run / named)
+    assert load_trainer_state(str(run / named))["step"] == step
+    for name in ("model/config.json", "optimizer/index.json"):
+        assert (run / named / name).is_file(), name
+    tensors, source = checkpoint_tensors(run, step), checkpoint_tensors(cut_run if step == 2 else full_run, step)
+    assert tensors.keys() == source.keys() and all(torch.equal(tensors[k], source[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("stage", ["trainer state written", "renamed"])
+def test_resume_after_a_killed_checkpoint_continues_exactly(tiny_data, killed_runs, full_run, stage):
+    """--resume after the kill redoes step 3 from checkpoint 2 and ends where the uninterrupted run did: with
+    a complete checkpoint 3 left unrenamed in a temporary folder, and with one renamed into place that
+    `latest` does not name yet (overwritten by the redone step's)."""
+    run = killed_runs[stage]
+    assert train.main(small_args(tiny_data, run.parent, "cut", 3, ["--resume", "--eval-samples", "1"])) == 0
+    assert_resumed_exactly(run, full_run)
 
 
 def test_bad_flag_is_rejected_clearly(capsys):
@@ -155,3 +245,24 @@ def test_saved_checkpoint_loads_and_trains_again(tiny_data, tmp_path, full_run):
         os.path.join(latest_checkpoint(str(tmp_path / "again")), "model"))
     moved = any(not torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
     assert moved
+
+
+def test_training_data_of_an_older_expcot_is_recomputed(tiny_data, tmp_path, capsys):
+    import data_gen
+
+    folder = str(tmp_path / "old")
+    shutil.copytree(tiny_data, folder)
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**manifest, "expcot_version": "1"}, fh)
+    current = data_gen.load_samples(tiny_data)
+    rows = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
+    with open(os.path.join(folder, "samples.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({**r, "expcot": r["expcot"] + " (old text)"}) + "\n" for r in rows)
+    fresh = train.ensure_data(folder, 11, False)
+    assert "holds ExpCoT version 1" in capsys.readouterr().err
+    assert [s.expcot for s in fresh] == [s.expcot for s in current]
+    held_out = train.ensure_data(folder, 11, False, expcot=False)  # never grounded: left as stored
+    assert all(s.expcot.endswith(" (old text)") for s in held_out)

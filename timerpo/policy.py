@@ -66,6 +66,12 @@ class Policy:
     # keeps its preallocated KV cache between calls when it is compiled.
     compile_decode: bool = False
     decoder: object | None = None
+    # LoRA (timerpo/lora.py): the peft wrapper of `model`, whose adapter layers sit inside `model` itself
+    # (None: full fine-tuning).
+    adapters: object | None = None
+    # Where forwards run when the weights live elsewhere (FSDP's CPU offload keeps them in host memory);
+    # None: where the weights are.
+    compute_device: torch.device | None = None
 
     @property
     def sampler(self) -> torch.nn.Module:
@@ -94,7 +100,8 @@ class Policy:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the compute device, which is the weights' own unless they are offloaded."""
+        return self.compute_device or next(self.model.parameters()).device
 
 
 @dataclass
@@ -234,7 +241,8 @@ def find_model(name: str) -> str:
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Policy:
-    """Load `tiny` (built here, no download), a short name, a hub id from the local cache, or a folder.
+    """Load `tiny` (built here, no download), a short name, a hub id from the local cache, a model folder, or
+    a folder of LoRA adapters (its base model with the adapters merged in: timerpo/lora.py).
 
     Never touches the network: find_model locates the weights first and raises ModelNotFound with one
     sentence when they are not here. Weights load from safetensors only. With a low-precision `dtype` the
@@ -242,6 +250,10 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     project makes (timerpo/precision.py).
     """
     path = find_model(name)
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):  # LoRA adapters: their base with them merged in
+        from timerpo.lora import load_merged
+
+        return _to(load_merged(path, device=device, seed=seed), dtype, device)
     if path == "tiny":
         from timerpo.tiny import build_tiny_policy
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 # The six class labels, five anomaly types then "normal" (method.md §1); data_gen.py and expert_cot.py use these.
 LABELS = ("global point", "contextual point", "seasonal", "trend", "shapelet", "normal")
 ANOMALY_LABELS = LABELS[:-1]
+# The truth-side class of a labelled anomaly in a real series, whose type nobody labelled: never an answer,
+# and its class term is left out of the reward (reward.py).
+UNKNOWN = "unknown"
 
 # Short answers the model may give for a label (method.md §2).
 _LABEL_ALIASES = {"contextual": "contextual point", "global": "global point"}
