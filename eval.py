@@ -82,7 +82,7 @@ from timerpo.evaluate import (ANY_ANOMALY, Prediction, class_window, jsonable, m
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
-from timerpo.policy import ModelNotFound
+from timerpo.policy import ModelNotFound, find_model
 from timerpo.progress import progress_bar, quiet_library_bars
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
@@ -684,6 +684,12 @@ def detector_kind(files: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_model(args) -> None:
+    """Raise ModelNotFound at once when --model names no weights on this machine (before any data is read)."""
+    if not baseline_name(args.model):
+        find_model(resolve_model(args.model))
+
+
 def load_model(args):
     """The policy of --model on --device, None for a baseline; raises ModelNotFound."""
     if baseline_name(args.model):
@@ -728,6 +734,11 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_model(args)
+    except ModelNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.no_progress:
         quiet_library_bars()
     if args.series is not None:

@@ -48,7 +48,7 @@ from timerpo.files import png_bytes, write_atomic
 from timerpo.lora import DEFAULT_TARGETS, adapters_disabled
 from timerpo.optim import BF16AdamW
 from timerpo.plots import draw_gallery, gallery_picks, training_curves
-from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
+from timerpo.policy import ModelNotFound, Policy, find_model, load_policy, save_policy
 from timerpo.precision import DTYPES, default_dtype, enable_tf32
 from timerpo.progress import is_terminal, progress_bar, quiet_library_bars
 from timerpo.reward import LOC_MODES
@@ -115,7 +115,8 @@ class Config:
                                      "rollout and reference weights) | fp32 (default: bf16 on CUDA, fp32 on CPU)",
                                choices=tuple(DTYPES))
     compile: str = option("auto", "torch.compile the rollout's decode step (CUDA graphs on GPU): auto = on for CUDA "
-                                  "without FSDP, off on CPU, where compiling costs more than it saves on short runs",
+                                  "without FSDP, off on CPU, where compiling costs more than it saves on short runs; "
+                                  "if compiling fails, sampling goes on in eager mode with a one-line note",
                           choices=("auto", "on", "off"))
     # -- fitting one GPU (docs/memory.md); the paper's run is full fine-tuning with fp32 master weights
     offload: bool = option(False, "the paper's exact run on one 80 GB GPU: FSDP2 keeps the fp32 weights, gradients "
@@ -432,18 +433,21 @@ def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> 
 
 
 class Timer:
-    """Accumulates wall seconds per named phase: `with timer("rollout"): ...`."""
+    """Accumulates wall seconds per named phase: `with timer("rollout"): ...`; also this process's CPU seconds
+    (`cpu_seconds`), which a benchmark on a shared machine can trust more than wall time."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
 
 
 def step_columns(episodes, adv) -> dict[str, np.ndarray]:
@@ -1027,6 +1031,10 @@ def usage_error(err: Exception) -> int:
 def train(config: Config, dist: Dist, resume: Resume | None = None) -> int:
     """The run: one process, or one rank of a torchrun job (then rank 0 alone writes and prints). `resume`:
     the checkpoint it continues from (resume_settings), None for a new run (check_new_run_folder)."""
+    try:
+        find_model(config.model)  # a missing or misspelt --model ends the run before anything is generated
+    except ModelNotFound as err:
+        return usage_error(err)
     torch.manual_seed(config.seed)
     enable_tf32(config.device)
     run_dir = os.path.join(config.out, config.name)
@@ -1128,6 +1136,20 @@ def prepare(parser: argparse.ArgumentParser, given: dict) -> tuple[Config, Resum
     return config, resume
 
 
+def train_or_clean_up(config: Config, dist: Dist, resume: Resume | None) -> int:
+    """train(); when it fails before its first step is logged, the run folder it created is removed, so that a
+    failed start leaves nothing behind. A folder that existed before (a resumed run) is never removed."""
+    run_dir = os.path.join(config.out, config.name)
+    existed, code = os.path.exists(run_dir), 1
+    try:
+        code = train(config, dist, resume)
+    finally:
+        stepped = os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+        if code != 0 and dist.is_main and not existed and not stepped:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return code
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -1137,9 +1159,9 @@ def main(argv=None) -> int:
         return usage_error(err)
     config.device = dist.device
     if not dist.initialized:
-        return train(config, dist, resume)
+        return train_or_clean_up(config, dist, resume)
     with fail_fast(dist):  # under torchrun: a rank that raises ends the job at once, with one clear line
-        code = train(config, dist, resume)
+        code = train_or_clean_up(config, dist, resume)
         dist.close()
     return code
 

@@ -24,12 +24,16 @@ from timerpo.policy import load_policy, save_policy  # noqa: E402
 @dataclass
 class StepRecord:
     """One RL step as a benchmark sees it: wall seconds (everything from picking the prompts to the
-    optimizer step), mean outcome reward, completion tokens sampled over `completions` completions, and per-phase seconds when known."""
+    optimizer step), mean outcome reward, completion tokens sampled over `completions` completions, and per-phase seconds when known.
+    `cpu` and `cpu_phases`: the same in CPU seconds of this process, which other processes on a shared machine
+    inflate far less than wall time."""
     wall: float
     reward: float
     tokens: int
     completions: int
     phases: dict[str, float] = field(default_factory=dict)
+    cpu: float = 0.0
+    cpu_phases: dict[str, float] = field(default_factory=dict)
 
 
 def tiny_flags() -> list[str]:
@@ -76,17 +80,18 @@ class OurLoop:
         self.step = 0
 
     def run_step(self) -> StepRecord:
-        a, t0 = self.args, time.perf_counter()
+        a, t0, c0 = self.args, time.perf_counter(), time.process_time()
         indices = train.step_prompt_indices(len(self.samples), a.prompts_per_step, self.step, a.seed)
         prompts = [make_prompt(self.policy, a.data, self.samples, i, a.cot) for i in indices]
         episodes, _, _, timer = train.rl_step(self.policy, self.ref, self.optimizer, prompts, self.step, a)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.step += 1
-        phases = dict(timer.seconds)
+        phases, cpu_phases = dict(timer.seconds), dict(timer.cpu_seconds)
         phases["other"] = wall - sum(phases.values())  # prompt building, scoring, advantages
+        cpu_phases["other"] = cpu - sum(cpu_phases.values())
         return StepRecord(wall=wall, reward=sum(ep.reward.total for ep in episodes) / len(episodes),
                           tokens=sum(len(ep.completion_ids) for ep in episodes), completions=len(episodes),
-                          phases=phases)
+                          phases=phases, cpu=cpu, cpu_phases=cpu_phases)
 
 
 def step_bench_parser(doc: str, sides: str, results_name: str) -> argparse.ArgumentParser:
@@ -105,6 +110,14 @@ def step_bench_parser(doc: str, sides: str, results_name: str) -> argparse.Argum
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", results_name),
                    help="where the json goes")
     return p
+
+
+def machine_load() -> dict:
+    """The machine as a benchmark found it: CPU count and the 1/5/15-minute load averages. A load average above
+    the CPU count means other processes competed for the cores, so wall times are inflated (CPU times less)."""
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()
+    return {"cpus": cpus, "loadavg": [round(x, 2) for x in load], "under_load": load[0] > 0.75 * cpus}
 
 
 def peak_rss_mb() -> float:

@@ -26,14 +26,19 @@ def test_bench_step_smoke(tiny_data, tmp_path):
     out = tmp_path / "step.json"
     run_script(["bench/bench_step.py", "--reps", "1", "--steps", "2", "--warmup-steps", "1", "--warmup-vision-steps", "1", "--data", tiny_data,
                 "--cache", str(tmp_path), "--results", str(out)])
-    prof = json.loads(out.read_text())["profile"]
+    report = json.loads(out.read_text())
+    prof = report["profile"]
     assert set(prof) == {"timerpo", "grpo"}
     for mode, p in prof.items():
         assert p["steps"] == 1  # the first step of the repetition is left out
-        phases = sum(p[f"{ph}_s"] for ph in ("rollout", "forward", "grounding", "update", "other"))
-        assert math.isclose(phases, p["step_s"], rel_tol=1e-6)  # the phases account for the whole step
+        for key in ("", "_cpu"):  # wall and CPU seconds: the phases account for the whole step
+            phases = sum(p[f"{ph}{key}_s"] for ph in ("rollout", "forward", "grounding", "update", "other"))
+            assert math.isclose(phases, p[f"step{key}_s"], rel_tol=1e-6)
+        assert 0 < p["step_cpu_s"]
         assert 1 <= p["completion_tokens"] <= 72
     assert prof["timerpo"]["grounding_s"] > 0 and prof["grpo"]["grounding_s"] == 0
+    assert report["extra_cost_cpu"]["step_ratio"] > 0 and isinstance(report["machine"]["under_load"], bool)
+    assert len(report["machine"]["before"]["loadavg"]) == 3
 
 
 def test_bench_trl_smoke(tiny_data, tmp_path):

@@ -243,6 +243,45 @@ def test_batch_equals_loop_and_padded_equals_unpadded(eps):
             assert (plan[k, nk:, :] == 0).all() and (plan[k, :, mk:] == 0).all()
 
 
+def masked_scaling_iterates(cost, a, b, eps, n_iter):
+    """sinkhorn_fast's iterates written the plain way: padded scalings 0 and masked out of a log-based range
+    check, -C/eps and K built out of place. The oracle of the next test."""
+    rows, cols = a > 0, b > 0
+    neg_c = torch.where(rows[:, :, None] & cols[:, None, :], cost / -eps, -math.inf)
+    lf, lg = ot._log_domain_step(neg_c, a.log(), b.log(), torch.zeros_like(a), rows, cols)
+    kernel = torch.exp(neg_c + lf[:, :, None] + lg[:, None, :])
+    u, v = rows.double(), cols.double()
+    for _ in range(n_iter - 1):
+        v_new = torch.where(cols, b / (u[:, None, :] @ kernel).squeeze(1), 0.0)
+        u_new = torch.where(rows, a / (kernel @ v_new[:, :, None]).squeeze(2), 0.0)
+        if all(bool(((s.log().abs() <= 100) | ~mask).all()) for s, mask in ((u_new, rows), (v_new, cols))):
+            u, v = u_new, v_new
+            continue
+        lf = torch.where(rows, lf + u.log(), -math.inf)
+        lg = torch.where(cols, lg + v.log(), -math.inf)
+        lf, lg = ot._log_domain_step(neg_c, a.log(), b.log(), lf, rows, cols)
+        kernel = torch.exp(neg_c + lf[:, :, None] + lg[:, None, :])
+        u, v = rows.double(), cols.double()
+    return kernel * u[:, :, None] * v[:, None, :]
+
+
+@pytest.mark.parametrize("eps", [0.08, 0.003])
+def test_fast_iterates_are_bit_for_bit_the_plain_loop(eps):
+    """sinkhorn_fast keeps padded scalings at 1 (unmasked range check) and builds its [b, n, m] tensors in place:
+    the plan must be the same bits as the plain formulation's, padding and log-domain redos included."""
+    g = torch.Generator().manual_seed(3)
+    B, n, m = 6, 40, 90
+    cost = 2 * torch.rand(B, n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(B, n, generator=g, dtype=torch.float64) * (torch.arange(n) < torch.tensor([40, 31, 7, 1, 25, 40])[:, None])
+    b = torch.rand(B, m, generator=g, dtype=torch.float64) * (torch.arange(m) < torch.tensor([90, 12, 60, 3, 90, 47])[:, None])
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    cost[0, :2, :2], a[0, :2], b[0, :2] = t64(DETOUR[0]), t64(DETOUR[1]), t64(DETOUR[2])  # forces log steps
+    a[0, 2:], b[0, 2:] = 0.0, 0.0
+    res = ot.sinkhorn_fast(cost, a, b, eps, 60)
+    assert (res.log_steps > 1) == (eps < 0.01)
+    assert torch.equal(res.plan, masked_scaling_iterates(cost, a, b, eps, 60))
+
+
 def test_cpu_blocks_give_the_same_result(monkeypatch):
     # Large problems are solved in blocks of the batch on CPU; force one problem per block on small ones.
     g = torch.Generator().manual_seed(16)
@@ -260,6 +299,34 @@ def test_cpu_blocks_give_the_same_result(monkeypatch):
     C[4, 2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"cost\[4, 2, 5\]"):  # the index is the batch's, not the block's
         ot.sinkhorn_fast(C, a, b, 0.05, 10)
+
+
+@pytest.mark.parametrize("n_problems", [0, 1, 2, 3, 7, 20, 23])
+@pytest.mark.parametrize("problem_bytes", [100, 290_000, 1_500_000, 3 << 20])
+def test_cpu_blocks_cover_the_batch_evenly_and_never_leave_one_problem_alone(n_problems, problem_bytes):
+    blocks = ot._cpu_blocks(n_problems, problem_bytes)
+    assert [i for b in blocks for i in range(b.start, b.stop)] == list(range(n_problems))
+    sizes = [b.stop - b.start for b in blocks]
+    assert not sizes or max(sizes) - min(sizes) <= 1
+    if problem_bytes <= ot._CPU_BLOCK_BYTES and n_problems >= 2:
+        assert min(sizes) >= 2  # the batched kernel on every problem
+    fit = max(1, ot._CPU_BLOCK_BYTES // problem_bytes)
+    assert all(s <= max(fit, 3) for s in sizes)  # about the budget: over it only to pair problems up
+
+
+def test_blocks_of_two_or_more_give_the_same_bits_as_one_block(monkeypatch):
+    """At the tiny preset's sizes (20 completions x 66 tokens against ExpCoTs of up to 344 tokens) the batch is cut
+    in two: every problem's plan is the same bits as when the whole batch is one block."""
+    g = torch.Generator().manual_seed(4)
+    B, n, m = 20, 66, 344
+    cost = 2 * torch.rand(B, n, m, generator=g, dtype=torch.float64)
+    a = torch.softmax(torch.randn(B, n, generator=g, dtype=torch.float64), -1)
+    b = torch.softmax(torch.randn(B, m, generator=g, dtype=torch.float64), -1)
+    assert len(ot._cpu_blocks(B, 8 * n * m)) == 2
+    cut = ot.sinkhorn_fast(cost, a, b, 0.08, 50)
+    monkeypatch.setattr(ot, "_CPU_BLOCK_BYTES", 1 << 40)
+    whole = ot.sinkhorn_fast(cost, a, b, 0.08, 50)
+    assert torch.equal(cut.plan, whole.plan) and torch.equal(cut.marginal_err, whole.marginal_err)
 
 
 def test_empty_problem_gives_zero_plan():

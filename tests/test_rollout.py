@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from timerpo import rollout
 from timerpo.policy import encode_prompt
 from timerpo.rollout import collate, completion_forward, completion_seed, cut_at_end, sample_completions
 
@@ -183,6 +184,24 @@ def test_update_forward_encodes_each_image_once_with_the_same_gradient(tiny_poli
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
 
 
+def test_text_states_without_padding_mask_are_the_padded_forwards_bits(tiny_policy):
+    """text_hidden_states (the ExpCoT states) runs right-padded texts under the causal mask alone: on real tokens
+    that is the same computation as with the padding mask, to the bit, and cheaper."""
+    from timerpo.rollout import text_hidden_states
+
+    g = torch.Generator().manual_seed(2)
+    tokens = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (5, 150, 37, 301, 64)]
+    states, mask = text_hidden_states(tiny_policy, tokens)  # [B, T, D], [B, T]
+    with torch.no_grad():
+        ids = torch.full(mask.shape, tiny_policy.pad_id)
+        for i, t in enumerate(tokens):
+            ids[i, :len(t)] = torch.tensor(t)
+        padded = tiny_policy.model.model.language_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert mask.sum(1).tolist() == [len(t) for t in tokens]
+    for i, t in enumerate(tokens):
+        assert torch.equal(states[i, :len(t)], padded[i, :len(t)])
+
+
 # -- compiled decode step --------------------------------------------------------------------------------
 
 def test_compiled_decode_step_samples_what_the_eager_one_does(tiny_policy, prompts):
@@ -202,6 +221,42 @@ def test_compiled_decode_step_samples_what_the_eager_one_does(tiny_policy, promp
         assert (st_c - st_e).abs().max() <= 1e-4 * st_e.abs().max()
     again = sample_completions(pol, rows, seeds, max_new_tokens=10)  # reuses the kept decoder and its graph
     assert [ids for ids, _ in again] == [ids for ids, _, _ in eager]
+
+
+def fails_when_called(*args, **kwargs):
+    raise RuntimeError("injected: no working compiler here")
+
+
+def runs_then_fails(*args, **kwargs):
+    """A compiled step that gets part-way (the cache written and advanced) before it fails."""
+    rollout.decode_forward(*args, **kwargs)
+    raise RuntimeError("injected: CUDA graph capture failed")
+
+
+@pytest.mark.parametrize("failure", ["torch.compile raises", "first call raises", "call fails part-way"])
+def test_a_failing_compile_falls_back_to_eager_with_one_line(failure, end_biased, prompts, monkeypatch, capsys):
+    """An optimization never ends a run: whatever way compiling fails, sampling goes on eagerly, gives the eager
+    step's tokens, log-probs and states, says so once in one line, and does not try again."""
+    if failure == "torch.compile raises":
+        monkeypatch.setattr(torch, "compile", fails_when_called)
+    else:
+        broken = fails_when_called if failure == "first call raises" else runs_then_fails
+        monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    pol = copy.copy(end_biased)
+    pol.compile_decode, pol.decoder = True, None
+    rows = [prompts[k] for k in (0, 1, 1, 2)]
+    seeds = [completion_seed(8, 3, k, j) for j, k in enumerate((0, 1, 1, 2))]
+    eager = sample_completions(end_biased, rows, seeds, max_new_tokens=10, with_states=True)
+    capsys.readouterr()
+    fell_back = sample_completions(pol, rows, seeds, max_new_tokens=10, with_states=True)
+    for (ids_e, lp_e, st_e), (ids_f, lp_f, st_f) in zip(eager, fell_back):
+        assert ids_f == ids_e  # float rounding only: the kept decoder's cache is longer (rounded up to 256)
+        assert max(abs(a - b) for a, b in zip(lp_f, lp_e)) <= 1e-5 and torch.allclose(st_f, st_e, atol=1e-5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[compile]") and "eager mode" in err[0] and "injected" in err[0]
+    again = sample_completions(pol, rows, seeds, max_new_tokens=10)
+    assert [ids for ids, _ in again] == [ids for ids, _, _ in eager]
+    assert not pol.compile_decode and capsys.readouterr().err == ""  # no second attempt, no second line
 
 
 def test_rollout_batch_for_memory_counts_kv_bytes():

@@ -97,13 +97,13 @@ def load_model(model: str, device: str | None = None, dtype: str | None = None, 
     import torch
 
     from timerpo.policy import load_policy
-    from timerpo.precision import DTYPES, cast_parameters, default_dtype, enable_tf32
+    from timerpo.precision import DTYPES, default_dtype, enable_tf32
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_policy(resolve_model(model), device=device, seed=seed)
     # Answering never updates the weights: bf16 means bf16 weights outright (buffers stay fp32), and on CUDA
     # the decode step is compiled, as in train.py's rollouts.
-    cast_parameters(policy.model, DTYPES[dtype or default_dtype(device)])
+    policy = load_policy(resolve_model(model), dtype=DTYPES[dtype or default_dtype(device)], device=device,
+                         seed=seed)
     enable_tf32(device)
     policy.compile_decode = device.startswith("cuda")
     return policy

@@ -12,8 +12,10 @@ Chat layout of one prompt (the Qwen2.5-VL template, one image, N = image tokens)
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForCo
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from timerpo.files import make_temp_dir, replace_dir, set_usual_modes
+from timerpo.precision import cast_parameters
 
 HUB_IDS = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -162,50 +165,113 @@ def encode_text(policy: Policy, text: str, max_tokens: int) -> list[int]:
 # loading and saving
 
 
-def resolve_model_path(name: str) -> str:
-    """Map a short name to its hub id; anything else is a hub id or a local folder as given."""
-    return HUB_IDS.get(name, name)
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def squashed(name: str) -> str:
+    """A model name without case, dashes, underscores, dots or spaces: 'Qwen2.5-VL-3B' -> 'qwen25vl3b'."""
+    return re.sub(r"[-_.\s]", "", name.lower())
+
+
+def closest_known_model(name: str) -> str | None:
+    """The known name (tiny, a short name, a hub id) that `name` most nearly spells, or None.
+
+    Near misses are case, a missing or extra dash or dot, a dropped or wrong size letter:
+    'qwen2.5vl-3b', 'Qwen2.5-VL-3B' and 'qwen2.5-vl-3' all give 'qwen2.5-vl-3b'.
+    """
+    known = {squashed(k): k for k in ("tiny", *HUB_IDS, *HUB_IDS.values())}
+    match = difflib.get_close_matches(squashed(name), list(known), n=1, cutoff=0.75)
+    return known[match[0]] if match else None
+
+
+def looks_like_folder(name: str) -> bool:
+    """A path, not a hub id: an existing folder, or a path that cannot be an 'org/name' id."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".")
+    return os.path.isdir(name) or (not hub_id and (os.path.sep in name or name.startswith(".")))
+
+
+def check_weights_folder(folder: str) -> str:
+    """`folder` if it holds a saved model (config.json and safetensors weights), else ModelNotFound."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ModelNotFound(f"No model folder at '{folder}' (expected a config.json from save_pretrained there).")
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in SAFETENSORS_FILES):
+        # pickled weights (pytorch_model.bin) are never loaded: unpickling a file from a shared folder can run code
+        raise ModelNotFound(f"'{folder}' has no file named model.safetensors (or model.safetensors.index.json); "
+                            f"weights load from safetensors only, never from pickles.")
+    return folder
+
+
+def cached_snapshot(hub_id: str) -> str | None:
+    """The local Hugging Face cache's folder of `hub_id` (its main revision) when config.json is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(hub_id, "config.json")
+    except ValueError:  # not a valid repository id
+        return None
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def find_model(name: str) -> str:
+    """Where the weights of --model `name` are on this machine, found without loading them or the network.
+
+    'tiny' stays 'tiny' (built in memory); a folder of LoRA adapters is passed on as it is. A model folder must
+    hold config.json and safetensors weights. A short name (qwen2.5-vl-3b) or any other name is looked up in
+    the local Hugging Face cache, as a hub id. Raises ModelNotFound with one sentence: how to fetch known weights, or the known name a near miss meant.
+    """
+    if name == "tiny":
+        return name
+    if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):  # LoRA adapters: their loader finds their base
+        return name
+    if looks_like_folder(name):
+        return check_weights_folder(name)
+    hub_id = HUB_IDS.get(name, name)
+    snapshot = cached_snapshot(hub_id)
+    if snapshot is not None:
+        return check_weights_folder(snapshot)
+    if hub_id in HUB_IDS.values():
+        raise ModelNotFound(f"The weights of '{hub_id}' are not on this machine; fetch them once with "
+                            f"`hf download {hub_id}` (or pass --model /path/to/a/local/folder).")
+    known = f"tiny, {', '.join(HUB_IDS)}, a model folder, or a hub id in the local Hugging Face cache"
+    guess = closest_known_model(name)
+    if guess is not None:
+        raise ModelNotFound(f"Unknown model '{name}': did you mean {guess}? (--model takes {known})")
+    raise ModelNotFound(f"Unknown model '{name}': neither a model folder nor in the local Hugging Face cache "
+                        f"(--model takes {known}; fetch a hub model once with `hf download {name}`).")
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Policy:
     """Load `tiny` (built here, no download), a short name, a hub id from the local cache, a model folder, or
     a folder of LoRA adapters (its base model with the adapters merged in: timerpo/lora.py).
 
-    Never touches the network: hub ids must already be in the local Hugging Face cache. When they are
-    not, raise ModelNotFound with one sentence that says how to get them. Weights load from safetensors
-    only: a folder holding pickled weights (pytorch_model.bin) is refused, since unpickling a file from a
-    shared run folder could run code.
+    Never touches the network: find_model locates the weights first and raises ModelNotFound with one
+    sentence when they are not here. Weights load from safetensors only. With a low-precision `dtype` the
+    parameters take it and the buffers (rotary inverse frequencies) stay fp32, as in every bf16 model the
+    project makes (timerpo/precision.py).
     """
-    if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):  # LoRA adapters: their base with them merged in
+    path = find_model(name)
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):  # LoRA adapters: their base with them merged in
         from timerpo.lora import load_merged
 
-        return _to(load_merged(name, device=device, seed=seed), dtype, device)
-    if name == "tiny":
+        return _to(load_merged(path, device=device, seed=seed), dtype, device)
+    if path == "tiny":
         from timerpo.tiny import build_tiny_policy
 
         return _to(build_tiny_policy(seed=seed), dtype, device)
-    path = resolve_model_path(name)
-    looks_local = os.path.sep in name or name.startswith(".") or os.path.isdir(name)
-    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelNotFound(f"No model folder at '{path}' (expected a config.json from save_pretrained there).")
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                                    use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        if looks_local:
-            raise ModelNotFound(f"Could not load the model folder '{path}': {err}") from None
-        raise ModelNotFound(
-            f"The weights of '{path}' are not on this machine; fetch them once with "
-            f"`huggingface-cli download {path}` (or pass --model /path/to/a/local/folder)."
-        ) from None
-    stats = saved_image_stats(path) if os.path.isdir(path) else {}
-    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(**stats), name=name)
+        raise ModelNotFound(f"Could not load the model folder '{path}': {err}") from None
+    policy = Policy(model=model, tokenizer=tokenizer, image_processor=make_image_processor(**saved_image_stats(path)),
+                    name=name)
     return _to(policy, dtype, device)
 
 
 def _to(policy: Policy, dtype: torch.dtype, device: str) -> Policy:
-    policy.model.to(device=device, dtype=dtype)
+    """Move to `device`; cast the parameters, not the buffers, to `dtype`."""
+    cast_parameters(policy.model.to(device=device), dtype)
     return policy
 
 

@@ -17,15 +17,18 @@ How a batch of completions is sampled (sample_completions), in order:
                   on [b, 1] tokens, which also gives the last-layer state TimerPO keeps);
   4. compact      when enough rows have finished, the unfinished ones are copied to the front of the cache and
                   the step runs on fewer rows (b, b/2, b/4, b/8: few shapes, so a compiled step stays few graphs).
-The decode step can be compiled (`policy.compile_decode`; CUDA graphs on a GPU).
+The decode step can be compiled (`policy.compile_decode`; CUDA graphs on a GPU). If compiling or capturing
+fails on the user's machine, sampling goes on with the eager step and says so in one line (Decoder.fall_back).
 """
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from transformers import StaticCache
 
 from timerpo.policy import EncodedPrompt, Policy
@@ -270,8 +273,11 @@ def text_hidden_states(policy: Policy, token_lists: list[list[int]]) -> tuple[to
         mask[i, :len(tokens)] = 1
     ids, mask = ids.to(policy.device), mask.to(policy.device)
     # Text only: 1-D positions are the right ones (no image, so mrope's three axes coincide). The text model
-    # alone: no LM head at all (its output is the final norm's, the state the OT needs).
-    out = policy.sampler.model.language_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    # alone: no LM head at all (its output is the final norm's, the state the OT needs). No padding mask: the
+    # padding is on the right, so under the causal mask alone a real token never sees it, and attention skips
+    # the blocks above the diagonal (the same bits on real tokens as with the padding mask, tested; the states
+    # of pad tokens differ and are masked out by the caller).
+    out = policy.sampler.model.language_model(input_ids=ids, use_cache=False)
     return out.last_hidden_state, mask  # [B, T, D], [B, T]
 
 
@@ -358,7 +364,17 @@ class Decoder:
         self.step_fn = decode_forward
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self.step_fn = torch.compile(decode_forward, mode=mode, dynamic=False)
+            try:
+                self.step_fn = torch.compile(decode_forward, mode=mode, dynamic=False)
+            except Exception as err:  # noqa: BLE001  (an optimization never ends a run)
+                self.fall_back(err)
+
+    def fall_back(self, err: Exception) -> None:
+        """Run the decode step eagerly from now on, and say so in one line."""
+        self.compiled, self.step_fn = False, decode_forward
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        tqdm.write(f"[compile] the compiled decode step failed ({type(err).__name__}: {reason}); sampling goes on "
+                   f"in eager mode (the same numbers, slower; --compile off skips the attempt)", file=sys.stderr)
 
     def fits(self, model: torch.nn.Module, rows: int, length: int) -> bool:
         return model is self.model and rows <= self.rows and length <= self.length
@@ -410,7 +426,15 @@ class Decoder:
         self.mask[:b, slot] = True
         mask = self.mask[:b, None, None, :]  # [b, 1, 1, L]
         positions = positions.view(1, b, 1).expand(3, b, 1)  # [3, b, 1]
-        return self.step_fn(self.model, cache, tokens.view(b, 1), positions, mask)
+        args = (self.model, cache, tokens.view(b, 1), positions, mask)
+        if not self.compiled:
+            return decode_forward(*args)
+        try:
+            return self.step_fn(*args)
+        except Exception as err:  # noqa: BLE001  compilation or CUDA-graph capture failed on this machine
+            self.fall_back(err)
+            self.set_length(cache, slot)  # undo the cache advance of a call that failed part-way
+            return decode_forward(*args)  # a real bug fails here again, and is raised
 
     @staticmethod
     def sizes(b: int) -> list[int]:
@@ -425,6 +449,8 @@ def decoder_for(policy: Policy, model: torch.nn.Module, pre: Prefill, rows: int,
     to a multiple of 256 tokens so that calls with slightly different prompt lengths share it.
     """
     kept = policy.decoder
+    if kept is not None and not kept.compiled:  # its compiled step failed (Decoder.fall_back): eager from now on
+        policy.compile_decode, policy.decoder, kept = False, None, None
     if kept is not None and kept.fits(model, rows, length):
         return kept
     if not policy.compile_decode:
