@@ -213,7 +213,8 @@ def tracker_class(fsdp: bool):
             super().__init__(*args)
             self.phase, self.host = "load", host
             self.peaks: dict[str, int] = {}
-            self.breakdown: dict[str, dict] = {}
+            self.breakdown: dict[str, dict] = {}  # bytes per category at each phase's peak
+            self.largest: dict[str, list] = {}  # the largest storages near each phase's peak
 
         def track_external(self, *external) -> None:
             """Count what exists before the tracker starts: modules' parameters and buffers, optimizers'
@@ -252,6 +253,9 @@ def tracker_class(fsdp: bool):
             phase = "optimizer" if self._in_opt else self.phase
             now = self.device_bytes()
             if now > self.peaks.get(phase, -1):
+                if now > self.peaks.get(phase, -1) + GiB // 4:  # the largest storages, now and then
+                    self.largest[phase] = sorted(((w.mem_consumed, str(getattr(w.reftype, "value", w.reftype)))
+                                                  for w, _ in self._WINFO.values()), reverse=True)[:8]
                 self.peaks[phase] = now
                 self.breakdown[phase] = {k: v for k, v in self.snapshot().items() if v}
 
@@ -482,6 +486,19 @@ def vision_attention_packed(qwen):
         yield
 
 
+@contextlib.contextmanager
+def cuda_rounding():
+    """MemTracker rounds a storage up to the CUDA caching allocator's 512-byte blocks only on CUDA devices; the
+    CPU stands for the GPU here, so round there too."""
+    from torch.distributed._tools import mem_tracker
+
+    def rounded(info) -> int:
+        return -(-info.size * info.element_size // 512) * 512
+
+    with patched(mem_tracker._WeakRefInfo, "_calculate_mem_consumed", rounded):
+        yield
+
+
 def tolist_of(mode: ShadowFakeMode):
     """FakeTensor.tolist: the known value in one call (the default reads it one element at a time), else
     zeros, counted in mode.blind like a `.item()` without a value."""
@@ -620,6 +637,7 @@ def trace(setting: Setting) -> dict:
                                     lambda self, *a, **k: on_values(mode, rope_index)(self, *a, **k)))
         stack.enter_context(patched(FakeTensor, "tolist", tolist_of(mode)))
         stack.enter_context(vision_attention_packed(qwen))
+        stack.enter_context(cuda_rounding())
         stack.enter_context(patched(torch, "compile", lambda fn, **_: fn))
         # every rank holds as many completion tokens as this one
         stack.enter_context(patched(Dist, "sum", lambda self, values: [float(v) * self.world_size for v in values]))
@@ -645,6 +663,9 @@ def trace(setting: Setting) -> dict:
             config.rollout_batch = given or auto[setting.card]
             optimizer = train.make_optimizer(policy, config)
         after_load = load.device_bytes()
+        # FSDP over the fake group: each rank's shard is 1/W of every parameter (padded to a multiple of W)
+        local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in policy.model.parameters())
+        shard_fraction = local / sum(p.numel() for p in policy.model.parameters())
         with mode:
             warm_state(policy, optimizer, config, prompt_len)
 
@@ -667,8 +688,9 @@ def trace(setting: Setting) -> dict:
         "command": setting.command, "rollout_batch": config.rollout_batch, "micro_batch": config.micro_batch,
         "completions_per_rank": len(prompts) * config.group_size, "max_new_tokens": config.max_new_tokens,
         "auto_rollout_batch": auto,
-        "peak": max(peaks.values()), "phases": peaks, "after_load": gib(after_load), "step_start": gib(at_start),
+        "peak": max(peaks.values()), "phases": peaks, "shard_fraction": round(shard_fraction, 5), "after_load": gib(after_load), "step_start": gib(at_start),
         "breakdown_at_peak": {k: {c: gib(v) for c, v in b.items()} for k, b in step.breakdown.items()},
+        "largest_at_peak": {k: [(gib(n), c) for n, c in v] for k, v in step.largest.items()},
         "blind_values": dict(mode.blind), "attention_ops": dict(mode.ops), "seconds": round(time.time() - t0),
         "method": "fake tensors, full depth",
     }
@@ -691,10 +713,12 @@ SLOPE_BATCH = 16  # a second rollout batch, to measure what one more row of the 
 MIN_ROLLOUT_BATCH = 8  # a per-card command samples at least this many completions at once
 
 
-def mode_setting(size: str, name: str, batch: int) -> Setting:
+def mode_setting(size: str, name: str, batch: int, micro_batch: int = 4) -> Setting:
+    """The setting of mode `name` at a rollout batch (at most the rank's completions) and micro-batch."""
     flags, gpus = next((f, g) for n, f, g in MODES if n == name)
     per_rank = 128 // gpus * 5  # the paper's 128 prompts x 5 completions per step, this rank's share
-    return Setting(size, flags + ["--rollout-batch", str(min(batch, per_rank))], gpus)
+    micro = ["--micro-batch", str(micro_batch)] if micro_batch != 4 else []
+    return Setting(size, flags + micro + ["--rollout-batch", str(min(batch, per_rank))], gpus)
 
 
 def available(setting: Setting) -> bool:
@@ -737,53 +761,76 @@ def find(results: dict, setting: Setting) -> dict | None:
     return next((r for r in results["traces"] if key(r) == key(setting)), None)
 
 
-def slope_pair(size: str, gpus: int) -> tuple[Setting, Setting]:
-    """The two traces whose difference gives what one more rollout-batch row costs in each phase: one process
-    (its compiled decoder keeps the KV buffers through the step), or FSDP (they live in the rollout only)."""
-    name = "full, ckpt" if gpus == 1 else "FSDP 8, ckpt"
-    return mode_setting(size, name, REFERENCE_BATCH), mode_setting(size, name, SLOPE_BATCH)
+def slope_pairs(size: str) -> dict[str, tuple[Setting, Setting]]:
+    """Pairs of traces that differ in one setting; their difference, per phase, is what one more unit of it
+    costs. rows/1: one more rollout-batch row in one process (whose compiled decoder keeps the KV buffers
+    through the step); rows/fsdp: the same under FSDP (the KV lives in the rollout only); micro: one more
+    completion per micro-batch (with checkpointing; it moves the grounding, reference and update phases)."""
+    return {"rows/1": (mode_setting(size, "full, ckpt", REFERENCE_BATCH), mode_setting(size, "full, ckpt", SLOPE_BATCH)),
+            "rows/fsdp": (mode_setting(size, "FSDP 8, ckpt", REFERENCE_BATCH),
+                          mode_setting(size, "FSDP 8, ckpt", SLOPE_BATCH)),
+            "micro": (mode_setting(size, "full, ckpt", REFERENCE_BATCH),
+                      mode_setting(size, "full, ckpt", REFERENCE_BATCH, micro_batch=1))}
 
 
-def row_cost(results: dict, size: str, gpus: int) -> dict[str, float] | None:
-    """GiB per rollout-batch row, per phase, measured (two traces that differ only in the rollout batch)."""
-    big, small = (find(results, s) for s in slope_pair(size, gpus))
-    if big is None or small is None:
+def unit_costs(results: dict, size: str) -> dict[str, dict[str, float]]:
+    """GiB per unit of each slope pair's setting, per phase (missing pairs are left out)."""
+    costs = {}
+    for name, (big, small) in slope_pairs(size).items():
+        a, b = find(results, big), find(results, small)
+        if a is not None and b is not None:
+            units = (a["rollout_batch"] - b["rollout_batch"]) if name.startswith("rows") \
+                else (a["micro_batch"] - b["micro_batch"])
+            costs[name] = {phase: (a["phases"][phase] - b["phases"].get(phase, 0.0)) / units for phase in a["phases"]}
+    return costs
+
+
+def predicted_peak(result: dict, costs: dict, batch: int, micro_batch: int) -> float | None:
+    """The peak of `result`'s setting at another rollout batch and micro-batch: each phase moves by the
+    measured cost of a row and of a micro-batch completion. None when a needed cost is missing."""
+    rows = costs.get("rows/fsdp" if "fsdp" in result["flags"] or "--offload" in result["flags"] else "rows/1")
+    micro = costs.get("micro") if micro_batch != result["micro_batch"] else {}
+    if rows is None or micro is None:
         return None
-    rows = big["rollout_batch"] - small["rollout_batch"]
-    return {phase: (big["phases"][phase] - small["phases"].get(phase, 0.0)) / rows for phase in big["phases"]}
+    return max(value + rows.get(phase, 0.0) * (batch - result["rollout_batch"])
+               + micro.get(phase, 0.0) * (micro_batch - result["micro_batch"])
+               for phase, value in result["phases"].items())
 
 
-def predicted_peak(result: dict, cost: dict[str, float], batch: int) -> float:
-    """The peak of `result`'s setting at another rollout batch: each phase moves by its measured cost per row."""
-    rows = batch - result["rollout_batch"]
-    return max(value + cost.get(phase, 0.0) * rows for phase, value in result["phases"].items())
-
-
-def largest_batch(result: dict, cost: dict[str, float], card: int) -> int:
-    """The largest rollout batch (at most the rank's completions of a step) whose predicted peak fits `card`."""
-    fits = [b for b in range(1, result["completions_per_rank"] + 1)
-            if predicted_peak(result, cost, b) <= usable_gib(card)]
-    return max(fits, default=0)
+def largest_batch(results: dict, result: dict, costs: dict, card: int, micro_batch: int) -> tuple[int, float | None]:
+    """The largest rollout batch (at most the rank's completions of a step) whose peak fits `card`, with that
+    peak; (0, None) if none. The peak is the trace of exactly that setting when there is one, else predicted
+    from `result` (the mode's trace) and the measured unit costs."""
+    size, gpus = result["size"], result["gpus"]
+    base = [f for f in result["flags"][:-2] if f not in ("--micro-batch",)]
+    for batch in range(result["completions_per_rank"], 0, -1):
+        micro = ["--micro-batch", str(micro_batch)] if micro_batch != 4 else []
+        exact = find(results, Setting(size, base + micro + ["--rollout-batch", str(batch)], gpus))
+        peak = exact["peak"] if exact else predicted_peak(result, costs, batch, micro_batch)
+        if peak is not None and peak <= usable_gib(card):
+            return batch, peak
+    return 0, None
 
 
 def plan(results: dict) -> list[dict]:
-    """For each model, card and GPU count: the first mode of LADDER whose largest fitting rollout batch is at
-    least MIN_ROLLOUT_BATCH (or all the rank's completions), as a command, with its predicted peak."""
+    """For each model, card and GPU count: the first mode of LADDER, at micro-batch 4 and then (modes with
+    checkpointing) 2 and 1, whose largest fitting rollout batch is at least MIN_ROLLOUT_BATCH (or all the
+    rank's completions), as a command with its predicted peak."""
     cells = []
     for size in ("3b", "7b"):
+        costs = unit_costs(results, size)
         for gpus, names in LADDER.items():
-            cost = row_cost(results, size, gpus)
             for card in CARDS:
                 cell = {"size": size, "gpus": gpus, "card": card, "mode": None}
-                for name in names:
+                for name, micro in [(n, m) for n in names for m in ((4, 2, 1) if "ckpt" in n else (4,))]:
                     result = find(results, mode_setting(size, name, REFERENCE_BATCH))
-                    if result is None or cost is None:
+                    if result is None:
                         continue
-                    batch = largest_batch(result, cost, card)
+                    batch, peak = largest_batch(results, result, costs, card, micro)
                     if batch >= min(MIN_ROLLOUT_BATCH, result["completions_per_rank"]):
-                        setting = mode_setting(size, name, batch)
-                        cell.update(mode=name, rollout_batch=batch, flags=setting.flags, command=setting.command,
-                                    predicted=round(predicted_peak(result, cost, batch), 2))
+                        setting = mode_setting(size, name, batch, micro)
+                        cell.update(mode=name, micro_batch=micro, rollout_batch=batch, flags=setting.flags,
+                                    command=setting.command, predicted=round(peak, 2))
                         break
                 cells.append(cell)
     return cells
@@ -812,17 +859,12 @@ def sweep(jobs: int, log_dir: str, path: str = RESULTS) -> dict:
 
     sizes = ("3b", "7b")
     run_all([mode_setting(size, name, REFERENCE_BATCH) for size in sizes for name, _, _ in MODES])
-    run_all([s for size in sizes for gpus in (1, 8) for s in slope_pair(size, gpus)])
+    run_all([s for size in sizes for pair in slope_pairs(size).values() for s in pair])
     for _ in range(3):  # verify the per-card commands by tracing them
         cells = [c for c in plan(results) if c["mode"] is not None]
         run_all([Setting(c["size"], c["flags"], c["gpus"]) for c in cells])
-        over = [c for c in cells if (r := find(results, Setting(c["size"], c["flags"], c["gpus"])))
-                and r["peak"] > usable_gib(c["card"])]
-        if not over:
-            break
-        for c in over:  # the prediction was too low: retrace with a smaller batch (recorded as a trace too)
-            smaller = max(1, c["rollout_batch"] * 3 // 4)
-            run_all([Setting(c["size"], c["flags"][:-1] + [str(smaller)], c["gpus"])])
+        if all(find(results, Setting(c["size"], c["flags"], c["gpus"])) for c in plan(results) if c["mode"]):
+            break  # every command plan() picks has been traced (and a traced one that did not fit was dropped)
     results["plan"] = plan(results)
     save_results(results, path)
     return results
@@ -902,10 +944,11 @@ def mode_table(results: dict, inputs: dict | None) -> str:
 def document(results: dict) -> str:
     """docs/memory.md."""
     inputs = results.get("estimate_inputs")
-    costs = {(size, gpus): row_cost(results, size, gpus) for size in ("3b", "7b") for gpus in (1, 8)}
-    cost_lines = [f"- {size.upper()}, {'one process' if gpus == 1 else 'FSDP'}: "
-                  + ", ".join(f"{phase} {1024 * v:.0f} MiB" for phase, v in c.items() if abs(v) > 1e-4)
-                  for (size, gpus), c in costs.items() if c]
+    what = {"rows/1": "one more rollout-batch row, one process", "rows/fsdp": "one more rollout-batch row, FSDP",
+            "micro": "one more completion per micro-batch"}
+    cost_lines = [f"- {size.upper()}, {what[name]}: "
+                  + ", ".join(f"{phase} {1024 * v:+.0f} MiB" for phase, v in c.items() if abs(v) > 1e-4)
+                  for size in ("3b", "7b") for name, c in unit_costs(results, size).items()]
     blind = Counter()
     kernels = Counter()
     for r in results["traces"]:
@@ -939,7 +982,8 @@ def document(results: dict) -> str:
         "seconds of tracing on a shared 2-core machine.",
         "",
         mode_table(results, inputs),
-        "What one more row of the rollout batch costs, per phase (the difference of two traces):",
+        "What one more unit of a setting costs, per phase (the difference of two traces that differ in it; the "
+        "per-card table predicts other rollout batches and micro-batches with these, then traces its choice):",
         "",
         *cost_lines,
         "",
