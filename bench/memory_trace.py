@@ -259,6 +259,11 @@ def tracker_class(fsdp: bool):
                 self.peaks[phase] = now
                 self.breakdown[phase] = {k: v for k, v in self.snapshot().items() if v}
 
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if METADATA_ONLY.depth:  # DTensor working out an output's shape: nothing a GPU would allocate
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
         # MemTracker's module hooks: categories only
         def _pre_fw_hook(self, module, inputs) -> None:
             if self._mod_tracker.is_bw and self._ac_mod is None:  # recomputation (activation checkpointing)
@@ -324,8 +329,8 @@ class Replays:
     the shapes the real code would return (see the module docstring). Counters restart per rollout batch
     (decode steps) and per phase (micro-batches)."""
 
-    def __init__(self, mode: ShadowFakeMode, token_id: int):
-        self.mode, self.token_id = mode, token_id
+    def __init__(self, token_id: int):
+        self.token_id = token_id
         self.decode_calls = self.sample_calls = 0
         self.rollout_batches = self.rollout_rise = self.rollout_rows = 0
         self.calls = Counter()
@@ -441,22 +446,44 @@ def qwen_tokenizer():
     return AutoTokenizer.from_pretrained(folder)
 
 
-def fake_loader(mode: ShadowFakeMode, size: str, tokenizer, holder):
-    """A stand-in for timerpo.policy.load_policy: the real 3B / 7B architecture in `dtype`, weights fake. The
-    weights are made outside the tracker (a tracked tensor cannot be swapped into a module), then counted
-    from then on by holder.tracker."""
+def model_config(size: str):
+    """The real Qwen2.5-VL-3B / 7B config; "3b/2": its real width with 2 decoder layers and 2 vision blocks (the
+    check of fake against real tensors at real width); "toy": the 3B's at toy width (tests/qwen_folder.py)."""
+    if size == "toy":
+        from tests.qwen_folder import toy_config
+
+        return toy_config()
+    from memory_table import qwen25vl_config
+
+    name, _, depth = size.partition("/")
+    config = qwen25vl_config(name, **({"num_hidden_layers": int(depth)} if depth else {}))
+    if depth:
+        config.vision_config.depth = int(depth)
+        config.vision_config.fullatt_block_indexes = [int(depth) - 1]
+    return config
+
+
+def model_loader(mode: ShadowFakeMode | None, size: str, tokenizer, holder):
+    """A stand-in for timerpo.policy.load_policy: the 3B / 7B architecture in `dtype`, its weights fake (in
+    `mode`), or real random ones when mode is None (tests). The weights are made outside the tracker (a
+    tracked tensor cannot be swapped into a module), then counted from then on by holder.tracker."""
     from torch.utils._python_dispatch import _disable_current_modes
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from memory_table import qwen25vl_config
     from timerpo.policy import Policy, make_image_processor
 
     def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
         with _disable_current_modes():
-            with torch.device("meta"):
-                model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config(size))
-            with mode:
-                model.to_empty(device="cpu")
+            if mode is None:
+                torch.manual_seed(seed)
+                model = Qwen2_5_VLForConditionalGeneration(model_config(size))
+            else:
+                with torch.device("meta"):
+                    model = Qwen2_5_VLForConditionalGeneration(model_config(size))
+                with mode:
+                    model.to_empty(device="cpu")
+                model.tie_weights()  # to_empty gives each module its own tensor: the 3B's tied embedding again
+            with mode or contextlib.nullcontext():
                 for param in model.parameters():  # the parameters only, as precision.cast_parameters
                     param.data = param.data.to(dtype)
         if holder.tracker is not None:
@@ -483,6 +510,29 @@ def vision_attention_packed(qwen):
         return original(config, *args, **kwargs)
 
     with patched(qwen, "is_flash_attention_requested", requested):
+        yield
+
+
+METADATA_ONLY = SimpleNamespace(depth=0)
+
+
+@contextlib.contextmanager
+def dtensor_metadata_untracked():
+    """DTensor derives an operator's output shape by running it on fake tensors of the full (global) shape, in
+    the fake mode it finds active: ours here, so the tracker would count those full-size tensors, which on a
+    GPU exist only as metadata. While it does that, the tracker looks away (METADATA_ONLY)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def propagate(self, *args, **kwargs):
+        METADATA_ONLY.depth += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            METADATA_ONLY.depth -= 1
+
+    with patched(ShardingPropagator, "_propagate_tensor_meta_non_cached", propagate):
         yield
 
 
@@ -598,20 +648,23 @@ def gib(n: float) -> float:
     return round(n / GiB, 2)
 
 
-def trace(setting: Setting) -> dict:
+def trace(setting: Setting, fake: bool = True) -> dict:
     """Trace one step of `setting` in this process (a fake process group of setting.gpus ranks when > 1).
 
-    Returns the peak per phase (GiB of one GPU), what the tracker saw, and how long tracing took."""
+    Returns the peak per phase (GiB of one GPU), what the tracker saw, and how long tracing took.
+    fake=False traces real tensors instead (random weights; only for small sizes: tests compare the two)."""
     import torch.distributed as torch_dist
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as qwen
 
+    import timerpo.distributed as distributed
     import train
     from timerpo.distributed import Dist, rank_slice
     from timerpo.precision import DTYPES
 
-    t0 = time.time()
+    t0, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(1)
-    mode = ShadowFakeMode()
+    mode = ShadowFakeMode() if fake else None
+    tensors = (lambda: mode) if fake else contextlib.nullcontext
     tokenizer = qwen_tokenizer()
     config = train.parse_args(["--model", f"qwen2.5-vl-{setting.size}", "--device", "cpu", *setting.flags])
     if "--dtype" not in setting.flags:
@@ -632,23 +685,27 @@ def trace(setting: Setting) -> dict:
     with contextlib.ExitStack() as stack:
         # emulations of the GPU run, and values the fake tensors cannot have
         loading = SimpleNamespace(tracker=None)
-        stack.enter_context(patched(train, "load_policy", fake_loader(mode, setting.size, tokenizer, loading)))
-        stack.enter_context(patched(qwen.Qwen2_5_VLModel, "get_rope_index",
-                                    lambda self, *a, **k: on_values(mode, rope_index)(self, *a, **k)))
-        stack.enter_context(patched(FakeTensor, "tolist", tolist_of(mode)))
+        stack.enter_context(patched(train, "load_policy", model_loader(mode, setting.size, tokenizer, loading)))
+        if fake:
+            stack.enter_context(patched(qwen.Qwen2_5_VLModel, "get_rope_index",
+                                        lambda self, *a, **k: on_values(mode, rope_index)(self, *a, **k)))
+            stack.enter_context(patched(FakeTensor, "tolist", tolist_of(mode)))
         stack.enter_context(vision_attention_packed(qwen))
         stack.enter_context(cuda_rounding())
+        stack.enter_context(dtensor_metadata_untracked())
         stack.enter_context(patched(torch, "compile", lambda fn, **_: fn))
+        # NCCL broadcasts in place; the fake tensors' broadcast makes a copy, which a GPU never holds
+        stack.enter_context(patched(distributed, "broadcast_from_rank0", lambda model: None))
         # every rank holds as many completion tokens as this one
         stack.enter_context(patched(Dist, "sum", lambda self, values: [float(v) * self.world_size for v in values]))
         stack.enter_context(foreach_adamw())
         labels = stack.enter_context(phase_labels(train))
-        replays = Replays(mode, tokenizer.convert_tokens_to_ids("0"))
+        replays = Replays(tokenizer.convert_tokens_to_ids("0"))
         stack.enter_context(replays.installed())
 
         # train.train's set-up, in its order, traced as the "load" phase
         load = loading.tracker = tracker_class(False)(host=host)
-        with mode, load:
+        with tensors(), load:
             policy = train.load_policy(config.model, device=config.device, seed=config.seed)
             prompts = [train.make_prompt(policy, config.data, samples, i, config.cot) for i in indices]
             ref_policy = train.make_reference(policy, config.model, config, d) if config.beta > 0 else None
@@ -666,7 +723,7 @@ def trace(setting: Setting) -> dict:
         # FSDP over the fake group: each rank's shard is 1/W of every parameter (padded to a multiple of W)
         local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in policy.model.parameters())
         shard_fraction = local / sum(p.numel() for p in policy.model.parameters())
-        with mode:
+        with tensors():
             warm_state(policy, optimizer, config, prompt_len)
 
         # one step, from the state a previous step leaves
@@ -678,9 +735,12 @@ def trace(setting: Setting) -> dict:
         if policy.decoder is not None:
             step.track_external(*policy.decoder.keys, *policy.decoder.values, policy.decoder.mask)
         labels.tracker = replays.tracker = step
-        with mode, step:
+        with tensors(), step:
             at_start = step.device_bytes()
             train.rl_step(policy, ref_policy, optimizer, prompts, 0, config, d)
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+    torch.set_num_threads(threads)
 
     peaks = {"load": gib(max(load.peaks.values()))} | {k: gib(v) for k, v in step.peaks.items()}
     return {
@@ -688,11 +748,12 @@ def trace(setting: Setting) -> dict:
         "command": setting.command, "rollout_batch": config.rollout_batch, "micro_batch": config.micro_batch,
         "completions_per_rank": len(prompts) * config.group_size, "max_new_tokens": config.max_new_tokens,
         "auto_rollout_batch": auto,
-        "peak": max(peaks.values()), "phases": peaks, "shard_fraction": round(shard_fraction, 5), "after_load": gib(after_load), "step_start": gib(at_start),
+        "peak": max(peaks.values()), "phases": peaks,
+        "phase_bytes": {"load": max(load.peaks.values())} | step.peaks, "shard_fraction": round(shard_fraction, 5), "after_load": gib(after_load), "step_start": gib(at_start),
         "breakdown_at_peak": {k: {c: gib(v) for c, v in b.items()} for k, b in step.breakdown.items()},
-        "largest_at_peak": {k: [(gib(n), c) for n, c in v] for k, v in step.largest.items()},
-        "blind_values": dict(mode.blind), "attention_ops": dict(mode.ops), "seconds": round(time.time() - t0),
-        "method": "fake tensors, full depth",
+        "largest_at_peak": {k: [(gib(n), c) for n, c in v] for k, v in (load.largest | step.largest).items()},
+        "blind_values": dict(mode.blind) if fake else {}, "attention_ops": dict(mode.ops) if fake else {},
+        "seconds": round(time.time() - t0), "method": "fake tensors, full depth" if fake else "real tensors",
     }
 
 
@@ -844,9 +905,6 @@ def sweep(jobs: int, log_dir: str, path: str = RESULTS) -> dict:
 
     results = load_results(path)
     os.makedirs(log_dir, exist_ok=True)
-    if "estimate_inputs" not in results:
-        results["estimate_inputs"] = estimate_inputs()
-        save_results(results, path)
 
     def run_all(settings):
         todo = [s for s in settings if find(results, s) is None and available(s)]
@@ -1034,6 +1092,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="with --all: traces at a time (one CPU core and ~3 GB each)")
     p.add_argument("--logs", default=os.path.join(tempfile_dir(), "memory-trace-logs"), help="with --all: "
                    "each trace's stderr")
+    p.add_argument("--estimate", action="store_true", help="add bench/memory_table.py's inputs to the results, "
+                   "for the estimate column (it runs real-width layers: ~8 GB of memory, a few minutes)")
     p.add_argument("--doc", default=None, help=f"write the tables of docs/memory.md from "
                    f"{os.path.relpath(RESULTS, ROOT)} to this file")
     return p.parse_args(argv)
@@ -1047,6 +1107,10 @@ def tempfile_dir() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.estimate:
+        results = load_results()
+        results["estimate_inputs"] = estimate_inputs()
+        save_results(results)
     if args.all:
         sweep(args.jobs, args.logs)
     if args.doc:
@@ -1054,7 +1118,7 @@ def main(argv=None) -> int:
 
         write_atomic(args.doc, document(load_results()))
         print(f"wrote {args.doc}")
-    if not (args.all or args.doc):
+    if not (args.all or args.doc or args.estimate):
         print(json.dumps(trace(Setting(args.model, shlex.split(args.flags), args.gpus, args.card))))
     return 0
 
