@@ -6,16 +6,24 @@ scans of its own:
   frequency_scan     instantaneous frequency from the analytic signal (Hilbert), in units of the base cycle
 then names the type of a located break (classify_region, trend_region, level_shift). Its trace is
 expert_cot's text for the answer it found. Not part of the method: the RL policy never sees it.
+
+Also the search behind the class oracle of eval.py (`fit_class_windows`): the one fixed window per anomaly
+class that scores best on a data folder's series of that class. Refit the stored windows with
+    python baselines.py --fit-class-windows data/train
 """
 from __future__ import annotations
 
+import argparse
 import math
+import multiprocessing
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from expert_cot import (SLOPE_Z, StagedScan, activity_ratio, expert_cot, increment_autocorrelation, local_frequency,
-                        merge_close, robust_sigma, runs, shift)
+from expert_cot import (StagedScan, activity_ratio, expert_cot, increment_autocorrelation, local_frequency, merge_close,
+                        robust_sigma, runs, shift, slope_change)
+from timerpo.metrics import localization_scores
 
 
 @dataclass
@@ -121,25 +129,9 @@ def classify_region(scan: StagedScan, intervals, region) -> str:
 
 
 def trend_region(scan: StagedScan):
-    """The sustained slope change of the trend scan, or [] : the half-maximum run around the largest slope
-    excess, kept when the excess is > 3σ and lasts at least one cycle (brief bumps come from other types)."""
-    t = scan.trend
-    dev = (t.slopes - t.baseline) / t.sigma  # [N]
-    k = int(np.argmax(np.abs(dev)))
-    if abs(dev[k]) <= SLOPE_Z:
-        return []
-    half = np.sign(dev[k]) * dev >= abs(dev[k]) / 2
-    lo, hi = k, k
-    while lo > 0 and half[lo - 1]:
-        lo -= 1
-    while hi + 1 < half.size and half[hi + 1]:
-        hi += 1
-    if hi - lo + 1 < max(scan.cycle, 20):
-        return []
-    end = int(t.centers[hi]) + 1
-    if hi == half.size - 1:  # still rising at the last valid centre: the change runs to the end
-        end = scan.length
-    return [[int(t.centers[lo]), end]]
+    """The sustained slope change of the trend scan, or []: expert_cot's slope test (slope_change) asking the
+    excess to last a whole cycle rather than 3/4 of one, so brief bumps from other types stay out."""
+    return slope_change(scan.trend, scan.length, cycles=1.0).intervals
 
 
 def detect(series):
@@ -185,3 +177,168 @@ def detect(series):
             label, intervals = "trend", region
     trace = expert_cot(scan.x, intervals, label, scan=scan)
     return intervals, label, trace
+
+
+# ---------------------------------------------------------------------------------------------------
+# The class oracle's windows: eval.py baseline:class-oracle and the localization gain (timerpo/evaluate.py)
+
+WINDOW_GRID_STEP = 25  # grid of window ends searched first: every 25 points at L = 1000 (820 windows)
+WINDOW_SEEDS = 3  # best grid windows refined down to single points
+
+
+@dataclass
+class WindowFit:
+    """The best fixed window [start, end) for a set of series, its mean affiliation F1 there, and how many."""
+    window: tuple
+    score: float
+    n: int
+
+
+def mean_window_f1(window, truths, length: int) -> float:
+    """Mean affiliation F1 (with the paper's wrapper rules) of answering `window` on every series of `truths`.
+
+    Example: length 10, truths [[[0, 5]], [[5, 10]]]: the window (0, 5) scores 1 on the first series and
+    0.5 on the second (recall 1, precision 1/2 as in docs/baselines.md), mean 0.75.
+    """
+    return sum(localization_scores([window], gt, length).aff_f1 for gt in truths) / len(truths)
+
+
+def window_scores(windows, truths, length: int) -> list[float]:
+    """mean_window_f1 of each window (one worker's share of the grid)."""
+    return [mean_window_f1(w, truths, length) for w in windows]
+
+
+def window_grid(length: int, step: int) -> list[tuple]:
+    """Every [s, e) with s < e whose ends lie on multiples of `step` or on the series' end.
+
+    Example: window_grid(10, 5) == [(0, 5), (0, 10), (5, 10)].
+    """
+    ends = sorted(set(range(0, length, step)) | {length})
+    return [(s, e) for i, s in enumerate(ends) for e in ends[i + 1:]]
+
+
+def window_key(window, score: float):
+    """Order of candidate windows: higher score first; on a tie the earlier, then the shorter window."""
+    return (score, -window[0], -window[1])
+
+
+def refine_window(window, score_of, length: int, step: int):
+    """Pattern search from a grid window: move the start, the end, both (shift), or both apart / together by
+    ±h; take the best move while it improves the score strictly, else halve h; stop after h = 1.
+
+    Starting at h = step // 2 from the best grid windows, it reaches every window within the grid cell of
+    its seed along improving paths; tests compare it with the exhaustive search on small cases.
+    """
+    best = (window, score_of(window))
+    h = max(step // 2, 1)
+    while True:
+        s, e = best[0]
+        moves = [(s + a, e + b) for a, b in ((-h, 0), (h, 0), (0, -h), (0, h), (-h, -h), (h, h), (-h, h), (h, -h))]
+        moves = [(a, b) for a, b in moves if 0 <= a < b <= length]
+        cand = max(((w, score_of(w)) for w in moves), key=lambda ws: window_key(*ws))
+        if cand[1] > best[1]:
+            best = cand
+        elif h == 1:
+            return best
+        else:
+            h //= 2
+
+
+def best_window(truths, length: int, step: int = WINDOW_GRID_STEP, seeds: int = WINDOW_SEEDS,
+                pool=None, workers: int = 1) -> WindowFit:
+    """The window maximising mean affiliation F1 over `truths`: grid search every `step` points, then
+    refine_window from the `seeds` best grid windows; the best refined window wins (ties: window_key).
+
+    `pool` (a multiprocessing pool of `workers` processes) shares the grid's windows between them; the
+    result does not depend on it. Exhaustive search is best_window(truths, length, step=1, seeds=1).
+    """
+    grid = window_grid(length, step)
+    if pool is None:
+        grid_scores = window_scores(grid, truths, length)
+    else:
+        shares = [grid[k::workers] for k in range(workers)]
+        parts = pool.starmap(window_scores, [(share, truths, length) for share in shares])
+        by_window = {w: sc for share, part in zip(shares, parts) for w, sc in zip(share, part)}
+        grid_scores = [by_window[w] for w in grid]
+    cache = dict(zip(grid, grid_scores))
+
+    def score_of(window):
+        if window not in cache:
+            cache[window] = mean_window_f1(window, truths, length)
+        return cache[window]
+
+    ranked = sorted(zip(grid, grid_scores), key=lambda ws: window_key(*ws), reverse=True)
+    refined = [refine_window(w, score_of, length, step) for w, _ in ranked[:seeds]]
+    window, score = max(refined, key=lambda ws: window_key(*ws))
+    return WindowFit(window=tuple(int(v) for v in window), score=float(score), n=len(truths))
+
+
+def fit_class_windows(samples, step: int = WINDOW_GRID_STEP, seeds: int = WINDOW_SEEDS,
+                      workers: int = 1, progress: bool = False) -> dict:
+    """best_window for the anomalous series of each class, and under ANY_ANOMALY for all of them pooled
+    (the window of a class without series, e.g. shapelet, which the anomllm suite never generates).
+
+    Only series whose class is known and whose truth holds an anomaly count; normal series get [] from the
+    class oracle whatever the window. All series must share one length: windows are fitted at that length.
+    """
+    from timerpo.evaluate import ANY_ANOMALY
+    from timerpo.metrics import to_events
+    from timerpo.prompt import ANOMALY_LABELS
+
+    lengths = {s.length for s in samples}
+    if len(lengths) != 1:
+        raise ValueError(f"fit_class_windows: the series have several lengths {sorted(lengths)}; fit one length")
+    length = lengths.pop()
+    truths = {label: [] for label in ANOMALY_LABELS}
+    for s in samples:
+        if s.label in truths and s.intervals and to_events(s.intervals, s.length):
+            truths[s.label].append(s.intervals)
+    truths[ANY_ANOMALY] = [gt for label in ANOMALY_LABELS for gt in truths[label]]
+    fits = {}
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for label, gts in truths.items():
+            if gts:
+                fits[label] = best_window(gts, length, step, seeds, pool, workers)
+                if progress:
+                    print(f"  {label}: {fits[label]}", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+    return fits
+
+
+def fit_main(argv=None) -> int:
+    """python baselines.py --fit-class-windows DATA: print the fitted windows beside the stored ones."""
+    import data_gen
+    from timerpo.evaluate import ANY_ANOMALY, CLASS_WINDOW_LENGTH, CLASS_WINDOWS
+
+    p = argparse.ArgumentParser(description="Fit the class oracle's window per anomaly class on a data folder "
+                                            "(the training split: data/train) and compare with the stored ones.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--fit-class-windows", metavar="DATA", required=True, help="generated data folder")
+    p.add_argument("--step", type=int, default=WINDOW_GRID_STEP, help="grid step of the first search")
+    p.add_argument("--seeds", type=int, default=WINDOW_SEEDS, help="best grid windows refined to single points")
+    p.add_argument("--workers", type=int, default=2, help="processes sharing the grid")
+    args = p.parse_args(argv)
+    if args.step <= 0 or args.seeds <= 0 or args.workers <= 0:
+        p.error("--step, --seeds and --workers must be positive")
+    try:
+        samples = data_gen.load_samples(args.fit_class_windows)
+        fits = fit_class_windows(samples, args.step, args.seeds, args.workers, progress=True)
+    except (data_gen.DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("| class | series | window | mean Aff-F1 | stored window |\n|---|---|---|---|---|")
+    same = True
+    for label, fit in fits.items():
+        stored = CLASS_WINDOWS.get(label)
+        length = samples[0].length
+        same &= length == CLASS_WINDOW_LENGTH and stored == fit.window
+        print(f"| {label} | {fit.n} | {list(fit.window)} | {100 * fit.score:.2f} | {list(stored or [])} |")
+    print("stored windows: " + ("reproduced" if same else "DIFFER from this fit"))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(fit_main())

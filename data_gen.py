@@ -520,6 +520,28 @@ def _work(args):
     return sample.to_json()
 
 
+def pool_map(fn, tasks: list, workers: int | None, desc: str, progress: bool) -> list:
+    """[fn(t) for t in tasks] in order, with a progress bar, in `workers` spawned processes (None: 2 from 64
+    tasks on, where processes start to pay off: spawn start-up ≈ 1 s)."""
+    from tqdm import tqdm
+
+    if workers is None:
+        workers = 1 if len(tasks) < 64 else min(os.cpu_count() or 1, 2)
+    bar = tqdm(total=len(tasks), desc=desc, unit="series", disable=not progress)
+    out = []
+    if workers <= 1:
+        for task in tasks:
+            out.append(fn(task))
+            bar.update()
+    else:
+        with single_thread_blas(), multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(fn, tasks, chunksize=16):
+                out.append(result)
+                bar.update()
+    bar.close()
+    return out
+
+
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -555,22 +577,7 @@ def generate(out_dir: str, suite: str, per_family: int, seed: int, families=None
         raise ValueError(f"per_family must be >= 1, got {per_family}")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     tasks = [(suite, f, i, seed, out_dir) for f in families for i in range(per_family)]
-    if workers is None:  # processes only pay off beyond a few dozen samples (spawn start-up ≈ 1 s)
-        workers = 1 if len(tasks) < 64 else min(os.cpu_count() or 1, 2)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(tasks), desc=f"{suite} s{seed}", unit="series", disable=not progress)
-    lines = []
-    if workers <= 1:
-        for task in tasks:
-            lines.append(_work(task))
-            bar.update()
-    else:
-        with single_thread_blas(), multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for line in pool.imap(_work, tasks, chunksize=16):
-                lines.append(line)
-                bar.update()
-    bar.close()
+    lines = pool_map(_work, tasks, workers, f"{suite} s{seed}", progress)
     write_atomic(os.path.join(out_dir, "samples.jsonl"), ("\n".join(lines) + "\n").encode("utf-8"))
     samples = [Sample(**json.loads(line)) for line in lines]
     write_atomic(os.path.join(out_dir, "manifest.json"), manifest_bytes(suite, seed, per_family, families, samples))
@@ -584,8 +591,10 @@ def manifest_bytes(suite, seed, per_family, families, samples) -> bytes:
     for s in samples:
         by_label[s.label] += 1
         by_family[s.family] += 1
+    import expert_cot  # local import: keeps ``import data_gen`` light
+
     manifest = {
-        "version": DATA_VERSION, "suite": suite, "seed": seed, "per_family": per_family,
+        "version": DATA_VERSION, "expcot_version": expert_cot.EXPCOT_VERSION, "suite": suite, "seed": seed, "per_family": per_family,
         "families": families, "length": SUITE_LENGTH[suite],
         "counts": {"total": len(samples), "by_family": by_family, "by_label": by_label},
         "render": render_settings(suite), "fields": list(SAMPLE_FIELDS),
@@ -657,6 +666,41 @@ def load_samples(data_dir: str, limit: int | None = None, families=None) -> list
             if limit is not None and len(samples) >= limit:
                 break
     return samples
+
+
+def folder_expcot_version(data_dir: str) -> str:
+    """The ExpCoT version a data folder's manifest records; "1" for a folder written before the manifest
+    recorded one (or without a readable manifest)."""
+    try:
+        with open(os.path.join(data_dir, "manifest.json")) as f:
+            return str(json.load(f).get("expcot_version", "1"))
+    except (OSError, ValueError, AttributeError):
+        return "1"
+
+
+def _expcot_task(args) -> str:
+    """Pool task: the ExpCoT of one stored series."""
+    import expert_cot  # local import: keeps ``import data_gen`` light
+
+    series, intervals, label = args
+    return expert_cot.expert_cot(np.asarray(series, dtype=float), intervals, label)
+
+
+def with_current_expcot(data_dir: str, samples: list, progress: bool = True, workers: int | None = None) -> list:
+    """The samples with the ExpCoT this code writes. A folder whose manifest records an older ExpCoT version
+    (expert_cot.EXPCOT_VERSION) would feed the old text to the OT, so its traces are recomputed from the stored
+    series, in memory (the folder is not rewritten; regenerating it saves the time), with a warning."""
+    import expert_cot  # local import: keeps ``import data_gen`` light
+
+    stored = folder_expcot_version(data_dir)
+    if stored == expert_cot.EXPCOT_VERSION:
+        return samples
+    print(f"[data] {data_dir} holds ExpCoT version {stored}, this code writes version {expert_cot.EXPCOT_VERSION}: "
+          f"recomputing the {len(samples)} traces in memory; regenerate the folder (python data_gen.py --out "
+          f"{data_dir} ...) to skip this", file=sys.stderr)
+    tasks = [(s.series, s.intervals, s.label) for s in samples]
+    traces = pool_map(_expcot_task, tasks, workers, "ExpCoT", progress)
+    return [dataclasses.replace(s, expcot=t) for s, t in zip(samples, traces)]
 
 
 # --------------------------------------------------------------------------------------------- cli

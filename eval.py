@@ -20,10 +20,17 @@ scores that a model's output does:
     random  k ~ U{1, 2, 3} windows, each of width w ~ U{5, .., max(5, floor(0.1 L))} and start
             ~ U{0, .., L - w}, class uniform over the five anomaly classes; the generator of a series is
             seeded by (--seed, crc32(series id)), so a series gets the same windows whatever --limit is;
-    expert  the classical blind detector baselines.detect (no ground truth), its trace as the reasoning.
+    expert  the classical blind detector baselines.detect (no ground truth), its trace as the reasoning;
+and two oracles that read the truth but never a position, to show what Avg F1 pays for presence and class:
+    presence-oracle  the whole series [[0, L]] with the true class when the series holds an anomaly, [] and
+            normal otherwise;
+    class-oracle     the true class with its fixed window (timerpo/evaluate.py CLASS_WINDOWS, fitted on the
+            training split by baselines.fit_class_windows), [] and normal for a normal series.
 
 Tables. anomllm suite: the paper's Table 1 layout (Cls Acc, Frequency, Trend, Range, Point, Avg F1; Avg is
-the plain mean of the four groups, all in %) and a per-family table. tods suite: its types are not the
+the plain mean of the four groups, all in %) with two localization figures beside it (timerpo/evaluate.py):
+Loc gain, Avg F1 minus that of the same answers with the class oracle's window for the class answered, and
+PW-F1 over the anomalous series; then a per-family table. tods suite: its types are not the
 paper's groups (the paper reports no such table), so the headline row has one column per type, shapelet
 (never seen in training) included, and Avg over the five types; plus the per-type table. For tods the
 summary's `groups` is left empty and `avg_group_f1` null, so no one reads the tods `trend` type as the
@@ -66,15 +73,16 @@ from tqdm import tqdm
 import data_gen
 import series_io
 from timerpo.algorithm import make_prompt
-from timerpo.checkpoint import latest_checkpoint
-from timerpo.evaluate import Prediction, mean, predict, score_prediction, summarize, true_label
+from timerpo.checkpoint import checkpoint_weights, latest_checkpoint
+from timerpo.evaluate import (ANY_ANOMALY, Prediction, class_window, mean, predict, score_prediction, summarize,
+                               true_label)
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import PAPER_GROUPS, group_of, localization_scores, to_events
 from timerpo.plots import draw_gallery, draw_series, intervals_text
 from timerpo.policy import ModelNotFound
 from timerpo.prompt import ANOMALY_LABELS, format_completion
 
-BASELINES = ("empty", "full", "random", "expert")
+BASELINES = ("empty", "full", "random", "expert", "presence-oracle", "class-oracle")
 # Completion caps: the tiny model was warmed up on short answers (train.py TINY), Qwen writes ~1024 tokens.
 DEFAULT_MAX_NEW_TOKENS = {"tiny": 72, "other": 1024}
 RANDOM_MAX_WINDOWS = 3
@@ -83,7 +91,8 @@ RANDOM_MAX_WIDTH_FRACTION = 0.1
 
 HELP = {
     "model": "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run folder "
-             "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert",
+             "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert | "
+             "baseline:presence-oracle | baseline:class-oracle (these two read the truth)",
     "data": "generated data folder (python data_gen.py --out DIR ...)",
     "series": "one real series file (TimeEval/GutenTAG or NAB CSV, TSB-UAD .out, one-column CSV): detect on "
               "every window, merge the intervals onto the whole series, score it as a whole when labelled",
@@ -234,6 +243,31 @@ def random_completion(sample, seed: int) -> str:
     return format_completion("Baseline: random windows and a random anomaly class.", windows, label)
 
 
+def oracle_class(sample) -> str:
+    """The class an oracle answers: the true one; for a real anomaly of unknown class any anomaly label
+    (its class is not scored)."""
+    label = true_label(sample)
+    return ANOMALY_LABELS[0] if label == data_gen.UNKNOWN else label
+
+
+def presence_oracle_completion(sample) -> str:
+    """The whole series with the true class when the truth holds an anomaly, else [] and normal."""
+    if true_label(sample) == "normal" or sample.intervals is None:
+        return format_completion("Oracle: the truth's presence and class, no position.", [], "normal")
+    return format_completion("Oracle: the truth's presence and class, no position.", [[0, sample.length]],
+                             oracle_class(sample))
+
+
+def class_oracle_completion(sample) -> str:
+    """The true class with its fixed window (class_window); [] and normal for a normal series. A real anomaly
+    of unknown class takes the window fitted on every anomalous training series."""
+    label = true_label(sample)
+    if label == "normal" or sample.intervals is None:
+        return format_completion("Oracle: the true class and its fixed window.", [], "normal")
+    window = class_window(ANY_ANOMALY if label == data_gen.UNKNOWN else label, sample.length)
+    return format_completion("Oracle: the true class and its fixed window.", window, oracle_class(sample))
+
+
 def expert_completion(sample) -> str:
     import baselines  # local: only this baseline needs the detector
 
@@ -282,6 +316,10 @@ def baseline_texts(name: str, samples: list, seed: int, progress: bool = False,
                                            info["full_label"]))
         elif name == "random":
             texts.append(random_completion(s, seed))
+        elif name == "presence-oracle":
+            texts.append(presence_oracle_completion(s))
+        elif name == "class-oracle":
+            texts.append(class_oracle_completion(s))
         else:
             raise ValueError(f"unknown baseline {name!r}; choose one of {BASELINES}")
     return texts, info
@@ -302,9 +340,10 @@ def run_max_new_tokens(model: str) -> int | None:
 
 
 def resolve_model(model: str) -> str:
-    """A train.py run folder means its latest checkpoint's model; anything else is passed on as given."""
+    """A train.py run folder means its latest checkpoint's model (a LoRA run's: its adapters, which
+    load_policy merges into their base); anything else is passed on as given."""
     ckpt = latest_checkpoint(model) if os.path.isdir(model) else None  # a run folder has a `latest` pointer
-    return os.path.join(ckpt, "model") if ckpt is not None else model
+    return checkpoint_weights(ckpt) if ckpt is not None else model
 
 
 def model_predictions(policy, data_dir: str, all_samples: list, indices: list[int], args) -> list[Prediction]:
@@ -371,23 +410,39 @@ def family_rows(predictions: list[Prediction], suite: str = "anomllm") -> list[d
     return rows
 
 
+def signed_pct(x) -> str:
+    """A signed difference of fractions in points: signed_pct(0.0123) == '+1.2'; '–' when missing."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:+.1f}"
+
+
+LOCALIZATION_HEADERS = ["Loc gain", "PW-F1 anom."]
+
+
+def localization_cells(summary: dict) -> list[str]:
+    """The headline's localization figures (timerpo/evaluate.py): gain over the class windows, PW-F1 on the
+    anomalous series."""
+    return [signed_pct(summary["loc_gain"]), pct(summary["pw_f1_anomalous"])]
+
+
 def headline_table(tag: str, suite: str, summary: dict, rows: list[dict]) -> str:
     """anomllm: the paper's Table 1 row; tods: one column per type and Avg over the types; series: mean
-    per-window scores with the number of windows that could be scored (all in %)."""
+    per-window scores with the number of windows that could be scored (all in %). Each ends with the
+    localization figures."""
     if suite == data_gen.SERIES_SUITE:
         return markdown_table(
-            ["Method", "Windows", "Labelled", "Known class", "Cls Acc", "Aff-F1", "PW-F1", "Unparsable"],
+            ["Method", "Windows", "Labelled", "Known class", "Cls Acc", "Aff-F1", "PW-F1"] + LOCALIZATION_HEADERS
+            + ["Unparsable"],
             [[tag, summary["n"], summary["n_labelled"], summary["n_known_class"], pct(summary["cls_acc"]),
-              pct(summary["aff_f1"]), pct(summary["pw_f1"]), summary["unparsable"]]])
+              pct(summary["aff_f1"]), pct(summary["pw_f1"])] + localization_cells(summary) + [summary["unparsable"]]])
     if suite == "tods":
         types = [r["family"] for r in rows]
-        return markdown_table(["Method", "Cls Acc"] + types + ["Avg F1"],
+        return markdown_table(["Method", "Cls Acc"] + types + ["Avg F1"] + LOCALIZATION_HEADERS,
                               [[tag, pct(summary["cls_acc"])] + [pct(r["aff_f1"]) for r in rows]
-                               + [pct(summary["avg_type_f1"])]])
+                               + [pct(summary["avg_type_f1"])] + localization_cells(summary)])
     groups = summary["groups"]
-    return markdown_table(["Method", "Cls Acc"] + list(PAPER_GROUPS) + ["Avg F1"],
+    return markdown_table(["Method", "Cls Acc"] + list(PAPER_GROUPS) + ["Avg F1"] + LOCALIZATION_HEADERS,
                           [[tag, pct(summary["cls_acc"])] + [pct(groups.get(g)) for g in PAPER_GROUPS]
-                           + [pct(summary["avg_group_f1"])]])
+                           + [pct(summary["avg_group_f1"])] + localization_cells(summary)])
 
 
 def family_table(rows: list[dict], suite: str) -> str:
@@ -413,7 +468,7 @@ def build_summary(predictions: list[Prediction], suite: str) -> tuple[dict, list
     series scoring 1 and 0 with one Trend series scoring 1 give Frequency 0.5, Trend 1.0, Avg 0.75 (a
     series-weighted mean would say 2/3). tods: no paper groups; `avg_type_f1` is the plain mean over types.
     """
-    summary = summarize(predictions)
+    summary = summarize(predictions, suite)
     rows = family_rows(predictions, suite)
     if suite == data_gen.SERIES_SUITE:  # real series: no paper groups, and a file is not an anomaly type
         summary["groups"], summary["avg_group_f1"] = {}, None
@@ -652,12 +707,15 @@ def window_tables(tag: str, suite: str, predictions: list[Prediction], info: dic
     kind = {"tods": "per-type (tods: shapelet is the type unseen in training)",
             data_gen.SERIES_SUITE: "per-source file"}.get(suite, "per-family")
     notes = [f"{summary['n']} samples from {data_dir} ({suite} suite); unparsable completions: "
-             f"{summary['unparsable']} (scored 0)."]
+             f"{summary['unparsable']} (scored 0); distinct interval answers: {summary['distinct_intervals']}."]
     if suite == data_gen.SERIES_SUITE:
         notes.append(f"Real anomalies have no known class: Cls Acc counts only the {summary['n_known_class']} "
                      f"windows without anomaly (true class normal).")
         if summary["n_labelled"] < summary["n"]:
             notes.append(f"{summary['n'] - summary['n_labelled']} windows of unlabelled series are not scored.")
+    notes.append("Loc gain: Avg F1 minus the Avg F1 of the same answers with each interval list replaced by the "
+                 "class oracle's fixed window for the class answered (positive: the positions carry information "
+                 "beyond the class); PW-F1 anom.: point-wise F1 over the series that hold an anomaly.")
     if "full_label" in info:
         notes.append(f"baseline:full predicts [[0, L]] with class '{info['full_label']}' (most common true "
                      f"anomaly class of these samples).")

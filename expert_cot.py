@@ -3,17 +3,20 @@
 Small analyses, each returning a dataclass of numbers and half-open [s, e) intervals:
   zscore_scan, histogram_outlier_score   global scan for extreme values
   trend_scan                              Savitzky–Golay (window 21, order 2) gradient after averaging out the cycle
+  slope_change                            the slope test: a slope excess > 3σ that lasts (its half-peak run)
   period_scan                             sliding-window rFFT dominant period (window 100)
   matrix_profile, discord_scan            exact z-normalised matrix profile and its strongest discord
 On top of them:
   StagedScan(series)                      the blind staged scan: global → structural → pattern
+  trace_stages(scan, label)               the stages a trace runs: the blind order, continued to the stage
+                                          whose numbers the true type's evidence needs
   expert_cot(series, intervals, label)    ground-truth-conditioned trace (Observation / Reasoning & Validation /
                                           Conclusion) quoting numbers it computed
 The generic reasoning of the "w/o ExpCoT" ablation is timerpo/prompt.py's generic_cot. The classical blind
 detector built on the staged scan, a baseline and not the method, is baselines.py.
 
-Public thresholds (method.md §6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ;
-period windows beyond 3σ, stable if the period std < 1; discord z > 3.5 with m = 50; noisy series (noise σ
+Public thresholds (method.md §6): |z|max > 5 triggers the global scan, |z| > 3 flags; gradient deviations > 3σ
+(here they must also last, SUSTAINED_CYCLES); period windows beyond 3σ, stable if the period std < 1; discord z > 3.5 with m = 50; noisy series (noise σ
 above 5 % of the robust σ: the noisy-* families and the pure-noise range family) are Savitzky–Golay denoised (window 31,
 order 2) before the gradient and pattern scans. Choices where those thresholds leave room are documented at each
 function. numpy/scipy only.
@@ -31,7 +34,18 @@ from timerpo.prompt import check_truth
 
 Z_TRIGGER = 5.0
 Z_FLAG = 3.0
+# Version of the trace text. Data folders record it (manifest.json "expcot_version"); train.py recomputes the
+# traces of a folder written by another version (data_gen.with_current_expcot). Bump it when the text changes.
+# 2: the slope test asks for a lasting change, and a trace runs every stage whose numbers it quotes.
+EXPCOT_VERSION = "2"
+
 SLOPE_Z = 3.0
+# The slope test asks for a lasting change: the slope excess stays above half its peak for at least 3/4 of the
+# averaging cycle and 20 steps. A slope change of d steps, averaged over a cycle of c, leaves an excess about
+# max(d, c) wide at half its peak (the quarter of a cycle is room for noise); a brief bump of a point or
+# frequency anomaly leaves only its own width (median 14-17 steps on the anomllm point and freq families).
+SUSTAINED_CYCLES = 0.75
+SUSTAINED_MIN_STEPS = 20
 PERIOD_SIGMAS = 3.0
 PERIOD_STABLE_STD = 1.0
 DISCORD_Z = 3.5
@@ -342,6 +356,40 @@ def trend_scan(series, cycle: int = 1, window: int = GRAD_WINDOW, order: int = G
                      float(dev[k]), int(centers[k]), intervals)
 
 
+@dataclass
+class SlopeChange:
+    """The slope test on a trend scan: the run of centres around the largest slope excess where the excess keeps
+    at least half its peak, and whether the change is there (peak above 3σ and the run long enough)."""
+    run: int
+    needed: int
+    fired: bool
+    intervals: list
+
+
+def slope_change(trend: TrendScan, length: int, cycles: float = SUSTAINED_CYCLES,
+                 min_steps: int = SUSTAINED_MIN_STEPS) -> SlopeChange:
+    """Slope test: |excess| peak > 3σ (trend.max_z at trend.argmax) lasting ≥ max(ceil(cycles · cycle), min_steps)
+    centres at half the peak or more, same sign. Its interval spans that run, to the series end when the run
+    reaches the last centre (still changing there).
+
+    Example: a clean sin(2π·0.02·t) rising 3.0 over 1000 steps and 10.0 on [800, 900) has its peak at ≈ 850 and
+    a run ≈ 100 steps (cycle 50: 38 needed), so it fires with an interval ≈ [800, 900).
+    """
+    dev = (trend.slopes - trend.baseline) / trend.sigma  # [N] signed excess in σ
+    k = int(np.searchsorted(trend.centers, trend.argmax))
+    needed = max(math.ceil(cycles * trend.cycle), min_steps)
+    high = np.sign(dev[k]) * dev >= abs(dev[k]) / 2  # [N]
+    lo, hi = k, k
+    while lo > 0 and high[lo - 1]:
+        lo -= 1
+    while hi + 1 < high.size and high[hi + 1]:
+        hi += 1
+    run = hi - lo + 1
+    fired = bool(trend.max_z > SLOPE_Z and run >= needed)
+    end = length if hi == high.size - 1 else int(trend.centers[hi]) + 1
+    return SlopeChange(run, needed, fired, [[int(trend.centers[lo]), end]] if fired else [])
+
+
 # --------------------------------------------------------------------------------------------- pattern scan
 
 def exclusion_radius(m: int) -> int:
@@ -507,12 +555,49 @@ class StagedScan:
         return self.period.periodic and not self.period.stable
 
     @property
+    def slope(self) -> SlopeChange:
+        return self._get("slope", lambda: slope_change(self.trend, self.length))
+
+    @property
     def slope_hit(self) -> bool:
-        return self.trend.max_z > SLOPE_Z
+        return self.slope.fired
 
     @property
     def structural_hit(self) -> bool:
         return self.period_hit or self.slope_hit
+
+
+# The last stage whose numbers the evidence for each true type quotes (method.md §6, Reasoning & Validation):
+# extreme values (global), slope and period statistics (structural), the discord score (pattern). A normal
+# trace shows that no scan finds anything, so it runs them all.
+GLOBAL, STRUCTURAL, PATTERN = 0, 1, 2
+EVIDENCE_STAGE = {"global point": GLOBAL, "trend": STRUCTURAL, "seasonal": STRUCTURAL,
+                  "contextual point": PATTERN, "shapelet": PATTERN, "normal": PATTERN}
+
+
+@dataclass
+class TraceStages:
+    """Which scans a trace runs, and whether it runs one only because the true type's evidence needs it."""
+    structural: bool
+    pattern: bool
+    structural_for_evidence: bool
+    pattern_for_evidence: bool
+
+
+def trace_stages(scan: StagedScan, label: str) -> TraceStages:
+    """The staged scan of method.md §6 as a trace runs it: the structural scan when the global scan finds no
+    extreme values, the pattern scan when the structure is stable; and a stage the blind order would skip
+    when the evidence of the true type needs its numbers (EVIDENCE_STAGE), said so in the text. So no trace
+    skips a stage and then quotes it."""
+    need = EVIDENCE_STAGE[label]
+    structural = not scan.global_hit or need >= STRUCTURAL
+    pattern = structural and (not scan.structural_hit or need >= PATTERN)
+    return TraceStages(structural, pattern, structural and scan.global_hit, pattern and scan.structural_hit)
+
+
+def runs_pattern_scan(scan: StagedScan, label: str) -> bool:
+    """Whether the trace for `label` runs the pattern scan (trace_stages)."""
+    return trace_stages(scan, label).pattern
 
 
 # ----------------------------------------------------------------------------------- evidence inside intervals
@@ -619,20 +704,22 @@ def slope_inside(trend: TrendScan, intervals) -> float:
 
 # --------------------------------------------------------------------------------------------- trace text
 
-def observation_text(scan: StagedScan) -> str:
-    """Observation: the blind staged scan as run, quoting its numbers."""
+def observation_text(scan: StagedScan, label: str) -> str:
+    """Observation: the staged scan as the trace runs it (trace_stages), quoting its numbers."""
+    stages = trace_stages(scan, label)
     z, h = scan.z, scan.hist
     parts = [f"Staged scan of L = {scan.length} points. Global scan: median = {fmt(z.center, 3)}, "
              f"robust σ = {fmt(z.scale, 3)}, max |z| = {fmt(z.max_abs_z, 2)} at t = {z.argmax}, "
              f"{'above' if z.triggered else 'below'} the trigger {Z_TRIGGER:g}; "
              f"histogram score = {fmt(h.max_score, 2)}, isolated points = {h.isolated}."]
-    if scan.global_hit:
+    if not stages.structural:
         parts.append("Extreme values are present, so the structural and pattern scans are not needed.")
         return " ".join(parts)
-    parts.append(f"Structural scan: noise σ = {fmt(scan.noise, 3)} (noise ratio = {fmt(scan.noise_ratio, 3)}, " + (
-        f"above {NOISY_RATIO:g}), so gradient and pattern scans use a Savitzky–Golay smoothed copy (window "
-        f"{DENOISE_WINDOW}, order {DENOISE_ORDER})."
-        if scan.noisy else f"below {NOISY_RATIO:g}), so raw values are used."))
+    if stages.structural_for_evidence:
+        parts.append("Extreme values are present, but the type is still open, so the structural scan follows.")
+    parts.append(f"Structural scan: noise ratio = {fmt(scan.noise_ratio, 3)}, " + (
+        f"above {NOISY_RATIO:g}, so the later scans use a smoothed copy (window {DENOISE_WINDOW}, order "
+        f"{DENOISE_ORDER})." if scan.noisy else f"below {NOISY_RATIO:g}, so raw values are used."))
     p = scan.period
     if p.periodic:
         parts.append(f"The spectrum peaks at global period = {fmt(p.global_period, 2)} (peak share = "
@@ -643,16 +730,29 @@ def observation_text(scan: StagedScan) -> str:
     else:
         parts.append(f"There is no clear cycle (peak share = {fmt(p.peak_share, 2)}, below {fmt(PEAK_SHARE_MIN, 2)}), "
                      "so the period scan is skipped.")
-    t = scan.trend
-    averaged = f" of the cycle average (cycle = {t.cycle} steps)" if t.cycle > 1 else ""
-    parts.append(f"The Savitzky–Golay gradient (window {GRAD_WINDOW}, order {GRAD_ORDER}){averaged} has "
-                 f"baseline slope = {fmt(t.baseline, 3)} per 100 steps, slope σ = {fmt(t.sigma, 3)} and max slope z = "
-                 f"{fmt(t.max_z, 2)} at t = {t.argmax}, {'above' if scan.slope_hit else 'below'} {SLOPE_Z:g}.")
-    if scan.structural_hit:
+    parts.append(slope_sentence(scan))
+    if not stages.pattern:
         parts.append("The structure changes, so the pattern scan is not needed.")
         return " ".join(parts)
+    parts.append("The structure changes, but the local shape is still open, so the pattern scan follows."
+                 if stages.pattern_for_evidence else "The structure is stable.")
     parts.append(discord_sentence(scan))
     return " ".join(parts)
+
+
+def slope_sentence(scan: StagedScan) -> str:
+    """Slope-test sentence: the gradient statistics, and for an excess above 3σ how long it lasts."""
+    t, change = scan.trend, scan.slope
+    averaged = f" of the cycle average (cycle = {t.cycle} steps)" if t.cycle > 1 else ""
+    text = (f"The Savitzky–Golay gradient (window {GRAD_WINDOW}, order {GRAD_ORDER}){averaged} has baseline slope = "
+            f"{fmt(t.baseline, 3)} per 100 steps and max slope z = {fmt(t.max_z, 2)} at t = {t.argmax}")
+    if t.max_z <= SLOPE_Z:
+        return text + f", below {SLOPE_Z:g}: the slope is steady."
+    if not change.fired:
+        return (text + f", above {SLOPE_Z:g}, but half of it lasts only sustained run = {change.run} steps: "
+                "a brief bump.")
+    return (text + f", above {SLOPE_Z:g}; half of it lasts sustained run = {change.run} steps (needed run = "
+            f"{change.needed} steps): the slope changes.")
 
 
 def discord_sentence(scan: StagedScan) -> str:
@@ -680,8 +780,7 @@ def shape_clause(scan: StagedScan, intervals) -> str:
     """Matrix-profile evidence for the windows that touch the intervals."""
     d = scan.discord
     touch = windows_touching(d.profile.size, d.m, shift(intervals, -scan.offset))
-    return (f"windows touching {where(intervals)} reach max distance inside = "
-            f"{fmt(d.profile[touch].max(), 3)} against median distance = {fmt(d.median, 3)}")
+    return f"windows touching {where(intervals)} reach max distance inside = {fmt(d.profile[touch].max(), 3)}"
 
 
 def validation_text(scan: StagedScan, intervals, label: str) -> str:
@@ -695,8 +794,8 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
                 f"{fmt(absz[mask].max(), 2)} with mean |z| inside = {fmt(absz[mask].mean(), 2)}")
         if (~mask).any():
             text += f", while outside max |z| = {fmt(absz[~mask].max(), 2)}"
-        return text + (". Points this far from the median leave the range of the whole series, so they are "
-                       "global point anomalies rather than a change of shape, rhythm or slope.")
+        return text + (". Points this far from the median leave the range of the whole series: they are "
+                       "global point anomalies.")
     if label == "trend":
         t = scan.trend
         inside = slope_inside(t, intervals)
@@ -712,13 +811,12 @@ def validation_text(scan: StagedScan, intervals, label: str) -> str:
     ac = increment_autocorrelation(scan.x, intervals)
     if label == "contextual point":
         text = (f"{head}the values stay within the normal range ({range_clause(scan, intervals)}, "
-                f"below {Z_TRIGGER:g}), so this is no global outlier. The matrix profile (m = {scan.discord.m}) "
-                f"confirms a local break: {shape_clause(scan, intervals)}.")
+                f"below {Z_TRIGGER:g}), so this is no global outlier. The matrix profile confirms a local break: "
+                f"{shape_clause(scan, intervals)}.")
         if np.isfinite(ac):
             text += (f" The increments there are {'irregular' if ac < SMOOTH_AC else 'unusual'} (increment "
                      f"autocorrelation = {fmt(ac, 2)}), unlike the smooth pattern around them.")
-        return text + (" Values plausible for the series but wrong for their neighbourhood are contextual "
-                       "point anomalies.")
+        return text + " Values normal for the series but wrong for their place are contextual point anomalies."
     ratio = activity_ratio(scan.x, intervals)
     if label == "seasonal":
         return seasonal_validation(scan, intervals, head, iv, ac)
@@ -738,18 +836,18 @@ def seasonal_validation(scan: StagedScan, intervals, head: str, iv: str, ac: flo
     """Seasonal evidence: dominant-period statistics inside against outside the intervals."""
     text = f"{head}the values stay in range ({range_clause(scan, intervals)}) but the rhythm changes."
     outside, inside = local_periods(scan.x, intervals, light=scan.noisy)
-    if not (np.isfinite(outside) and np.isfinite(inside)):
-        return text + (f" The matrix profile marks the change: {shape_clause(scan, intervals)}. A change in "
-                       "the frequency of the cycle is a seasonal anomaly.")
+    if not (np.isfinite(outside) and np.isfinite(inside)):  # the episode leaves no side to compare
+        if runs_pattern_scan(scan, "seasonal"):
+            text += f" The matrix profile marks the change: {shape_clause(scan, intervals)}."
+        return text + " A change in the frequency of the cycle is a seasonal anomaly."
     p = scan.period
     if p.periodic and p.stable:
-        text += (f" The sliding rFFT stays stable (period std = {fmt(p.period_std, 2)}) because the episode "
-                 "is shorter than its window, so the local period from the analytic signal decides.")
-    text += (f" The dominant period is period outside = {fmt(outside, 2)} steps and period inside = "
-             f"{fmt(inside, 2)} steps in {iv} (period ratio = {fmt(inside / outside, 2)}), so the cycle runs "
+        text += " The episode is too short for the sliding rFFT, so the local period decides."
+    text += (f" The local period of the analytic signal is period outside = {fmt(outside, 2)} steps and period "
+             f"inside = {fmt(inside, 2)} steps in {iv} (period ratio = {fmt(inside / outside, 2)}), so the cycle runs "
              f"{'faster' if inside < outside else 'slower'} there")
-    text += (f", while the increments stay smooth (increment autocorrelation = {fmt(ac, 2)}), as in a sine "
-             "rather than noise." if np.isfinite(ac) and ac >= SMOOTH_AC else ".")
+    text += (f", with smooth increments as in a sine (increment autocorrelation = {fmt(ac, 2)})."
+             if np.isfinite(ac) and ac >= SMOOTH_AC else ".")
     return text + " A change in the frequency of the cycle is a seasonal anomaly."
 
 
@@ -761,7 +859,8 @@ def normal_validation(scan: StagedScan) -> str:
                  else "the values stay within their usual range")
     if scan.period.periodic:
         notes.append("the period varies without a clear episode" if scan.period_hit else "the period stays stable")
-    notes.append("the slope deviation is brief and not backed by another scan" if scan.slope_hit
+    notes.append("the slope change is not backed by another scan" if scan.slope_hit
+                 else "the slope deviation is brief" if scan.trend.max_z > SLOPE_Z
                  else "the slope stays near its baseline")
     if d.z > DISCORD_Z:  # only the ratio guard failed
         weak = (f"discord z = {fmt(d.z, 2)} but max distance = {fmt(d.max_distance, 3)} at t = {d.argmax} "
@@ -787,5 +886,5 @@ def expert_cot(series, intervals, label: str, scan: StagedScan | None = None) ->
     """
     scan = StagedScan(series) if scan is None else scan
     intervals = check_truth(intervals, label, scan.length)
-    return "\n".join(["Observation: " + observation_text(scan), validation_text(scan, intervals, label),
+    return "\n".join(["Observation: " + observation_text(scan, label), validation_text(scan, intervals, label),
                       conclusion_text(intervals, label)])

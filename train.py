@@ -38,6 +38,8 @@ from timerpo.distributed import (DIST_MODES, SINGLE, Dist, DistError, fail_fast,
                                  prepare_policy, rank_slice)
 from timerpo.evaluate import predict, summarize
 from timerpo.files import write_atomic
+from timerpo.lora import DEFAULT_TARGETS, adapters_disabled
+from timerpo.optim import BF16AdamW
 from timerpo.plots import line_chart
 from timerpo.policy import ModelNotFound, Policy, load_policy, save_policy
 from timerpo.precision import DTYPES, default_dtype, enable_tf32
@@ -93,6 +95,21 @@ class Config:
     compile: str = option("auto", "torch.compile the rollout's decode step (CUDA graphs on GPU): auto = on for CUDA "
                                   "without FSDP, off on CPU, where compiling costs more than it saves on short runs",
                           choices=("auto", "on", "off"))
+    # -- fitting one GPU (docs/memory.md); the paper's run is full fine-tuning with fp32 master weights
+    offload: bool = option(False, "the paper's exact run on one 80 GB GPU: FSDP2 keeps the fp32 weights, gradients "
+                                  "and AdamW state in CPU memory (16 bytes per parameter: 60 GB of RAM for 3B) and "
+                                  "brings each layer to the GPU in bf16 when it runs; the optimizer steps on the CPU. "
+                                  "Implies --dist fsdp (a one-process group without torchrun) and "
+                                  "--grad-checkpointing; the numbers are those of a run without it")
+    pure_bf16: bool = option(False, "bf16 weights, gradients and AdamW moments, written back with stochastic "
+                                    "rounding (timerpo/optim.py), no fp32 master copy: 8 bytes per parameter "
+                                    "instead of 16 (3B on one 40 GB GPU); a deviation from the paper, method.md §23")
+    lora_rank: int = option(0, "train LoRA adapters of rank R on the language model's linear layers instead of "
+                               "every weight; the KL reference is the model with its adapters off; checkpoints hold "
+                               "the adapters (0: full fine-tuning, the paper's; a deviation, method.md §23)")
+    lora_alpha: float | None = option(None, "LoRA scale: the adapters add (alpha / R)·B·A to each layer "
+                                            "(default: 2·R)")
+    lora_targets: str = option(DEFAULT_TARGETS, "the linear layers of each decoder layer that get adapters")
 
     # -- the method's variants
     advantage: str = paper("timerpo", "timerpo (A = Â_main + α·Â⊥_TsR) | grpo (α = 0) | no-projection "
@@ -175,6 +192,12 @@ def resolve_defaults(config: Config) -> Config:
                                   f"{config.grounding}-s{config.seed}")
     config.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config.dtype = config.dtype or default_dtype(config.device)
+    if config.offload:  # the one-GPU paper run: FSDP (one process or torchrun's) with checkpointing
+        config.dist, config.grad_checkpointing = "fsdp", True
+    if config.pure_bf16:
+        config.dtype = "bf16"
+    if config.lora_rank and config.lora_alpha is None:
+        config.lora_alpha = 2.0 * config.lora_rank
     return config
 
 
@@ -233,19 +256,42 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
     if config.group_size < 2:
         parser.error("--group-size must be at least 2: group-relative advantages need a group")
+    check_memory_modes(parser, config)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if config.prompts_per_step % world:
         parser.error(f"--prompts-per-step ({config.prompts_per_step}) is the global batch and must be divisible by "
                      f"the number of ranks ({world}), so that every rank gets whole groups")
 
 
+def check_memory_modes(parser: argparse.ArgumentParser, config: Config) -> None:
+    """--offload, --pure-bf16 and LoRA: the combinations that cannot work."""
+    if config.offload and config.dist == "ddp":
+        parser.error("--offload shards the model with FSDP; use it with --dist fsdp (or alone), not --dist ddp")
+    if config.offload and config.lora_rank:
+        parser.error("--offload and --lora-rank: LoRA's trained state is already small; drop --offload")
+    if config.pure_bf16 and config.dtype == "fp32":
+        parser.error("--pure-bf16 keeps bf16 weights; it cannot run with --dtype fp32")
+    if config.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0, got {config.lora_rank}")
+    if config.lora_alpha is not None and not config.lora_alpha > 0:
+        parser.error(f"--lora-alpha must be > 0, got {config.lora_alpha}")
+    if config.lora_rank:
+        from timerpo.lora import target_pattern
+
+        try:
+            target_pattern(config.lora_targets)
+        except ValueError as err:
+            parser.error(f"--lora-targets: {err}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data and prompts
 
 
-def ensure_data(folder: str, seed: int, progress: bool):
+def ensure_data(folder: str, seed: int, progress: bool, expcot: bool = True):
     """Load a data folder; generate the anomllm suite there first when it does not exist yet. Imported real
-    series (data_gen.py --suite series) are refused: their classes are unknown and they have no ExpCoT."""
+    series (data_gen.py --suite series) are refused: their classes are unknown and they have no ExpCoT. With
+    `expcot`, a folder written by an older ExpCoT gets its traces recomputed (data_gen.with_current_expcot)."""
     if not os.path.exists(os.path.join(folder, "samples.jsonl")):
         print(f"[data] {folder} not found: generating the anomllm suite (400 per family, seed {seed})")
         data_gen.generate(folder, "anomllm", 400, seed, progress=progress)
@@ -254,7 +300,7 @@ def ensure_data(folder: str, seed: int, progress: bool):
     if real is not None:  # imported real series: no known class, no ExpCoT to ground on
         raise data_gen.DataError(f"{folder}: sample {real.id!r} is a window of a real series (unknown class, no "
                                  f"ExpCoT); training needs generated data; score such folders with eval.py --data")
-    return samples
+    return data_gen.with_current_expcot(folder, samples, progress) if expcot else samples
 
 
 def step_prompt_indices(n_samples: int, per_step: int, step: int, seed: int) -> list[int]:
@@ -362,8 +408,11 @@ def format_warmup(policy: Policy, config: Config, train_samples: list, progress:
 
 
 def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:
-    """The frozen KL reference π_ref, loaded from `source`; it shares the policy's tokenizer."""
-    ref_model = load_policy(source, device=config.device, seed=config.seed).model.eval()
+    """The frozen KL reference π_ref, loaded from `source`; it shares the policy's tokenizer. With LoRA it is
+    the policy itself, whose forwards rl_step runs with the adapters off (no second copy)."""
+    if policy.adapters is not None:
+        return dataclasses.replace(policy, wrapper=None)
+    ref_model = load_policy(source, device=load_device(config), seed=config.seed).model.eval()
     ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None, autocast_dtype=None, rollout_model=None,
                                      decoder=None)
     ref_policy.model.requires_grad_(False)
@@ -372,9 +421,59 @@ def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SIN
 
 
 def make_optimizer(policy: Policy, config: Config) -> torch.optim.Optimizer:
-    """AdamW with a constant learning rate (the paper uses no schedule)."""
+    """AdamW with a constant learning rate (the paper uses no schedule); --pure-bf16: its bf16 twin with
+    stochastic rounding."""
+    if config.pure_bf16:
+        return BF16AdamW(policy.model.parameters(), lr=config.lr, betas=(0.9, 0.999),
+                         weight_decay=config.weight_decay, seed=config.seed)
     return torch.optim.AdamW(policy.model.parameters(), lr=config.lr, betas=(0.9, 0.999),
                              weight_decay=config.weight_decay)
+
+
+def load_device(config: Config) -> str:
+    """Where models load: the CPU with --offload (FSDP then moves one unit at a time through the GPU while
+    sharding it into host memory), else the run's device."""
+    return "cpu" if config.offload else config.device
+
+
+def policy_source(config: Config, ckpt: str | None, run_dir: str) -> str:
+    """What the policy loads: a checkpoint's model when resuming, else --model. LoRA: always the base
+    model (the run's own saved base when it has one), whose adapters add_lora puts in afterwards."""
+    saved_rank = lora_rank_of(ckpt) if ckpt else config.lora_rank
+    if saved_rank != config.lora_rank:
+        raise CheckpointError(f"{ckpt} holds " + (f"LoRA adapters of rank {saved_rank}" if saved_rank else
+                              "a fully fine-tuned model") + f": resume it with --lora-rank {saved_rank}")
+    if config.lora_rank:
+        base = os.path.join(run_dir, "reference")
+        return base if ckpt is not None and os.path.isdir(base) else config.model
+    return os.path.join(ckpt, "model") if ckpt else config.model
+
+
+def lora_rank_of(ckpt: str) -> int:
+    """The rank of a checkpoint's LoRA adapters (its adapter/adapter_config.json), 0 for a full model."""
+    from timerpo.lora import ADAPTER_DIR
+
+    path = os.path.join(ckpt, ADAPTER_DIR, "adapter_config.json")
+    if not os.path.isfile(path):
+        return 0
+    try:
+        with open(path) as f:
+            return int(json.load(f)["r"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a readable adapter config ({err})") from None
+
+
+def add_lora(policy: Policy, config: Config, ckpt: str | None, run_dir: str) -> None:
+    """LoRA runs: the checkpoint's adapters when resuming, else new ones, which name as their base the run's
+    saved base model when there is one (tiny, or after a warm-up), else --model."""
+    from timerpo.lora import ADAPTER_DIR, add_adapters, load_adapters
+
+    if ckpt is not None:
+        load_adapters(policy, os.path.join(ckpt, ADAPTER_DIR))
+        return
+    saved = os.path.join(run_dir, "reference")
+    base = saved if os.path.isdir(saved) else config.model
+    add_adapters(policy, config.lora_rank, config.lora_alpha, config.lora_targets, base=base, seed=config.seed)
 
 
 def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, config: Config, dist: Dist = SINGLE):
@@ -392,8 +491,8 @@ def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, con
             targets = target_states(policy, prompts, max_tokens=c.expcot_max_tokens)
             ground_completions(episodes, targets, micro_batch=c.micro_batch, grounding=c.grounding,
                                ot_eps=c.ot_eps, ot_iters=c.ot_iters)
-    if ref_policy is not None:
-        with timer("forward"), full_params(ref_policy, dist):
+    if ref_policy is not None:  # LoRA: the policy with its adapters off
+        with timer("forward"), full_params(ref_policy, dist), adapters_disabled(ref_policy):
             reference_logprobs(ref_policy, episodes, micro_batch=c.micro_batch)
     adv = compute_advantages(episodes, group_size=c.group_size, mode=c.advantage, alpha=c.alpha, norm=c.adv_norm,
                              tau=c.tau, grounding=c.grounding, tsr_norm=c.tsr_norm, tsr_floor=c.tsr_floor)
@@ -414,7 +513,8 @@ def trim_log(path: str, last_step: int) -> None:
 
 
 def draw_curves(run_dir: str) -> None:
-    """runs/<name>/curves.png: training reward per step and held-out reward per evaluation."""
+    """runs/<name>/curves.png: training reward per step; held-out reward, aff-F1 and localization gain per
+    evaluation."""
     def read(name):
         path = os.path.join(run_dir, name)
         return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
@@ -422,9 +522,11 @@ def draw_curves(run_dir: str) -> None:
     # Rollout rewards of a few prompts per step are noisy: draw their trailing 10-step mean.
     rewards = [r["reward"] for r in train]
     smoothed = [float(np.mean(rewards[max(0, k - 9):k + 1])) for k in range(len(rewards))]
+    gained = [r for r in held if r.get("loc_gain") is not None]  # runs logged before the gain existed lack it
     line_chart({"train reward (10-step mean)": ([r["step"] for r in train], smoothed),
                 "held-out reward": ([r["step"] for r in held], [r["reward"] for r in held]),
-                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held])},
+                "held-out aff-F1": ([r["step"] for r in held], [r["aff_f1"] for r in held]),
+                "held-out loc gain": ([r["step"] for r in gained], [r["loc_gain"] for r in gained])},
                os.path.join(run_dir, "curves.png"), title=os.path.basename(run_dir))
 
 
@@ -441,11 +543,20 @@ def run_eval(policy, step, eval_prompts, config: Config, run_dir, tag="rl", dist
     if not dist.is_main:
         return None
     summary = summarize(preds)
+    # loc_gain: Avg F1 less that of the same answers with the class oracle's window (timerpo/evaluate.py)
     row = {"step": step, "phase": tag, "reward": summary["reward"], "aff_f1": summary["aff_f1"],
            "cls_acc": summary["cls_acc"], "avg_group_f1": summary["avg_group_f1"], "groups": summary["groups"],
+           "loc_gain": summary["loc_gain"], "class_window_avg_f1": summary["class_window_avg_f1"],
+           "pw_f1_anomalous": summary["pw_f1_anomalous"], "distinct_intervals": summary["distinct_intervals"],
            "unparsable": summary["unparsable"], "n": summary["n"]}
     append_jsonl(os.path.join(run_dir, "eval.jsonl"), row)
     return row
+
+
+def eval_line(row: dict) -> str:
+    """The printed summary of one eval.jsonl row."""
+    return (f"reward {row['reward']:.3f}  Avg F1 {row['avg_group_f1']:.3f}  loc gain {row['loc_gain']:+.3f}  "
+            f"PW-F1 anomalous {row['pw_f1_anomalous']:.3f}  cls acc {row['cls_acc']:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -456,9 +567,11 @@ def choose_rollout_batch(policy: Policy, config: Config, dist: Dist, prompt_len:
     """--rollout-batch 0 (the Qwen default): on CUDA, all of this rank's completions of a step at once when the
     free memory holds their decode state, else as many as it holds; 64 on CPU. Prints the choice.
 
-    Budget: the free memory now, less what the first optimizer step still allocates (fp32 gradients and AdamW's
-    two moments, 12 bytes per trainable parameter, sharded under FSDP), then half of that when the decode
-    buffers stay allocated through the update (compiled decode step) and 90 % otherwise.
+    Budget: the free memory now, less what is not allocated yet: what the first optimizer step adds on the GPU
+    (gradients and AdamW's two moments: 12 bytes per trainable parameter with fp32 master weights, 6 with
+    --pure-bf16, sharded under FSDP, none with --offload, which keeps them in host memory) and, under FSDP, the
+    rollout's gathered copy of every weight in the compute dtype; then half of that when the decode buffers
+    stay allocated through the update (compiled decode step) and 90 % otherwise.
     """
     if config.rollout_batch > 0:
         return config.rollout_batch
@@ -466,10 +579,12 @@ def choose_rollout_batch(policy: Policy, config: Config, dist: Dist, prompt_len:
     if not config.device.startswith("cuda"):
         return min(64, completions)
     free, _ = torch.cuda.mem_get_info(torch.device(config.device))
+    element = DTYPES[config.dtype].itemsize  # the rollout weights' dtype, hence the KV cache's
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     shards = dist.world_size if dist.mode == "fsdp" else 1
-    budget = (free - 12 * trainable / shards) * (0.5 if policy.compile_decode else 0.9)
-    element = DTYPES[config.dtype].itemsize  # the rollout weights' dtype, hence the KV cache's
+    step_bytes = 0 if dist.offload else (6 if config.pure_bf16 else 12) * trainable / shards
+    gathered = element * sum(p.numel() for p in policy.model.parameters()) if dist.mode == "fsdp" else 0
+    budget = (free - step_bytes - gathered) * (0.5 if policy.compile_decode else 0.9)
     per_row = decode_bytes_per_row(policy.model.config.get_text_config(), prompt_len + config.max_new_tokens, element)
     batch = rollout_batch_for_memory(completions, per_row, budget)
     if dist.is_main:
@@ -490,7 +605,9 @@ def load_splits(config: Config, dist: Dist, progress: bool) -> tuple[list, list]
     """The training and held-out samples. A missing data folder is generated once, by rank 0, before the other
     ranks read it."""
     def load():
-        return ensure_data(config.data, 3407, progress), ensure_data(config.eval_data, 42, progress)
+        # Held-out prompts are never grounded: their ExpCoT is not used, so it is not brought up to date.
+        return (ensure_data(config.data, 3407, progress, expcot=config.cot == "expcot"),
+                ensure_data(config.eval_data, 42, progress, expcot=False))
 
     splits = load() if dist.is_main else None
     dist.barrier()
@@ -510,7 +627,9 @@ def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list,
         losses = format_warmup(policy, config, train_samples, progress=not config.no_progress and dist.is_main)
         say(f"[warm-up] {config.warmup_vision_steps} plot-reading + {config.warmup_steps} answer steps in "
             f"{time.time() - t0:.0f} s" + (f", final answer loss {losses[-1]:.3f}" if losses else ""))
-    if config.beta > 0 and warming and dist.is_main:
+    # the KL reference; and a LoRA run's base model, unless --model can load it again
+    keep_base = config.lora_rank and (warming or config.model == "tiny")
+    if (config.beta > 0 and warming or keep_base) and dist.is_main:
         save_policy(policy, os.path.join(run_dir, "reference"))
     dist.barrier()  # the reference folder is complete before any rank reads it
 
@@ -534,6 +653,20 @@ def log_step(step: int, columns: dict, update: dict, timer: Timer, config: Confi
         tqdm.write(f"[step {step}] non-finite loss or gradient: update skipped")
     bar.set_postfix(reward=f"{metrics['reward']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                     s_step=f"{metrics['time_step']:.1f}")
+
+
+def say_memory_mode(policy: Policy, config: Config, dist: Dist, say) -> None:
+    """One line each for --offload, --pure-bf16 and LoRA, saying what they do to this run."""
+    if dist.offload:
+        say(f"[offload] FSDP2 over {dist.world_size} rank(s): fp32 weights, gradients and AdamW state in host "
+            f"memory, forwards on {dist.device}, gradient checkpointing on")
+    if config.pure_bf16:
+        say("[pure-bf16] bf16 weights and AdamW moments with stochastic rounding, no fp32 master copy")
+    if policy.adapters is not None:
+        trained = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in policy.model.parameters())
+        say(f"[lora] rank {config.lora_rank}, alpha {config.lora_alpha:g}: {trained:,} of {total:,} parameters "
+            f"trained ({100 * trained / total:.2f} %); the KL reference is the model with its adapters off")
 
 
 def usage_error(err: Exception) -> int:
@@ -562,8 +695,7 @@ def train(config: Config, dist: Dist) -> int:
     try:
         # the trainer state first, so that a checkpoint that is refused stops the run before anything else loads
         state = load_trainer_state(ckpt, trust_pickle=config.trust_checkpoint) if ckpt else None
-        policy = load_policy(os.path.join(ckpt, "model") if ckpt else config.model, device=config.device,
-                             seed=config.seed)
+        policy = load_policy(policy_source(config, ckpt, run_dir), device=load_device(config), seed=config.seed)
     except (CheckpointError, ModelNotFound) as err:
         return usage_error(err)
     eval_prompts = [make_prompt(policy, config.eval_data, eval_samples, i, config.cot)
@@ -577,10 +709,17 @@ def train(config: Config, dist: Dist) -> int:
         start_step = 0
     else:
         start_step = resume_from(ckpt, state, dist, run_dir, say)
+    if config.lora_rank:
+        try:
+            add_lora(policy, config, ckpt, run_dir)
+        except ModelNotFound as err:
+            return usage_error(err)
+    prepare_policy(policy, dist, config.grad_checkpointing, config.freeze_vision, dtype=DTYPES[config.dtype],
+                   pure=config.pure_bf16)
+    say_memory_mode(policy, config, dist, say)
     reference_dir = os.path.join(run_dir, "reference")
     ref_source = reference_dir if os.path.isdir(reference_dir) else config.model
     ref_policy = make_reference(policy, ref_source, config, dist) if config.beta > 0 else None
-    prepare_policy(policy, dist, config.grad_checkpointing, config.freeze_vision, dtype=DTYPES[config.dtype])
     policy.compile_decode = use_compile(config, dist)
     config.rollout_batch = choose_rollout_batch(policy, config, dist,
                                                 max(len(p.encoded.input_ids) for p in eval_prompts))
@@ -594,8 +733,7 @@ def train(config: Config, dist: Dist) -> int:
         t0 = time.time()
         row = run_eval(policy, 0, eval_prompts, config, run_dir, tag="start", dist=dist)
         if dist.is_main:
-            say(f"[eval] step 0 (start of RL): reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                f"cls acc {row['cls_acc']:.3f}  ({time.time() - t0:.0f} s)")
+            say(f"[eval] step 0 (start of RL): {eval_line(row)}  ({time.time() - t0:.0f} s)")
 
     # -- RL loop ----------------------------------------------------------------------------------
     bar = tqdm(range(start_step, config.steps), desc="TimerPO", disable=not progress, dynamic_ncols=True,
@@ -613,8 +751,7 @@ def train(config: Config, dist: Dist) -> int:
         if done % config.eval_every == 0 or done == config.steps:
             row = run_eval(policy, done, eval_prompts, config, run_dir, dist=dist)
             if dist.is_main:
-                tqdm.write(f"[eval] step {done}: reward {row['reward']:.3f}  aff-F1 {row['aff_f1']:.3f}  "
-                           f"cls acc {row['cls_acc']:.3f}")
+                tqdm.write(f"[eval] step {done}: {eval_line(row)}")
                 draw_curves(run_dir)
         if done % config.save_every == 0 or done == config.steps:
             save_checkpoint(run_dir, done, policy, optimizer, extra={"args": dataclasses.asdict(config)}, dist=dist)
@@ -629,7 +766,7 @@ def train(config: Config, dist: Dist) -> int:
 def main(argv=None) -> int:
     config = parse_args(argv)
     try:
-        dist = init_distributed(config.dist, config.device, config.dist_timeout)
+        dist = init_distributed(config.dist, config.device, config.dist_timeout, offload=config.offload)
     except DistError as err:
         return usage_error(err)
     config.device = dist.device

@@ -3,12 +3,16 @@
     torchrun --standalone --nproc_per_node=1 bench/gpu_smoke.py --dist fsdp   # 1 GPU: FSDP2 over 1 rank (bf16)
     torchrun --standalone --nproc_per_node=8 bench/gpu_smoke.py --dist fsdp   # 8 GPUs
     torchrun --standalone --nproc_per_node=1 bench/gpu_smoke.py --dist fsdp --config tiny --device cpu  # CPU path
+    python bench/gpu_smoke.py --offload                    # 1 GPU: FSDP2 CPU offload in a one-process group
+    python bench/gpu_smoke.py --lora-rank 64               # 1 GPU: LoRA, KL reference = adapters off (β 0.001)
+    python bench/gpu_smoke.py --pure-bf16 --grad-checkpointing   # 1 GPU: bf16 weights and AdamW state
 
 (bench/gpu_smoke.sh runs bench/gpu_bench.py: the rollout engine's variants and the one-GPU update.)
 
 Each step is train.py's: rollout (full_params gathered, hand-written sampling with a KV cache) → rewards →
 OT grounding + old log-probs → advantages → micro-batched update through FSDP2, on 8 prompts x 5 completions
-of up to 256 new tokens (global), β = 0 (no reference model). The text side uses the project's tiny
+of up to 256 new tokens (global), β = 0 (no reference model; with --lora-rank the reference is the model
+with its adapters off, so β = 0.001 and its forward is timed too). The text side uses the project's tiny
 tokenizer: its ids are valid ids of the 151,936-token model, and the config's special-token ids are set to
 the tiny tokenizer's. The random model almost never writes an end token, so completions run the full 256
 tokens (the rewards are 0; the timing is real).
@@ -40,9 +44,11 @@ for path in (ROOT, HERE):
 
 import data_gen  # noqa: E402
 from memory_table import qwen25vl_config  # noqa: E402
-from timerpo.algorithm import (compute_advantages, ground_completions, make_prompt, rollout, score_outcomes,  # noqa: E402
-                               target_states, update_policy)
+from timerpo.algorithm import (compute_advantages, ground_completions, make_prompt, reference_logprobs,  # noqa: E402
+                               rollout, score_outcomes, target_states, update_policy)
 from timerpo.distributed import full_params, init_distributed, prepare_policy, rank_slice  # noqa: E402
+from timerpo.lora import adapters_disabled, add_adapters  # noqa: E402
+from timerpo.optim import BF16AdamW  # noqa: E402
 from timerpo.policy import Policy, make_image_processor  # noqa: E402
 from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer  # noqa: E402
 from train import step_prompt_indices  # noqa: E402
@@ -65,10 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--rollout-batch", type=int, default=40)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--offload", action="store_true", help="train.py --offload: FSDP2 with CPU offload, gradient "
+                                                          "checkpointing (a one-process group without torchrun)")
+    p.add_argument("--pure-bf16", action="store_true", help="train.py --pure-bf16 (GPU only: bf16 weights)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train.py --lora-rank: LoRA adapters of this rank")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="per GPU, bf16 dense")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.dist = args.dist or ("fsdp" if "RANK" in os.environ else "none")
+    args.dist = args.dist or ("fsdp" if "RANK" in os.environ or args.offload else "none")
+    args.grad_checkpointing |= args.offload
     return args
 
 
@@ -137,15 +148,19 @@ def reset_peak(device: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dist = init_distributed(args.dist, args.device)
+    dist = init_distributed(args.dist, args.device, offload=args.offload)
     say = print if dist.is_main else (lambda *a, **k: None)
     device = dist.device
     t0 = time.perf_counter()
     policy = build_policy(args.config, device)
     terms = flop_terms(policy.model)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # train.py's --dtype default
-    prepare_policy(policy, dist, grad_checkpointing=args.grad_checkpointing, dtype=dtype)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-6, weight_decay=0.01)
+    dtype = torch.bfloat16 if device.startswith("cuda") or args.pure_bf16 else torch.float32  # train.py's default
+    if args.lora_rank:
+        add_adapters(policy, args.lora_rank, 2.0 * args.lora_rank, base=policy.name)
+    prepare_policy(policy, dist, grad_checkpointing=args.grad_checkpointing, dtype=dtype, pure=args.pure_bf16)
+    opt_class = BF16AdamW if args.pure_bf16 else torch.optim.AdamW
+    optimizer = opt_class([p for p in policy.model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.01)
+    beta = 0.001 if args.lora_rank else 0.0
     args.data = smoke_data(args.data, dist)
     samples = data_gen.load_samples(args.data)
     gpus = dist.world_size if device.startswith("cuda") else 0
@@ -154,7 +169,8 @@ def main(argv=None) -> int:
         f"rank(s) on {torch.cuda.get_device_name() if gpus else 'cpu'}, built in {time.perf_counter() - t0:.0f} s")
     say(f"[smoke] {args.prompts} prompts x {args.group_size} completions, <= {args.max_new_tokens} new tokens, "
         f"micro-batch {args.micro_batch}, rollout batch {args.rollout_batch}, "
-        f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}")
+        f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, offload {'on' if args.offload else 'off'}, "
+        f"pure bf16 {'on' if args.pure_bf16 else 'off'}, LoRA rank {args.lora_rank}")
     for step in range(args.steps):
         indices = rank_slice(step_prompt_indices(len(samples), args.prompts, step, 0), dist)
         prompts = [make_prompt(policy, args.data, samples, i, "expcot") for i in indices]
@@ -175,11 +191,17 @@ def main(argv=None) -> int:
                                ot_iters=50)
         sync(device)
         t_ground = time.perf_counter() - t
+        t = time.perf_counter()
+        if beta:  # LoRA: the reference is the model with its adapters off
+            with full_params(policy, dist), adapters_disabled(policy):
+                reference_logprobs(policy, episodes, micro_batch=args.micro_batch)
+        sync(device)
+        t_ground += time.perf_counter() - t
         compute_advantages(episodes, group_size=args.group_size, mode="timerpo", alpha=0.3, norm="std", tau=0.5,
                            grounding="ot")
         reset_peak(device)
         t = time.perf_counter()
-        stats = update_policy(policy, optimizer, episodes, micro_batch=args.micro_batch, clip_eps=0.2, beta=0.0,
+        stats = update_policy(policy, optimizer, episodes, micro_batch=args.micro_batch, clip_eps=0.2, beta=beta,
                               entropy_coef=0.001, max_grad_norm=1.0, dist=dist)
         sync(device)
         t_update = time.perf_counter() - t
@@ -188,7 +210,7 @@ def main(argv=None) -> int:
         # MFU only means something against a GPU's peak; on a CPU the line shows "n/a"
         mfu = f"{100 * flops / (t_update * args.peak_tflops * 1e12 * gpus):.1f} %" if gpus else "n/a"
         say(f"[step {step + 1}] rollout {new_tokens:.0f} tokens in {t_rollout:.1f} s = {new_tokens / t_rollout:.0f} "
-            f"tokens/s | grounding {t_ground:.1f} s | update {t_update:.1f} s ({flops / 1e12:.3f} TFLOP, MFU {mfu}) "
+            f"tokens/s | grounding{' + reference' if beta else ''} {t_ground:.1f} s | update {t_update:.1f} s ({flops / 1e12:.3f} TFLOP, MFU {mfu}) "
             f"| step {t_rollout + t_ground + t_update:.1f} s | peak memory rank 0 ({mem_kind}): rollout "
             f"{mem_rollout:.1f} GB, update {mem_update:.1f} GB | loss {stats['loss']:.4f}, grad norm "
             f"{stats['grad_norm']:.3f}")

@@ -8,6 +8,10 @@
 #   bash bench/gpu_smoke.sh --smoke               # the same code path on a CPU with the tiny config (no CUDA)
 # Extra arguments go to bench/gpu_bench.py (see its --help). Two full TimerPO steps under FSDP2 on N GPUs:
 #   torchrun --standalone --nproc_per_node=N bench/gpu_smoke.py --dist fsdp
+# and the one-GPU modes of train.py, two steps each at the 3B size (each prints peak memory per phase):
+#   python bench/gpu_smoke.py --offload                   # FSDP2 CPU offload, one-process group
+#   python bench/gpu_smoke.py --lora-rank 64              # LoRA; the reference forward with adapters off
+#   python bench/gpu_smoke.py --pure-bf16 --grad-checkpointing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " != *" --smoke "* ]] && [[ " $* " != *" --device cpu "* ]] && \

@@ -124,3 +124,14 @@ def test_bench_rollout_smoke(tiny_data, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["sides"]) == {"ours", "before"} and "ratio ours/before" in stdout
     assert report["same_completions"]  # this checkout against itself
+
+
+def test_expcot_rates_smoke(tmp_path):
+    out = tmp_path / "rates.json"
+    stdout = run_script(["bench/expcot_rates.py", "--suite", "tods", "--per-family", "2", "--workers", "1",
+                         "--results", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert "| family | truth | n | global |" in stdout
+    assert [r["family"] for r in rows] == ["global", "contextual", "seasonal", "trend", "shapelet", "all"]
+    assert all(r["truth"] == "anomalous" and r["n"] == (10 if r["family"] == "all" else 2) for r in rows)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("global", "period", "slope", "pattern", "discord"))

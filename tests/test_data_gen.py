@@ -311,6 +311,33 @@ def test_manifest_records_render_settings(two_runs):
     assert sum(manifest["counts"]["by_label"].values()) == 12 and render["ground_truth_drawn"] is False
 
 
+def test_a_folder_of_an_older_expcot_gets_current_traces(two_runs, tmp_path):
+    import shutil
+
+    import expert_cot
+
+    current = dg.load_samples(two_runs[0])
+    with open(os.path.join(two_runs[0], "manifest.json")) as fh:
+        assert json.load(fh)["expcot_version"] == expert_cot.EXPCOT_VERSION
+    assert dg.with_current_expcot(two_runs[0], current, progress=False) is current  # up to date: as stored
+    old = str(tmp_path / "old")
+    shutil.copytree(two_runs[0], old)
+    with open(os.path.join(old, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    del manifest["expcot_version"]  # a folder written before the field: version 1
+    with open(os.path.join(old, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh)
+    with open(os.path.join(old, "samples.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    with open(os.path.join(old, "samples.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({**r, "expcot": "an old trace"}) + "\n" for r in rows)
+    stale = dg.load_samples(old)
+    assert dg.folder_expcot_version(old) == "1" and {s.expcot for s in stale} == {"an old trace"}
+    fresh = dg.with_current_expcot(old, stale, progress=False, workers=1)
+    assert [s.expcot for s in fresh] == [s.expcot for s in current]  # what a fresh generation writes
+    assert [s.series for s in fresh] == [s.series for s in stale]
+
+
 # --------------------------------------------------------------------------------------------- loader
 
 def test_load_samples_filters_and_limits(two_runs):

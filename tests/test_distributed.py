@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import train
@@ -149,6 +150,52 @@ def test_a_failing_rank_ends_the_job_quickly(tiny_data, tmp_path):
     assert proc.returncode != 0
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
     assert "rank 1 failed: RuntimeError: failure injected by TIMERPO_FAIL_RANK=1" in proc.stderr
+
+
+def test_offload_in_one_process_makes_the_plain_run_exactly(runs, tiny_data):
+    """`python train.py --offload` (no torchrun): a one-rank FSDP2 group with CPUOffloadPolicy and gradient
+    checkpointing. On a CPU device the offload's copies are CPU to CPU, but its code path runs (see
+    test_offload_policy_is_applied) and the run is the plain 1-process run to the bit: weights, AdamW state
+    and every logged number, at both steps."""
+    proc = launch(run_args(tiny_data, runs, "offload", 2, ["--offload"]))
+    check(proc)
+    assert "[offload] FSDP2 over 1 rank(s)" in proc.stdout
+    for step in (1, 2):
+        offloaded, plain = weights(runs / "offload", step), weights(runs / "single", step)
+        assert all(torch.equal(offloaded[k], plain[k]) for k in plain)
+    for row, ref in zip(read_metrics(runs / "offload"), read_metrics(runs / "single"), strict=True):
+        assert {k: row[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
+    state = [load_file(runs / r / "ckpt-000002" / "optimizer" / "rank-00000.safetensors") for r in ("offload", "single")]
+    assert state[0].keys() == state[1].keys() and all(torch.equal(state[0][k], state[1][k]) for k in state[1])
+
+
+def test_offload_policy_is_applied(tiny_policy, monkeypatch):
+    """init_distributed makes a one-rank group without torchrun for --offload, and prepare_policy shards every
+    unit with CPU offload (host-memory shards, no pinning on a CPU device); forwards run on the run's device."""
+    import copy
+
+    import torch.distributed as torch_dist
+
+    from timerpo.distributed import fsdp_modules, init_distributed, prepare_policy
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(DistError, match="cannot run with --dist ddp"):
+        init_distributed("ddp", "cpu", offload=True)
+    d = init_distributed("fsdp", "cpu", offload=True)
+    try:
+        assert (d.mode, d.world_size, d.offload, torch_dist.get_world_size()) == ("fsdp", 1, True, 1)
+        pol = copy.copy(tiny_policy)
+        pol.model = copy.deepcopy(tiny_policy.model)
+        prepare_policy(pol, d, grad_checkpointing=True)
+        units = fsdp_modules(pol.model)
+        assert len(units) == 3 + 2 + 1  # decoder layers, vision blocks, root
+        params = [fp for unit in units for fp in unit._get_fsdp_state()._fsdp_param_group.fsdp_params]
+        assert len(params) == len(list(pol.model.parameters()))
+        assert all(fp.offload_to_cpu and not fp.pin_memory for fp in params)
+        assert pol.device == torch.device("cpu") == pol.compute_device
+    finally:
+        d.close()
 
 
 # -- pieces, in one process ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from PIL import Image
 import data_gen
 import eval as ev
 from timerpo import plots
+from timerpo import evaluate
 from timerpo.evaluate import score_prediction
 from timerpo.prompt import ANOMALY_LABELS, format_completion, parse_completion
 
@@ -58,8 +59,10 @@ def test_paper_groups_are_family_means_and_avg_is_their_plain_mean():
     assert summary["aff_f1"] == pytest.approx(7 / 11)  # the series-weighted mean differs
     table = ev.headline_table("m", "anomllm", summary, rows)
     header, _, row = table.splitlines()
-    assert header == "| Method | Cls Acc | Frequency | Trend | Range | Point | Avg F1 |"
-    assert row == "| m | 100.0 | 50.0 | 75.0 | 0.0 | 75.0 | 50.0 |"  # every series is normal, every class "normal"
+    assert header == "| Method | Cls Acc | Frequency | Trend | Range | Point | Avg F1 | Loc gain | PW-F1 anom. |"
+    # Every series is normal and every class "normal", whose class window is []: that scores 1 everywhere, so
+    # the windows answered beside "normal" cost 50 points of gain. Nothing is anomalous: no PW-F1 anom.
+    assert row == "| m | 100.0 | 50.0 | 75.0 | 0.0 | 75.0 | 50.0 | -50.0 | – |"
 
 
 def test_tods_has_no_paper_groups_and_averages_types():
@@ -70,7 +73,9 @@ def test_tods_has_no_paper_groups_and_averages_types():
     assert summary["avg_type_f1"] == pytest.approx((0.5 + 1 + 0 + 1 + 0) / 5)
     assert all(r["group"] is None for r in rows)
     header = ev.headline_table("m", "tods", summary, rows).splitlines()[0]
-    assert header == "| Method | Cls Acc | global | contextual | seasonal | trend | shapelet | Avg F1 |"
+    assert header == ("| Method | Cls Acc | global | contextual | seasonal | trend | shapelet | Avg F1 | Loc gain "
+                      "| PW-F1 anom. |")
+    assert summary["avg_f1"] == pytest.approx(summary["avg_type_f1"])
 
 
 def test_balanced_indices_round_robin_against_brute_force():
@@ -224,6 +229,95 @@ def test_tods_suite_reports_types_with_shapelet(tods_dir, tmp_path):
     for fam_row in results["families"]:
         members = [r for r in rows if r["family"] == fam_row["family"]]
         assert fam_row["aff_f1"] == pytest.approx(sum(not r["intervals"] for r in members) / len(members))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Oracles and localization figures
+
+# The paper's columns, written out here rather than read from timerpo.metrics.
+GROUP = {"freq": "Frequency", "noisy-freq": "Frequency", "trend": "Trend", "flat-trend": "Trend",
+         "noisy-trend": "Trend", "range": "Range", "point": "Point", "noisy-point": "Point"}
+
+
+def paper_avg(families, scores):
+    """Plain mean over the paper groups of each group's mean score."""
+    by_group = {}
+    for family, score in zip(families, scores):
+        by_group.setdefault(GROUP[family], []).append(score)
+    return sum(sum(v) / len(v) for v in by_group.values()) / len(by_group)
+
+
+def test_oracles_answer_presence_and_class_and_the_gain_links_them(anomllm_dir, tmp_path):
+    presence, p_records = run_eval("baseline:presence-oracle", anomllm_dir, tmp_path / "p")
+    klass, c_records = run_eval("baseline:class-oracle", anomllm_dir, tmp_path / "c")
+    for p, c, row in zip(p_records, c_records, truth(anomllm_dir)):
+        if row["intervals"]:
+            assert p["parsed"]["intervals"] == [[0, row["length"]]] and p["parsed"]["label"] == row["label"]
+            assert c["parsed"]["intervals"] == [list(evaluate.CLASS_WINDOWS[row["label"]])]  # L = 1000 here
+            assert c["parsed"]["label"] == row["label"]
+        else:
+            for rec in (p, c):
+                assert rec["parsed"]["intervals"] == [] and rec["parsed"]["label"] == "normal"
+    for results, records in ((presence, p_records), (klass, c_records)):
+        summary = results["summary"]
+        assert summary["cls_acc"] == 1.0
+        assert summary["avg_group_f1"] == pytest.approx(
+            paper_avg([r["family"] for r in records], [r["loc"]["aff_f1"] for r in records]), abs=1e-12)
+        anomalous = [r["loc"]["pw_f1"] for r in records if r["gt_intervals"]]
+        assert summary["pw_f1_anomalous"] == pytest.approx(sum(anomalous) / len(anomalous), abs=1e-12)
+        assert summary["n_anomalous"] == len(anomalous)
+    # The class oracle's answers are their own class windows; the presence oracle's become the class oracle's.
+    assert klass["summary"]["loc_gain"] == 0.0
+    assert presence["summary"]["class_window_avg_f1"] == pytest.approx(klass["summary"]["avg_group_f1"], abs=1e-12)
+    assert presence["summary"]["loc_gain"] == pytest.approx(
+        presence["summary"]["avg_group_f1"] - klass["summary"]["avg_group_f1"], abs=1e-12)
+    assert "Loc gain" in presence["tables"]["headline"]
+
+
+def test_class_window_scales_the_stored_windows():
+    w = evaluate.CLASS_WINDOWS
+    assert set(w) == set(ANOMALY_LABELS) - {"shapelet"} | {evaluate.ANY_ANOMALY}
+    for s, e in w.values():
+        assert 0 <= s < e <= evaluate.CLASS_WINDOW_LENGTH == 1000
+    assert evaluate.class_window("trend", 1000) == [list(w["trend"])]
+    assert evaluate.class_window("shapelet", 1000) == [list(w[evaluate.ANY_ANOMALY])]
+    s, e = w["seasonal"]
+    assert evaluate.class_window("seasonal", 400) == [[round(s * 0.4), round(e * 0.4)]]
+    assert evaluate.class_window("normal", 400) == []
+    assert evaluate.class_window(None, 400) is None and evaluate.class_window("bogus", 400) is None
+
+
+def test_localization_gain_by_hand():
+    """Six answers at L = 100, each case of the replacement; the expected Avg F1s are computed here."""
+    from timerpo.metrics import localization_scores
+
+    def window(label):  # the stored window of a class at L = 100, written out
+        s, e = evaluate.CLASS_WINDOWS.get(label, evaluate.CLASS_WINDOWS[evaluate.ANY_ANOMALY])
+        return [[round(s / 10), round(e / 10)]]
+
+    cases = [  # family, truth, answer text, the intervals scored after replacement
+        ("point", [[10, 15]], format_completion("r", [[10, 15]], "contextual point"), window("contextual point")),
+        ("freq", [[40, 60]], format_completion("r", [[0, 30]], "trend"), window("trend")),  # the class answered
+        ("trend", [], format_completion("r", [], "normal"), []),
+        ("range", [[70, 80]], "no answer here", None),  # unparsable stays unparsable
+        ("noisy-point", [[5, 9]], "<think>r</think><answer>[[5, 9]]</answer>", [[5, 9]]),  # no class: kept
+        ("flat-trend", [[50, 100]], format_completion("r", [[50, 100]], "shapelet"), window("shapelet")),
+    ]
+    preds, before, after = [], [], []
+    for k, (family, gt, text, replaced) in enumerate(cases):
+        sample = data_gen.Sample(id=f"h-{k}", family=family, label=data_gen.FAMILY_LABEL[family] if gt else "normal",
+                                 length=100, intervals=gt, series=[0.0] * 100, image="", expcot="", gencot="")
+        preds.append(score_prediction(sample, text))
+        answer = parse_completion(text, 100).intervals
+        before.append(0.0 if answer is None else localization_scores(answer, gt, 100).aff_f1)
+        after.append(0.0 if replaced is None else localization_scores(replaced, gt, 100).aff_f1)
+    families = [c[0] for c in cases]
+    summary = evaluate.summarize(preds)
+    assert summary["avg_f1"] == pytest.approx(paper_avg(families, before), abs=1e-12)
+    assert summary["class_window_avg_f1"] == pytest.approx(paper_avg(families, after), abs=1e-12)
+    assert summary["loc_gain"] == pytest.approx(paper_avg(families, before) - paper_avg(families, after), abs=1e-12)
+    assert summary["n_anomalous"] == 5
+    assert summary["distinct_intervals"] == 5  # [[10, 15]], [[0, 30]], [], [[5, 9]], [[50, 100]]; not the unparsable
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def test_short_run_writes_logs_curves_and_checkpoints(full_run):
         assert key in rows[0], key
     evals = read_jsonl(full_run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3]  # start of RL, every 2 steps, and the end
+    for key in ("avg_group_f1", "loc_gain", "class_window_avg_f1", "pw_f1_anomalous"):  # tests/test_eval.py: values
+        assert key in evals[0], key
+    assert evals[0]["loc_gain"] == pytest.approx(evals[0]["avg_group_f1"] - evals[0]["class_window_avg_f1"])
     assert (full_run / "curves.png").stat().st_size > 0
     assert latest_checkpoint(str(full_run)).endswith("ckpt-000003")
 
@@ -165,3 +168,24 @@ def test_saved_checkpoint_loads_and_trains_again(tiny_data, tmp_path, full_run):
         os.path.join(latest_checkpoint(str(tmp_path / "again")), "model"))
     moved = any(not torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
     assert moved
+
+
+def test_training_data_of_an_older_expcot_is_recomputed(tiny_data, tmp_path, capsys):
+    import data_gen
+
+    folder = str(tmp_path / "old")
+    shutil.copytree(tiny_data, folder)
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**manifest, "expcot_version": "1"}, fh)
+    current = data_gen.load_samples(tiny_data)
+    rows = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
+    with open(os.path.join(folder, "samples.jsonl"), "w") as fh:
+        fh.writelines(json.dumps({**r, "expcot": r["expcot"] + " (old text)"}) + "\n" for r in rows)
+    fresh = train.ensure_data(folder, 11, False)
+    assert "holds ExpCoT version 1" in capsys.readouterr().err
+    assert [s.expcot for s in fresh] == [s.expcot for s in current]
+    held_out = train.ensure_data(folder, 11, False, expcot=False)  # never grounded: left as stored
+    assert all(s.expcot.endswith(" (old text)") for s in held_out)

@@ -1,6 +1,7 @@
 """Checkpoints that load without running code. runs/<name>/ckpt-<step>/ holds
 
     model/                  the model in the hub's format (safetensors + JSON; from_pretrained loads it)
+      or adapter/           with LoRA: the adapters alone, in peft's format (timerpo/lora.py)
     optimizer/index.json    AdamW's param groups, and which rows of each state tensor each file holds
     optimizer/rank-00000.safetensors ...  the state tensors, keyed "<parameter name>/<field>", one file per
                             rank that wrote some (FSDP: every rank's shard; otherwise rank 0 alone)
@@ -37,6 +38,7 @@ from safetensors.torch import save_file
 
 from timerpo.distributed import SINGLE, Dist, full_model_state_dict
 from timerpo.files import make_temp_dir, usual_file_mode, write_atomic
+from timerpo.lora import ADAPTER_DIR, save_adapters
 from timerpo.policy import Policy, save_policy
 
 LATEST = "latest"
@@ -65,10 +67,13 @@ def save_checkpoint(run_dir: str, step: int, policy: Policy, optimizer: torch.op
     final = os.path.join(run_dir, name)
     tmp = dist.broadcast(make_temp_dir(run_dir, ".tmp-ckpt-") if dist.is_main else None)
     try:
-        full_state = full_model_state_dict(policy, dist)  # FSDP: gathered on rank 0; else None
-        if dist.is_main:
-            save_policy(policy, os.path.join(tmp, "model"), state_dict=full_state)
-        full_state = None  # FSDP: free the full copy (4 bytes per parameter) before the optimizer's pieces
+        if policy.adapters is not None:
+            save_adapters(policy, os.path.join(tmp, ADAPTER_DIR), dist)  # FSDP: gathered, rank 0 writes
+        else:
+            full_state = full_model_state_dict(policy, dist)  # FSDP: gathered on rank 0; else None
+            if dist.is_main:
+                save_policy(policy, os.path.join(tmp, "model"), state_dict=full_state)
+            full_state = None  # FSDP: free the full copy (4 bytes per parameter) before the optimizer's pieces
         save_optimizer(policy, optimizer, os.path.join(tmp, OPTIMIZER_DIR), dist)
         dist.barrier()  # every rank's optimizer shard is on disk before the rename makes it visible
         if dist.is_main:
@@ -104,6 +109,12 @@ def latest_checkpoint(run_dir: str) -> str | None:
         path = os.path.join(run_dir, f.read().strip())
     complete = any(os.path.isfile(os.path.join(path, n)) for n in (STATE_FILE, PICKLED_STATE_FILE))
     return path if complete else None
+
+
+def checkpoint_weights(ckpt_dir: str) -> str:
+    """The folder of a checkpoint that load_policy loads: its model/, or its adapter/ for a LoRA run."""
+    adapter = os.path.join(ckpt_dir, ADAPTER_DIR)
+    return adapter if os.path.isdir(adapter) else os.path.join(ckpt_dir, "model")
 
 
 def append_jsonl(path: str, row: dict) -> None:

@@ -16,6 +16,15 @@ the root; rollouts and no-grad forwards run inside `full_params`, which all-gath
 it gathered until the phase ends (one all-gather per phase instead of one per generated token, at the cost
 of a full parameter copy in the compute dtype on each rank while it lasts).
 
+CPU offload (`train.py --offload`, the paper's exact run on one GPU): FSDP2's CPUOffloadPolicy keeps each
+rank's shard of the fp32 weights, their gradients and AdamW's state in host memory; each unit's weights are
+copied to the GPU and gathered in bf16 when it runs, its gradients go back to host memory after the
+reduce-scatter, and AdamW steps on the CPU. The arithmetic is FSDP's, so the numbers are those of a run
+without offload. Without torchrun, init_distributed makes a process group of one rank for it. On CUDA the
+group has two backends: nccl for the gathers of GPU tensors and gloo for what stays on the CPU (the gradient
+norm's reduction, the checkpoint's gathers of host shards). On a CPU device the policy works too (gloo,
+no pinned memory): the tests compare it with a plain run there.
+
 Checkpoints (timerpo/checkpoint.py): the model is written by rank 0 in the hub's format (FSDP first
 gathers a full state dict); each rank writes its shard of the optimizer state as safetensors keyed by
 parameter name, so a checkpoint written by N ranks loads on M ranks, one process included.
@@ -51,6 +60,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"  # this rank's device, e.g. "cuda:3"
+    offload: bool = False  # FSDP keeps weights, gradients and optimizer state in host memory (--offload)
 
     @property
     def is_main(self) -> bool:
@@ -103,22 +113,29 @@ class Dist:
 SINGLE = Dist()
 
 
-def init_distributed(mode: str, device: str, timeout_s: float = 1800.0) -> Dist:
+def init_distributed(mode: str, device: str, timeout_s: float = 1800.0, offload: bool = False) -> Dist:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, LOCAL_RANK), or stay single.
 
     Under torchrun with WORLD_SIZE > 1, `--dist none` means DDP (said once, on rank 0). Backend: nccl on
-    CUDA (device cuda:LOCAL_RANK), gloo on CPU. `timeout_s` bounds every collective, so a rank that hangs
-    (rather than raises) still ends the job.
+    CUDA (device cuda:LOCAL_RANK), gloo on CPU; with `offload` (FSDP's CPU offload) gloo for CPU tensors
+    beside nccl. Without torchrun, `offload` makes a process group of this one process. `timeout_s` bounds
+    every collective, so a rank that hangs (rather than raises) still ends the job.
     """
     if mode not in DIST_MODES:
         raise DistError(f"--dist must be one of {DIST_MODES}, got {mode!r}")
+    if offload and mode != "fsdp":
+        raise DistError(f"offloading to the CPU shards the model with FSDP; it cannot run with --dist {mode}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "none" and world == 1:
         return Dist(device=device)
+    one_process = {}
     if "RANK" not in os.environ:
-        raise DistError(f"--dist {mode} needs the torchrun launcher, e.g. "
-                        f"`torchrun --nproc_per_node=2 train.py --dist {mode} ...`")
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not offload:
+            raise DistError(f"--dist {mode} needs the torchrun launcher, e.g. "
+                            f"`torchrun --nproc_per_node=2 train.py --dist {mode} ...`")
+        # FSDP needs a process group, even of one process: an in-memory store, no port, no launcher
+        one_process, world = dict(store=dist.HashStore(), rank=0, world_size=1), 1
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if mode == "none":
         mode = "ddp"
         if rank == 0:
@@ -126,9 +143,11 @@ def init_distributed(mode: str, device: str, timeout_s: float = 1800.0) -> Dist:
     if device.startswith("cuda"):
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Dist(mode=mode, rank=rank, world_size=world, local_rank=local, device=device)
+    backend = "gloo"
+    if device.startswith("cuda"):
+        backend = "cpu:gloo,cuda:nccl" if offload else "nccl"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **one_process)
+    return Dist(mode=mode, rank=rank, world_size=world, local_rank=local, device=device, offload=offload)
 
 
 @contextmanager
@@ -198,21 +217,24 @@ def fsdp_units(model) -> list:
 
 
 def prepare_policy(policy, d: Dist, grad_checkpointing: bool = False, freeze_vision: bool = False,
-                   trainable: bool = True, dtype: torch.dtype = torch.float32) -> None:
+                   trainable: bool = True, dtype: torch.dtype = torch.float32, pure: bool = False) -> None:
     """Apply the memory levers and the precision, then wrap the model for `d.mode` (in place; `policy.model`
     stays the model).
 
     dtype bf16 (precision.py): fp32 master weights with bf16 compute in every mode; one process and ddp get
     autocast and a bf16 rollout copy, fsdp gets a MixedPrecisionPolicy (bf16 parameters, fp32 gradient
-    reduction); the frozen reference is stored in bf16. dtype fp32: fp32 throughout.
+    reduction); the frozen reference is stored in bf16. dtype fp32: fp32 throughout. `pure`: the weights
+    themselves in `dtype` (no master copy), and FSDP gathers and reduces them in that dtype.
     ddp: `policy.wrapper` = DDP(model); the update's forwards go through it so gradients get all-reduced.
-    fsdp: fully_shard on every decoder layer and vision block, then the root. `trainable=False` (the frozen
-    KL reference) shards it the same way and never wraps it in DDP (it has no gradients to synchronise).
+    fsdp: fully_shard on every decoder layer and vision block, then the root; with `d.offload` the shards,
+    gradients and optimizer state stay in host memory (CPUOffloadPolicy) and forwards run on `d.device`.
+    `trainable=False` (the frozen KL reference) shards it the same way and never wraps it in DDP (it has no
+    gradients to synchronise).
     """
     from timerpo.precision import setup_precision
 
     model = policy.model
-    setup_precision(policy, dtype, d.mode, trainable)
+    setup_precision(policy, dtype, d.mode, trainable, pure)
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if grad_checkpointing and trainable:
@@ -226,23 +248,27 @@ def prepare_policy(policy, d: Dist, grad_checkpointing: bool = False, freeze_vis
         # broadcast would add a collective to every forward.
         policy.wrapper = DDP(model, device_ids=[d.local_rank] if cuda else None, forward_sync_buffers=False)
     elif d.mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         broadcast_from_rank0(model)
         # FSDP warns that the model returns a view (the LM head's 3-D output); the warning is about in-place
         # writes into that output, and none happen (masked_log_softmax is out of place).
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         # bf16: FSDP gathers bf16 copies of the fp32 shards for every forward and reduces gradients in fp32
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
-            else MixedPrecisionPolicy()
+        mixed = dtype != torch.float32 and not pure
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+        # pinned host memory makes the copies to and from the GPU asynchronous; there is nothing to pin on a CPU
+        offload = CPUOffloadPolicy(pin_memory=d.device.startswith("cuda")) if d.offload else OffloadPolicy()
         for unit in fsdp_units(model):
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(unit, mp_policy=mp, offload_policy=offload)
+        fully_shard(model, mp_policy=mp, offload_policy=offload)
+        if d.offload:
+            policy.compute_device = torch.device(d.device)
 
 
 def broadcast_from_rank0(model) -> None:
     """Make every rank start from rank 0's weights before sharding (DDP does this itself)."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):

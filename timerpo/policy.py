@@ -36,6 +36,7 @@ IMAGE_TOKEN = "<|image_pad|>"
 # Qwen2.5-VL: 14 px patches merged 2 x 2, so one visual token covers 28 x 28 px (data_gen.visual_tokens).
 MIN_PIXELS = 4 * 28 * 28
 MAX_PIXELS = 1280 * 28 * 28
+ADAPTER_CONFIG = "adapter_config.json"  # marks a folder of LoRA adapters (peft's format)
 
 
 class ModelNotFound(Exception):
@@ -62,6 +63,12 @@ class Policy:
     # keeps its preallocated KV cache between calls when it is compiled.
     compile_decode: bool = False
     decoder: object | None = None
+    # LoRA (timerpo/lora.py): the peft wrapper of `model`, whose adapter layers sit inside `model` itself
+    # (None: full fine-tuning).
+    adapters: object | None = None
+    # Where forwards run when the weights live elsewhere (FSDP's CPU offload keeps them in host memory);
+    # None: where the weights are.
+    compute_device: torch.device | None = None
 
     @property
     def sampler(self) -> torch.nn.Module:
@@ -90,7 +97,8 @@ class Policy:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the compute device, which is the weights' own unless they are offloaded."""
+        return self.compute_device or next(self.model.parameters()).device
 
 
 @dataclass
@@ -160,13 +168,18 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Policy:
-    """Load `tiny` (built here, no download), a short name, a hub id from the local cache, or a folder.
+    """Load `tiny` (built here, no download), a short name, a hub id from the local cache, a model folder, or
+    a folder of LoRA adapters (its base model with the adapters merged in: timerpo/lora.py).
 
     Never touches the network: hub ids must already be in the local Hugging Face cache. When they are
     not, raise ModelNotFound with one sentence that says how to get them. Weights load from safetensors
     only: a folder holding pickled weights (pytorch_model.bin) is refused, since unpickling a file from a
     shared run folder could run code.
     """
+    if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)):  # LoRA adapters: their base with them merged in
+        from timerpo.lora import load_merged
+
+        return _to(load_merged(name, device=device, seed=seed), dtype, device)
     if name == "tiny":
         from timerpo.tiny import build_tiny_policy
 

@@ -11,6 +11,11 @@
   * what still runs in fp32 (log-softmax, the objective, RMSNorm statistics, rotary angles) may use TF32
     matmuls on CUDA.
 `--dtype fp32` (the default on CPU, where bf16 matmuls are slow) keeps everything in fp32, with no copy.
+`--pure-bf16` drops the fp32 master weights: the weights themselves are bf16 (no autocast, no copy: the
+model samples itself) and timerpo/optim.py's AdamW keeps bf16 moments with stochastic rounding (a deviation,
+method.md §23).
+With LoRA (timerpo/lora.py) the base weights are frozen, so like the reference they are stored in bf16 outright
+(one process and DDP); the bf16 rollout copy then shares them and copies only the adapters.
 
 Buffers stay fp32 in every bf16 copy: the rotary inverse frequencies lose position resolution in bf16, and
 keeping them fp32 makes the copy compute exactly what FSDP's bf16 parameters compute.
@@ -37,48 +42,57 @@ def enable_tf32(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast the parameters (not the buffers) of `model` to `dtype`, in place."""
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype, frozen_only: bool = False) -> torch.nn.Module:
+    """Cast the parameters (not the buffers) of `model` to `dtype`, in place; with `frozen_only`, only those
+    that take no gradient."""
     for p in model.parameters():
-        p.data = p.data.to(dtype)
+        if not (frozen_only and p.requires_grad):
+            p.data = p.data.to(dtype)
     return model
 
 
 def low_precision_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen copy of `model` with `dtype` parameters and fp32 buffers, built without an fp32 copy in between."""
+    """A frozen copy of `model` with `dtype` parameters and fp32 buffers, built without an fp32 copy in between.
+    Parameters already in `dtype` are shared with `model`, not copied."""
     memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
     clone = copy.deepcopy(model, memo)
     return clone.eval()
 
 
-def setup_precision(policy, dtype: torch.dtype, mode: str = "none", trainable: bool = True) -> None:
+def setup_precision(policy, dtype: torch.dtype, mode: str = "none", trainable: bool = True,
+                    pure: bool = False) -> None:
     """Put `policy` in the precision described in the module docstring (in place).
 
-    mode none/ddp, trainable: autocast for the update's forwards plus a bf16 rollout copy;
+    mode none/ddp, trainable: autocast for the update's forwards plus a bf16 rollout copy (LoRA: the frozen
+    base stored in bf16, shared by the copy);
     mode fsdp: nothing here, FSDP's MixedPrecisionPolicy casts (distributed.prepare_policy);
-    frozen (the reference): its parameters are cast to `dtype` outright.
+    frozen (the reference) or `pure`: the parameters are cast to `dtype` outright.
     """
     if dtype == torch.float32:
         return
-    if not trainable:
+    if not trainable or pure:
         cast_parameters(policy.model, dtype)
         return
     if mode == "fsdp":
         return
+    if policy.adapters is not None:
+        cast_parameters(policy.model, dtype, frozen_only=True)
     policy.autocast_dtype = dtype
     policy.rollout_model = low_precision_copy(policy.model, dtype)
 
 
 @torch.no_grad()
 def sync_rollout_weights(policy) -> None:
-    """Copy the master weights into the rollout copy (after an optimizer step); no-op without a copy.
+    """Copy the trained master weights into the rollout copy (after an optimizer step); no-op without a copy.
 
-    In place, so a compiled decode step (and its CUDA graphs) keeps reading the same addresses.
+    In place, so a compiled decode step (and its CUDA graphs) keeps reading the same addresses. Frozen
+    weights never change, so they are not copied again.
     """
     if policy.rollout_model is None:
         return
     for mine, master in zip(policy.rollout_model.parameters(), policy.model.parameters()):
-        mine.copy_(master)
+        if master.requires_grad:
+            mine.copy_(master)
 
 
 def autocast(policy):
