@@ -92,8 +92,10 @@ def usable_gib(card: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Fake tensors that keep the values of small tensors
 
-FACTORIES = {aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
-             aten.arange.default, aten.arange.start, aten.arange.start_step, aten.rand.default, aten.rand.generator,
+# Factories whose small outputs get values (torch.empty's are garbage, and new parameters start as empty:
+# a fake tensor with a value cannot be swapped into a module, which peft's LoRA layers need)
+FACTORIES = {aten.full.default, aten.zeros.default, aten.ones.default, aten.arange.default, aten.arange.start,
+             aten.arange.start_step, aten.rand.default, aten.rand.generator,
              aten.randn.default, aten.randn.generator, aten.randint.low, aten.randint.default,
              aten.randint.low_generator, aten.scalar_tensor.default, aten.linspace.default, aten.eye.default}
 
@@ -513,6 +515,24 @@ def vision_attention_packed(qwen):
         yield
 
 
+@contextlib.contextmanager
+def no_moves_to_where_it_is():
+    """nn.Module.to cannot move a module made in a fake mode (it swaps fake parameters, and their swap is
+    refused), not even to where it already is, which peft asks for each new LoRA layer. Such moves are
+    skipped; a real move (another device or dtype) still goes through."""
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if all((device is None or p.device == device) and (dtype is None or p.dtype == dtype)
+               for p in self.parameters()):
+            return self
+        return original(self, *args, **kwargs)
+
+    with patched(torch.nn.Module, "to", to):
+        yield
+
+
 METADATA_ONLY = SimpleNamespace(depth=0)
 
 
@@ -644,6 +664,21 @@ class Setting:
         return " ".join([launch, "--model", f"qwen2.5-vl-{self.size}", *self.flags])
 
 
+def largest_fsdp_unit(model) -> int:
+    """Parameter bytes of the largest FSDP unit (a decoder layer, a vision block, or the root's remainder: the
+    embeddings and LM head), as loaded. Under --offload its host shard is copied to the GPU before each gather
+    (and its gradient comes back the same way), a copy the CPU stand-in does not make: the trace adds it."""
+    from timerpo.distributed import fsdp_units
+
+    def size(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    units = fsdp_units(model)
+    inner = {id(p) for unit in units for p in unit.parameters()}
+    root = size(p for p in model.parameters() if id(p) not in inner)
+    return max([root] + [size(unit.parameters()) for unit in units])
+
+
 def gib(n: float) -> float:
     return round(n / GiB, 2)
 
@@ -674,11 +709,11 @@ def trace(setting: Setting, fake: bool = True) -> dict:
 
         torch_dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setting.gpus)
         config.dist = "ddp" if config.dist == "none" else config.dist  # train.py: several ranks mean DDP
-    d = Dist(mode=config.dist, rank=0, world_size=setting.gpus, device="cpu")
+    offload = getattr(config, "offload", False)
+    d = Dist(mode=config.dist, rank=0, world_size=setting.gpus, device="cpu", offload=offload)
     fsdp = d.mode == "fsdp"
     samples = train.ensure_data(config.data, 3407, progress=False)
     indices = rank_slice(train.step_prompt_indices(len(samples), config.prompts_per_step, 0, config.seed), d)
-    offload = getattr(config, "offload", False)
     host = ("Sharded Param", "Sharded Grad", "OptState") if offload else ()
     rope_index = qwen.Qwen2_5_VLModel.get_rope_index
 
@@ -690,6 +725,7 @@ def trace(setting: Setting, fake: bool = True) -> dict:
             stack.enter_context(patched(qwen.Qwen2_5_VLModel, "get_rope_index",
                                         lambda self, *a, **k: on_values(mode, rope_index)(self, *a, **k)))
             stack.enter_context(patched(FakeTensor, "tolist", tolist_of(mode)))
+            stack.enter_context(no_moves_to_where_it_is())
         stack.enter_context(vision_attention_packed(qwen))
         stack.enter_context(cuda_rounding())
         stack.enter_context(dtensor_metadata_untracked())
@@ -706,11 +742,14 @@ def trace(setting: Setting, fake: bool = True) -> dict:
         # train.train's set-up, in its order, traced as the "load" phase
         load = loading.tracker = tracker_class(False)(host=host)
         with tensors(), load:
-            policy = train.load_policy(config.model, device=config.device, seed=config.seed)
+            policy = train.load_policy(config.model, device=train.load_device(config), seed=config.seed)
             prompts = [train.make_prompt(policy, config.data, samples, i, config.cot) for i in indices]
-            ref_policy = train.make_reference(policy, config.model, config, d) if config.beta > 0 else None
+            if config.lora_rank:
+                train.add_lora(policy, config, None, os.devnull)
+            unit_bytes = largest_fsdp_unit(policy.model)
             train.prepare_policy(policy, d, config.grad_checkpointing, config.freeze_vision,
-                                 dtype=DTYPES[config.dtype])
+                                 dtype=DTYPES[config.dtype], pure=config.pure_bf16)
+            ref_policy = train.make_reference(policy, config.model, config, d) if config.beta > 0 else None
             policy.compile_decode = not fsdp  # --compile auto on CUDA
             prompt_len = max(len(p.encoded.input_ids) for p in prompts)
             given, config.rollout_batch = config.rollout_batch, 0
@@ -742,14 +781,17 @@ def trace(setting: Setting, fake: bool = True) -> dict:
         torch_dist.destroy_process_group()
     torch.set_num_threads(threads)
 
-    peaks = {"load": gib(max(load.peaks.values()))} | {k: gib(v) for k, v in step.peaks.items()}
+    copies = unit_bytes // setting.gpus if offload else 0  # see largest_fsdp_unit
+    peak_bytes = {"load": max(load.peaks.values())} | {k: v + (copies if k not in ("other", "optimizer") else 0)
+                                                       for k, v in step.peaks.items()}
+    peaks = {k: gib(v) for k, v in peak_bytes.items()}
     return {
         "size": setting.size, "flags": setting.flags, "gpus": setting.gpus, "card": setting.card,
         "command": setting.command, "rollout_batch": config.rollout_batch, "micro_batch": config.micro_batch,
         "completions_per_rank": len(prompts) * config.group_size, "max_new_tokens": config.max_new_tokens,
         "auto_rollout_batch": auto,
         "peak": max(peaks.values()), "phases": peaks,
-        "phase_bytes": {"load": max(load.peaks.values())} | step.peaks, "shard_fraction": round(shard_fraction, 5), "after_load": gib(after_load), "step_start": gib(at_start),
+        "phase_bytes": peak_bytes, "offload_copies": gib(copies), "shard_fraction": round(shard_fraction, 5), "after_load": gib(after_load), "step_start": gib(at_start),
         "breakdown_at_peak": {k: {c: gib(v) for c, v in b.items()} for k, b in step.breakdown.items()},
         "largest_at_peak": {k: [(gib(n), c) for n, c in v] for k, v in (load.largest | step.largest).items()},
         "blind_values": dict(mode.blind) if fake else {}, "attention_ops": dict(mode.ops) if fake else {},
