@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -603,7 +604,8 @@ def phase_labels(train):
         def __call__(self, name):
             if holder.tracker is not None:
                 holder.tracker.phase = names.get(name, name)
-            print(f"[trace] {names.get(name, name)} ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+            print(f"[trace] {names.get(name, name)} ({time.strftime('%H:%M:%S')}, this process so far "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB)", file=sys.stderr, flush=True)
             with super().__call__(name):
                 yield
             if holder.tracker is not None:
@@ -808,9 +810,11 @@ MODES = [("full", [], 1), ("full, ckpt", ["--grad-checkpointing"], 1), ("offload
          ("LoRA r64", ["--lora-rank", "64"], 1), ("LoRA r64, ckpt", ["--lora-rank", "64", "--grad-checkpointing"], 1)]
 MODES += [(f"FSDP {w}{ckpt}", ["--dist", "fsdp"] + (["--grad-checkpointing"] if ckpt else []), w)
           for w in (2, 4, 8) for ckpt in ("", ", ckpt")]
-# The order in which the per-card table tries them, most faithful and fastest first (1 GPU; then FSDP).
+MODES += [(f"FSDP {w}, offload", ["--dist", "fsdp", "--offload"], w) for w in (4, 8)]
+# The order in which the per-card table tries them, most faithful and fastest first: the paper's full
+# fine-tuning, with checkpointing, with the state in host memory; then the deviations.
 LADDER = {1: ["full", "full, ckpt", "offload", "pure bf16, ckpt", "LoRA r64, ckpt"],
-          4: ["FSDP 4", "FSDP 4, ckpt"], 8: ["FSDP 8", "FSDP 8, ckpt"]}
+          4: ["FSDP 4", "FSDP 4, ckpt", "FSDP 4, offload"], 8: ["FSDP 8", "FSDP 8, ckpt", "FSDP 8, offload"]}
 REFERENCE_BATCH = 64  # the rollout batch of the per-mode table (at most a rank's completions of a step)
 SLOPE_BATCH = 16  # a second rollout batch, to measure what one more row of the rollout batch costs
 MIN_ROLLOUT_BATCH = 8  # a per-card command samples at least this many completions at once
