@@ -747,7 +747,7 @@ def trace(setting: Setting, fake: bool = True) -> dict:
             policy = train.load_policy(config.model, device=train.load_device(config), seed=config.seed)
             prompts = [train.make_prompt(policy, config.data, samples, i, config.cot) for i in indices]
             if config.lora_rank:
-                train.add_lora(policy, config, None, os.devnull)
+                train.add_lora(policy, config, None, train.Reference(source=config.model, record=None))
             unit_bytes = largest_fsdp_unit(policy.model)
             train.prepare_policy(policy, d, config.grad_checkpointing, config.freeze_vision,
                                  dtype=DTYPES[config.dtype], pure=config.pure_bf16)
