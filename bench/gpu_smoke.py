@@ -27,6 +27,7 @@ quadratic term is left out (< 5 % at these lengths). Peak: H200 / H100 bf16 dens
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -47,6 +48,7 @@ from memory_table import qwen25vl_config  # noqa: E402
 from timerpo.algorithm import (compute_advantages, ground_completions, make_prompt, reference_logprobs,  # noqa: E402
                                rollout, score_outcomes, target_states, update_policy)
 from timerpo.distributed import full_params, init_distributed, prepare_policy, rank_slice  # noqa: E402
+from timerpo.files import write_atomic  # noqa: E402
 from timerpo.lora import adapters_disabled, add_adapters  # noqa: E402
 from timerpo.optim import BF16AdamW  # noqa: E402
 from timerpo.policy import Policy, make_image_processor  # noqa: E402
@@ -76,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pure-bf16", action="store_true", help="train.py --pure-bf16 (GPU only: bf16 weights)")
     p.add_argument("--lora-rank", type=int, default=0, help="train.py --lora-rank: LoRA adapters of this rank")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="per GPU, bf16 dense")
+    p.add_argument("--out", default=None, help="also write the settings and each step's figures to this JSON file "
+                                               "(rank 0; rewritten after every step)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dist = args.dist or ("fsdp" if "RANK" in os.environ or args.offload else "none")
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
         f"micro-batch {args.micro_batch}, rollout batch {args.rollout_batch}, "
         f"grad checkpointing {'on' if args.grad_checkpointing else 'off'}, offload {'on' if args.offload else 'off'}, "
         f"pure bf16 {'on' if args.pure_bf16 else 'off'}, LoRA rank {args.lora_rank}")
+    report = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "ranks": dist.world_size,
+              "device": torch.cuda.get_device_name() if gpus else "cpu", "memory": mem_kind, "steps": []}
     for step in range(args.steps):
         indices = rank_slice(step_prompt_indices(len(samples), args.prompts, step, 0), dist)
         prompts = [make_prompt(policy, args.data, samples, i, "expcot") for i in indices]
@@ -214,6 +220,13 @@ def main(argv=None) -> int:
             f"| step {t_rollout + t_ground + t_update:.1f} s | peak memory rank 0 ({mem_kind}): rollout "
             f"{mem_rollout:.1f} GB, update {mem_update:.1f} GB | loss {stats['loss']:.4f}, grad norm "
             f"{stats['grad_norm']:.3f}")
+        report["steps"].append({
+            "step": step + 1, "rollout_s": round(t_rollout, 2), "tokens_per_s": round(new_tokens / t_rollout),
+            "grounding_reference_s": round(t_ground, 2), "update_s": round(t_update, 2), "mfu": mfu,
+            "peak_rollout_gb": round(mem_rollout, 2), "peak_update_gb": round(mem_update, 2),
+            "loss": stats["loss"], "grad_norm": stats["grad_norm"]})
+        if args.out and dist.is_main:
+            write_atomic(args.out, json.dumps(report, indent=1) + "\n")
     say(f"[smoke] done in {time.perf_counter() - t0:.0f} s")
     dist.close()
     return 0

