@@ -44,7 +44,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, help_of=default_help, 
     """
     types, extra = typing.get_type_hints(cls), extra or {}
     groups = {base: parser.add_argument_group(title) for base, title in (titles or {}).items()}
-    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    exclusive = {}  # one_of name -> its argparse group
     grouped = {g.name: base for base in groups for g in dataclasses.fields(base)}  # field name -> its group's base
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in grouped):  # the groups' flags last
         meta = f.metadata
