@@ -175,7 +175,7 @@ def timerpo_advantage(rewards, W, group_size: int, mode: str = "timerpo", alpha:
     return AdvantageResult(advantages, main, s, grounded, projected, coef, zero_std_frac)
 
 
-# -------------------------------------------------------------------------------------------------------- input checks
+# --------------------------------------------------------------------------------------------------------- input checks
 
 
 def _grouped(values, group_size: int, name: str) -> torch.Tensor:
