@@ -38,6 +38,7 @@ if __name__ == "__main__":  # before numpy loads: the ExpCoT's small matrix prod
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont
 
+from timerpo.cli import add_flags, flag, usage_error
 from timerpo.files import make_temp_dir, png_bytes, replace_dir, write_atomic
 from timerpo.progress import progress_bar
 from timerpo.prompt import (LABELS, UNKNOWN, build_prompt, check_intervals, check_truth, format_completion,
@@ -707,36 +708,59 @@ def with_current_expcot(data_dir: str, samples: list, progress: bool = True, wor
 
 # --------------------------------------------------------------------------------------------- cli
 
-def parse_args(argv=None):
+# Real series (series_io.py): each file is cut into windows of this many points unless --window says otherwise.
+SERIES_WINDOW = SUITE_LENGTH["anomllm"]  # the training length: one pixel column per step
+SERIES_MIN_WINDOW = 64  # expert_cot.StagedScan.MIN_LENGTH: the classical detector needs this many points
+
+
+@dataclass
+class WindowFlags:
+    """How real series are read and cut into windows (data_gen.py --suite series, eval.py --series)."""
+
+    window: int | None = flag(None, f"points per plot (default {SERIES_WINDOW}, the training length; at least "
+                                    f"{SERIES_MIN_WINDOW}); each window is min-max scaled to [-1, 1]")
+    stride: int | None = flag(None, "offset between window starts, 1..window (default: window // 2); a last window "
+                                    "is added at the end, so every point lies in a window")
+    column: str | None = flag(None, "the value column to read when a CSV header names several")
+    labels: str | None = flag(None, "NAB-style JSON mapping file names to [[start_timestamp, end_timestamp], ...] "
+                                    "windows (both ends inclusive); CSV files with an is_anomaly or label column "
+                                    "and .out files carry their own labels")
+    skip_bad: bool | None = flag(None, "of several files, use the readable ones and list the refused ones with "
+                                       "their reasons (default: one refused file stops everything, before "
+                                       "anything is written)")
+
+
+@dataclass
+class DataGenConfig(WindowFlags):
+    """Every flag of `python data_gen.py` (--help lists them with their defaults)."""
+
+    out: str = flag(None, "output directory (a new or empty one; see --overwrite)", required=True)
+    overwrite: bool = flag(False, "replace an --out that holds other files: the new data is written beside it and "
+                                  "renamed into its place once complete")
+    suite: str = flag("anomllm", "anomllm: 8 training families (L=1000); tods: 5 TODS-style types incl. shapelet "
+                                 "(L=400); series: windows of the real series in --input",
+                      choices=SUITES + (SERIES_SUITE,))
+    per_family: int = flag(400, "series per family (synthetic suites)")
+    seed: int = flag(3407, "data seed (public: train 3407, test 42; synthetic suites)")
+    families: str | None = flag(None, "comma-separated subset, e.g. point,freq (default: all of the suite)")
+    workers: int | None = flag(None, "worker processes (default: min(2, CPUs); 1 for < 64 samples)")
+    no_progress: bool = flag(False, "hide the progress bar")
+    input: str | None = flag(None, "--suite series: a file or a folder of files: TimeEval/GutenTAG CSV "
+                                   "(timestamp,value[s],is_anomaly), TSB-AD CSV (Data,Label), TSB-UAD .out "
+                                   "(value,label, no header), NAB CSV (timestamp,value; labels from --labels), UCR "
+                                   "archive .txt (the anomaly in the name) or a one-column CSV (no labels); labelled "
+                                   "windows get their ExpCoT, so train.py --data can use the folder (docs/series.md)")
+
+
+def parse_args(argv=None) -> DataGenConfig:
+    """The DataGenConfig of `python data_gen.py <argv>`; a bad flag ends the program with a usage error (exit 2)."""
     import series_io  # local: the synthetic suites do not need the real-series reader
 
     parser = argparse.ArgumentParser(
         description="Generate synthetic anomaly series, plots and expert reasoning, or import real series "
-                    "as plots (samples.jsonl, images/<id>.png, manifest.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (a new or empty one; see --overwrite)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an --out that holds other files: the new data is written beside it and "
-                             "renamed into its place once complete")
-    parser.add_argument("--suite", choices=SUITES + (SERIES_SUITE,), default="anomllm",
-                        help="anomllm: 8 training families (L=1000); tods: 5 TODS-style types incl. shapelet "
-                             "(L=400); series: windows of the real series in --input")
-    parser.add_argument("--per-family", type=int, default=400, help="series per family (synthetic suites)")
-    parser.add_argument("--seed", type=int, default=3407,
-                        help="data seed (public: train 3407, test 42; synthetic suites)")
-    parser.add_argument("--families", default=None,
-                        help="comma-separated subset, e.g. point,freq (default: all of the suite)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes (default: min(2, CPUs); 1 for < 64 samples)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--input", default=None,
-                        help="--suite series: a file or a folder of files: TimeEval/GutenTAG CSV "
-                             "(timestamp,value[s],is_anomaly), TSB-AD CSV (Data,Label), TSB-UAD .out (value,label, "
-                             "no header), NAB CSV (timestamp,value; labels from --labels), UCR archive .txt (the "
-                             "anomaly in the name) or a one-column CSV (no labels); labelled windows get their "
-                             "ExpCoT, so train.py --data can use the folder (docs/series.md)")
-    series_io.add_window_flags(parser, "--suite series")
-    args = parser.parse_args(argv)
+                    "as plots (samples.jsonl, images/<id>.png, manifest.json).")
+    add_flags(parser, DataGenConfig, titles={WindowFlags: "real series (only with --suite series)"})
+    args = DataGenConfig(**vars(parser.parse_args(argv)))
     series_io.check_window_flags(parser, args, args.suite == SERIES_SUITE, "--suite series", extra=("input",))
     if args.suite == SERIES_SUITE and args.input is None:
         parser.error("--suite series needs --input FILE_OR_FOLDER")
@@ -803,9 +827,9 @@ def import_series(args) -> int:
         series, skipped = series_io.read_all(args.input, args.column, args.labels, args.window, args.stride,
                                              args.skip_bad)
     except series_io.SeriesError as exc:
-        series_io.report_refusals(exc, [], "data_gen: ")
+        series_io.report_refusals(exc, [], "data_gen")
         return 2
-    series_io.report_refusals(None, skipped, "data_gen: ")
+    series_io.report_refusals(None, skipped, "data_gen")
     for s in series:
         for note in s.notes:
             print(f"data_gen: warning: {note}", file=sys.stderr)
@@ -831,8 +855,7 @@ def main(argv=None) -> int:
             samples = generate(tmp, args.suite, args.per_family, args.seed, families=families,
                                progress=not args.no_progress, workers=args.workers)
     except (ValueError, DataError) as exc:
-        print(f"data_gen: error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc, "data_gen")
     print(f"wrote {len(samples)} samples to {args.out}")
     return 0
 

@@ -60,6 +60,7 @@ import sys
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 # Before numpy loads (so only when run as a script): the detector's matrix products are ~1000 x 50, too
 # small for threads to pay off, and two multi-threaded BLAS pools in forked workers on 2 cores spin against
@@ -74,6 +75,7 @@ import data_gen
 import series_io
 from timerpo import point_metrics
 from timerpo.algorithm import make_prompt
+from timerpo.cli import add_flags, flag, usage_error
 from timerpo.detection import (SAMPLING_TEMPERATURE, SCORE_KINDS, default_max_new_tokens, detect_windows, make_detector,
                                resolve_model)  # noqa: F401 (resolve_model: eval.resolve_model, as before)
 from timerpo.detection import load_model as load_policy_model
@@ -91,56 +93,52 @@ RANDOM_MAX_WINDOWS = 3
 RANDOM_MIN_WIDTH = 5
 RANDOM_MAX_WIDTH_FRACTION = 0.1
 
-HELP = {
-    "model": "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run folder "
-             "(its latest checkpoint) | baseline:empty | baseline:full | baseline:random | baseline:expert | "
-             "baseline:presence-oracle | baseline:class-oracle (these two read the truth)",
-    "data": "generated data folder (python data_gen.py --out DIR ...)",
-    "series": "real series files or folders (every readable file inside: TimeEval/GutenTAG, TSB-AD or NAB CSV, "
-              "TSB-UAD .out, UCR archive .txt, one-column CSV; docs/series.md): detect on every window, merge the "
-              "intervals onto each whole series, score each labelled one as a whole, and the mean over files",
-    "samples": "--series: answers per window, K; a point's score is the share of answers covering it, averaged "
-               "over the windows containing it (K > 1 samples at --temperature, default 0.4)",
-    "vus_window": "--series: VUS buffer length, the largest ℓ of VUS-PR/VUS-ROC (TSB-AD's default)",
-    "limit": "evaluate N samples, spread evenly over families (default: all)",
-    "temperature": "sampling temperature: 0 = greedy; 0.4 = the paper's validation sampling (default: 0, or 0.4 "
-                   "with --samples K > 1)",
-    "out": "output folder (default: runs/eval/<model-tag>-<data-folder-name or series-file-name>)",
-    "batch_size": "prompts generated together (models only)",
-    "max_new_tokens": "completion length cap (default: a run folder's own, 72 for tiny, 1024 otherwise)",
-    "seed": "seed of sampling streams (models) and of the random baseline",
-    "device": "cpu | cuda (default: cuda when available)",
-    "dtype": "weights and compute: bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)",
-    "no_progress": "no progress bars (transformers' loading bars included)",
-    "workers": "processes running the expert detector (baseline:expert only; default: min(2, CPUs))",
-}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Flags
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help=HELP["model"])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help=HELP["data"])
-    source.add_argument("--series", nargs="+", metavar="PATH", help=HELP["series"])
-    p.add_argument("--limit", type=int, default=None, help=HELP["limit"])
-    p.add_argument("--temperature", type=float, default=None, help=HELP["temperature"])
-    p.add_argument("--samples", type=int, default=1, help=HELP["samples"])
-    p.add_argument("--vus-window", type=int, default=point_metrics.VUS_WINDOW, help=HELP["vus_window"])
-    p.add_argument("--out", default=None, help=HELP["out"])
-    p.add_argument("--batch-size", type=int, default=16, help=HELP["batch_size"])
-    p.add_argument("--max-new-tokens", type=int, default=None, help=HELP["max_new_tokens"])
-    p.add_argument("--seed", type=int, default=0, help=HELP["seed"])
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help=HELP["device"])
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help=HELP["dtype"])
-    p.add_argument("--no-progress", action="store_true", help=HELP["no_progress"])
-    p.add_argument("--workers", type=int, default=None, help=HELP["workers"])
-    series_io.add_window_flags(p, "--series")
-    args = p.parse_args(argv)
+@dataclass
+class EvalConfig(data_gen.WindowFlags):
+    """Every flag of `python eval.py` (--help lists them with their defaults)."""
+
+    model: str = flag(None, "tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | a hub id | a model folder | a train.py run "
+                            "folder (its latest checkpoint) | baseline:empty | baseline:full | baseline:random | "
+                            "baseline:expert | baseline:presence-oracle | baseline:class-oracle (these two read "
+                            "the truth)", required=True)
+    data: str | None = flag(None, "generated data folder (python data_gen.py --out DIR ...)", one_of="source")
+    series: list[str] | None = flag(None, "real series files or folders (every readable file inside: "
+                                          "TimeEval/GutenTAG, TSB-AD or NAB CSV, TSB-UAD .out, UCR archive .txt, "
+                                          "one-column CSV; docs/series.md): detect on every window, merge the "
+                                          "intervals onto each whole series, score each labelled one as a whole, "
+                                          "and the mean over files", one_of="source", nargs="+", metavar="PATH")
+    limit: int | None = flag(None, "evaluate N samples, spread evenly over families (default: all)")
+    temperature: float | None = flag(None, "sampling temperature: 0 = greedy; 0.4 = the paper's validation "
+                                           "sampling (default: 0, or 0.4 with --samples K > 1)")
+    samples: int = flag(1, "--series: answers per window, K; a point's score is the share of answers covering "
+                           "it, averaged over the windows containing it (K > 1 samples at --temperature, default "
+                           "0.4)")
+    vus_window: int = flag(point_metrics.VUS_WINDOW, "--series: VUS buffer length, the largest ℓ of "
+                                                     "VUS-PR/VUS-ROC (TSB-AD's default)")
+    out: str | None = flag(None, "output folder (default: runs/eval/<model-tag>-<data-folder-name or "
+                                 "series-file-name>)")
+    batch_size: int = flag(16, "prompts generated together (models only)")
+    max_new_tokens: int | None = flag(None, "completion length cap (default: a run folder's own, 72 for tiny, "
+                                            "1024 otherwise)")
+    seed: int = flag(0, "seed of sampling streams (models) and of the random baseline")
+    device: str | None = flag(None, "cpu | cuda (default: cuda when available)", choices=("cpu", "cuda"))
+    dtype: str | None = flag(None, "weights and compute: bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)",
+                             choices=("fp32", "bf16"))
+    no_progress: bool = flag(False, "no progress bars (transformers' loading bars included)")
+    workers: int | None = flag(None, "processes running the expert detector (baseline:expert only; default: "
+                                     "min(2, CPUs))")
+
+
+def parse_args(argv=None) -> EvalConfig:
+    """The EvalConfig of `python eval.py <argv>`, defaults filled in; a bad flag ends the program with a usage
+    error (exit 2)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_flags(p, EvalConfig, titles={data_gen.WindowFlags: "real series (only with --series)"})
+    args = EvalConfig(**vars(p.parse_args(argv)))
     series_io.check_window_flags(p, args, args.series is not None, "--series")
     if args.series is None and (args.samples, args.vus_window) != (1, point_metrics.VUS_WINDOW):
         p.error("--samples, --vus-window: only with --series")
@@ -604,9 +602,9 @@ def read_inputs(args):
         series, skipped = series_io.read_all(args.series, args.column, args.labels, args.window, args.stride,
                                              args.skip_bad)
     except series_io.SeriesError as err:
-        series_io.report_refusals(err, [], "")
+        series_io.report_refusals(err, [])
         return None, []
-    series_io.report_refusals(None, skipped, "")
+    series_io.report_refusals(None, skipped)
     for s in series:
         for note in s.notes:
             print(f"warning: {note}", file=sys.stderr)
@@ -626,8 +624,7 @@ def series_main(args) -> int:
                                  seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                  workers=args.workers, tag=tag)
     except ModelNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(err)
 
     # -- per file: windows, answers, merge, scores ---------------------------------------------------
     files, cut, predictions = [], {}, []
@@ -737,8 +734,7 @@ def main(argv=None) -> int:
     try:
         check_model(args)
     except ModelNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(err)
     if args.no_progress:
         quiet_library_bars()
     if args.series is not None:
@@ -750,11 +746,9 @@ def main(argv=None) -> int:
     try:
         all_samples = data_gen.load_samples(args.data)
     except data_gen.DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(err)
     if not all_samples:
-        print(f"error: {os.path.join(args.data, 'samples.jsonl')} holds no samples", file=sys.stderr)
-        return 2
+        return usage_error(f"{os.path.join(args.data, 'samples.jsonl')} holds no samples")
     indices = data_gen.balanced_indices(all_samples, args.limit)
     suite = read_suite(args.data, [all_samples[i] for i in indices])
 
@@ -762,8 +756,7 @@ def main(argv=None) -> int:
     try:
         policy = load_model(args)
     except ModelNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(err)
     predictions, info = window_predictions(args, args.data, all_samples, indices, policy)
 
     # -- tables -------------------------------------------------------------------------------------

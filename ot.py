@@ -1,13 +1,14 @@
 """Entropic optimal transport between hidden-state sequences: the distance W of the grounded reward.
 
-The method, in the order of its equations (method.md §8 to §11):
+The method, top to bottom in the order of its equations (method.md §8 to §11):
     cosine_cost            C_jk = max(0, 1 - cos(x_j, y_k))                                       §8
     norm_softmax_marginal  a = softmax of the hidden-state L2 norms over the valid tokens           §9
     sinkhorn               entropic plan T, the textbook log-domain Sinkhorn iteration              §10
     ot_distance            W = <T, C>                                                              §11
-Beside it: `sinkhorn_fast`, the same iterates computed by log-stabilised scaling, which `ot_distance` runs
+    mean_pooled_cosine     the "cosine instead of OT" ablation                                     §19
+Below them: `sinkhorn_fast`, the same iterates computed by log-stabilised scaling, which `ot_distance` runs
 because at the paper's sizes it is several times faster on CPU (bench/bench_sinkhorn.py measures both against
-POT; tests compare it with `sinkhorn`), and `mean_pooled_cosine`, the "cosine instead of OT" ablation.
+POT; tests compare it with `sinkhorn`); then the input checks that the public functions call.
 
 Pure torch, batched over problems. Rows/columns of different lengths share one batch through zero-mass
 entries (padding). Sinkhorn always runs in float64, whatever the dtype of the inputs (hidden states may be
@@ -24,56 +25,39 @@ from typing import NamedTuple
 
 import torch
 
-# sinkhorn_fast: |log u|, |log v| above this trigger a log-domain step. Kernel entries are <= max(a) right after
-# a log-domain step, so scalings within exp(+-100) keep every product far from float64 overflow (~e^709), and
-# mass lost to kernel entries that underflowed (< e^-745) can grow back to at most e^(-745 + 200): negligible.
-_LOG_SCALING_LIMIT = 100.0
-_MIN_SCALING, _MAX_SCALING = math.exp(-_LOG_SCALING_LIMIT), math.exp(_LOG_SCALING_LIMIT)
-# sinkhorn_fast on CPU works through the batch in blocks of about this many bytes of float64 [n, m] matrices, so
-# the ~100 passes per block (cost, kernel, 2 matrix-vector products per iteration) hit a core's L2 cache, not L3
-# or memory (measured at the tiny preset's sizes, 20 x 66 x 344: 2 MiB blocks 25 % faster than 4 MiB ones).
-_CPU_BLOCK_BYTES = 2 << 20
-# Relative tolerance for "a and b carry the same total mass".
-_MASS_RTOL = 1e-6
 # Norm guard for cosine: vectors shorter than this count as zero vectors (cos = 0, cost = 1).
 _NORM_GUARD = 1e-12
 
 
-def _check_problem(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int) -> None:
-    """Raise ValueError with the offending value for malformed Sinkhorn inputs (shapes, eps, n_iter, marginals
-    finite and >= 0 with equal total mass, cost finite wherever both marginals are > 0)."""
-    if cost.dim() != 3:
-        raise ValueError(f"sinkhorn: cost must be [B, n, m], got shape {tuple(cost.shape)}")
-    B, n, m = cost.shape
-    if tuple(a.shape) != (B, n) or tuple(b.shape) != (B, m):
-        raise ValueError(
-            f"sinkhorn: marginals must be a [{B}, {n}] and b [{B}, {m}] for cost {tuple(cost.shape)}, "
-            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
-        )
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"sinkhorn: eps must be a finite number > 0, got {eps!r}")
-    if not (isinstance(n_iter, int) and n_iter >= 1):
-        raise ValueError(f"sinkhorn: n_iter must be an int >= 1, got {n_iter!r}")
-    for name, marg in (("a", a), ("b", b)):
-        bad = ~torch.isfinite(marg) | (marg < 0)
-        if bad.any():
-            k, i = (int(t) for t in bad.nonzero()[0])
-            raise ValueError(f"sinkhorn: marginal {name}[{k}, {i}] = {marg[k, i].item()!r}; need finite and >= 0")
-    mass_a, mass_b = a.to(torch.float64).sum(1), b.to(torch.float64).sum(1)  # [B]
-    live = (mass_a > 0) & (mass_b > 0)
-    mismatch = live & ((mass_a - mass_b).abs() > _MASS_RTOL * torch.maximum(mass_a, mass_b))
-    if mismatch.any():
-        k = int(mismatch.nonzero()[0, 0])
-        raise ValueError(
-            f"sinkhorn: problem {k} has total mass sum(a) = {mass_a[k].item():.9g} but sum(b) = "
-            f"{mass_b[k].item():.9g}; balanced OT needs them equal"
-        )
-    if bool(torch.isfinite(cost).all()):  # the usual case, one pass; else find a non-finite entry at a valid pair
-        return
-    bad_cost = (a > 0)[:, :, None] & (b > 0)[:, None, :] & ~torch.isfinite(cost)  # [B, n, m]
-    if bad_cost.any():
-        k, i, j = (int(t) for t in bad_cost.nonzero()[0])
-        raise ValueError(f"sinkhorn: cost[{k}, {i}, {j}] = {cost[k, i, j].item()!r} at a valid pair; need finite")
+def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """method.md §8, cost: C_jk = max(0, 1 - cos(x_j, y_k)), [B, n, D] x [B, m, D] -> [B, n, m].
+
+    One batched matmul in float32 (float64 inputs stay float64). A zero vector has cos = 0 with anything,
+    i.e. cost 1. Values are also clipped at 2, which only removes rounding beyond cos = -1.
+    Example: x = [[1, 0]], y = [[1, 0], [0, 3], [-2, 0]] gives [[0, 1, 2]].
+    """
+    _check_pair("cosine_cost", x, None, y, None)
+    cos = torch.bmm(_unit_rows(x), _unit_rows(y).transpose(1, 2))  # [B, n, m]
+    return (1.0 - cos).clamp_(0.0, 2.0)
+
+
+def _unit_rows(h: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in float32 (float64 stays float64); near-zero rows become 0."""
+    h = h.to(torch.promote_types(h.dtype, torch.float32))
+    return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(_NORM_GUARD)
+
+
+def norm_softmax_marginal(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """method.md §9, marginal: softmax over valid tokens of the hidden-state L2 norms, [B, n, D] -> [B, n].
+
+    float64; exactly 0 on padding; a row without valid tokens is all 0 (an empty side).
+    Example: norms [1, 2, 5] with mask [1, 1, 0] give [e^1, e^2, 0] / (e^1 + e^2) = [0.269, 0.731, 0].
+    """
+    mask = _check_states("norm_softmax_marginal", h, mask)
+    norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.promote_types(h.dtype, torch.float32))  # [B, n]
+    logits = torch.where(mask, norms.to(torch.float64), -math.inf)  # [B, n]
+    probs = torch.softmax(logits, dim=-1)  # [B, n]; NaN on rows that are all -inf
+    return torch.where(mask.any(dim=1, keepdim=True), probs, 0.0)
 
 
 @torch.no_grad()
@@ -108,6 +92,62 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n
     return torch.exp(log_k + f[:, :, None] + g[:, None, :])
 
 
+def ot_distance(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor, y_mask: torch.Tensor | None,
+                eps: float = 0.08, n_iter: int = 50) -> torch.Tensor:
+    """method.md §11: W = <T, C> between hidden-state sequences, [B, n, D] vs [B, m, D] -> W [B] float64.
+
+    C = cosine_cost(x, y), marginals = norm_softmax_marginal on each side, T = sinkhorn(C, a, b, eps, n_iter)
+    (computed by `sinkhorn_fast`).
+    W is the transport cost only (no entropy term), in [0, 2]. A problem with no valid token on either side
+    gets W = 1 (the cost of two orthogonal sequences). No gradient flows (computed under no_grad).
+    Example: identical one-token sequences give W = 0; a token and its negation give W = 2.
+    """
+    x_mask, y_mask = _check_pair("ot_distance", x, x_mask, y, y_mask)  # bool [B, n], [B, m]
+    with torch.no_grad():
+        cost = cosine_cost(x, y)  # [B, n, m] float32; Sinkhorn converts it to float64 block by block
+        a = norm_softmax_marginal(x, x_mask)  # [B, n]
+        b = norm_softmax_marginal(y, y_mask)  # [B, m]
+        plan = sinkhorn_fast(cost, a, b, eps, n_iter).plan  # [B, n, m]; the iterates of `sinkhorn`
+        w = plan.mul_(torch.nan_to_num(cost)).sum(dim=(1, 2))  # [B]; padded cost may be NaN, its plan is 0
+        empty = ~(x_mask.any(1) & y_mask.any(1))  # [B]
+        return torch.where(empty, 1.0, w)
+
+
+def mean_pooled_cosine(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor,
+                       y_mask: torch.Tensor | None) -> torch.Tensor:
+    """Cosine similarity of the mean-pooled valid tokens, [B, n, D] vs [B, m, D] -> [B] float64 in [-1, 1].
+
+    The "cosine instead of OT" ablation (method.md §19). Pooling is a plain mean over valid tokens, in
+    float32 (float64 inputs stay float64). An empty side, or a pooled vector of norm < 1e-12, gives 0, the
+    similarity of orthogonal vectors (matching W = 1 for OT).
+    Example: x tokens [1, 0], [0, 1] pool to [0.5, 0.5]; against y = [[1, 0]] the cosine is 1/sqrt(2).
+    """
+    x_mask, y_mask = _check_pair("mean_pooled_cosine", x, x_mask, y, y_mask)  # bool [B, n], [B, m]
+
+    def pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        h = torch.where(mask[:, :, None], h, 0.0)  # [B, n, D]; padding may hold garbage
+        return h.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
+
+    with torch.no_grad():
+        px = _unit_rows(pooled(x, x_mask)).to(torch.float64)  # [B, D]
+        py = _unit_rows(pooled(y, y_mask)).to(torch.float64)  # [B, D]
+        return (px * py).sum(-1).clamp(-1.0, 1.0)  # [B]
+
+
+# ----------------------------------------------------------------- fast Sinkhorn: the iterates of `sinkhorn` by scaling
+
+# sinkhorn_fast: |log u|, |log v| above this trigger a log-domain step. Kernel entries are <= max(a) right after
+# a log-domain step, so scalings within exp(+-100) keep every product far from float64 overflow (~e^709), and
+# mass lost to kernel entries that underflowed (< e^-745) can grow back to at most e^(-745 + 200): negligible.
+_LOG_SCALING_LIMIT = 100.0
+_MIN_SCALING, _MAX_SCALING = math.exp(-_LOG_SCALING_LIMIT), math.exp(_LOG_SCALING_LIMIT)
+# sinkhorn_fast on CPU works through the batch in blocks of about this many bytes of float64 [n, m] matrices, so
+# the ~100 passes per block (cost, kernel, 2 matrix-vector products per iteration) hit a core's L2 cache, not L3
+# or memory (measured at the tiny preset's sizes, 20 x 66 x 344: 2 MiB blocks 25 % faster than 4 MiB ones).
+_CPU_BLOCK_BYTES = 2 << 20
+
+
 class SinkhornResult(NamedTuple):
     """Output of `sinkhorn_fast`.
 
@@ -121,31 +161,6 @@ class SinkhornResult(NamedTuple):
     marginal_err: torch.Tensor
     n_iter: int
     log_steps: int
-
-
-def _log_domain_step(neg_c: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, lf: torch.Tensor | None,
-                     rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One iteration of `sinkhorn` on the dimensionless potentials lf = f/eps, lg = g/eps; `neg_c` is -C/eps
-    with -inf on padded pairs, padded potentials are -inf. lf None: the first iteration, from lf = 0."""
-    lse_cols = torch.logsumexp(neg_c if lf is None else neg_c + lf[:, :, None], dim=1)  # [B, m]
-    lg = torch.where(cols, log_b - lse_cols, -math.inf)  # [B, m]
-    lse_rows = torch.logsumexp(neg_c + lg[:, None, :], dim=2)  # [B, n]
-    lf = torch.where(rows, log_a - lse_rows, -math.inf)  # [B, n]
-    return lf, lg
-
-
-def _scalings_ok(u: torch.Tensor) -> bool:
-    """True when every scaling is within [exp(-_LOG_SCALING_LIMIT), exp(+_LOG_SCALING_LIMIT)]: positive, finite
-    and small enough. Padded scalings are 1 (see _sinkhorn_fast_block), so they always pass; NaN never does."""
-    if u.numel() == 0:
-        return True
-    low, high = torch.aminmax(u)
-    return bool(low >= _MIN_SCALING) and bool(high <= _MAX_SCALING)
-
-
-def _gibbs_kernel(neg_c: torch.Tensor, lf: torch.Tensor, lg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """K = exp(-C/eps + lf + lg) [b, n, m], written into `out` (the plan of the potentials lf, lg)."""
-    return torch.add(neg_c, lf[:, :, None], out=out).add_(lg[:, None, :]).exp_()
 
 
 @torch.no_grad()
@@ -241,6 +256,74 @@ def _sinkhorn_fast_block(cost: torch.Tensor, a64: torch.Tensor, b64: torch.Tenso
     return done, log_steps
 
 
+def _log_domain_step(neg_c: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, lf: torch.Tensor | None,
+                     rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One iteration of `sinkhorn` on the dimensionless potentials lf = f/eps, lg = g/eps; `neg_c` is -C/eps
+    with -inf on padded pairs, padded potentials are -inf. lf None: the first iteration, from lf = 0."""
+    lse_cols = torch.logsumexp(neg_c if lf is None else neg_c + lf[:, :, None], dim=1)  # [B, m]
+    lg = torch.where(cols, log_b - lse_cols, -math.inf)  # [B, m]
+    lse_rows = torch.logsumexp(neg_c + lg[:, None, :], dim=2)  # [B, n]
+    lf = torch.where(rows, log_a - lse_rows, -math.inf)  # [B, n]
+    return lf, lg
+
+
+def _scalings_ok(u: torch.Tensor) -> bool:
+    """True when every scaling is within [exp(-_LOG_SCALING_LIMIT), exp(+_LOG_SCALING_LIMIT)]: positive, finite
+    and small enough. Padded scalings are 1 (see _sinkhorn_fast_block), so they always pass; NaN never does."""
+    if u.numel() == 0:
+        return True
+    low, high = torch.aminmax(u)
+    return bool(low >= _MIN_SCALING) and bool(high <= _MAX_SCALING)
+
+
+def _gibbs_kernel(neg_c: torch.Tensor, lf: torch.Tensor, lg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """K = exp(-C/eps + lf + lg) [b, n, m], written into `out` (the plan of the potentials lf, lg)."""
+    return torch.add(neg_c, lf[:, :, None], out=out).add_(lg[:, None, :]).exp_()
+
+
+# --------------------------------------------------------------------------------------------------------- input checks
+
+# Relative tolerance for "a and b carry the same total mass".
+_MASS_RTOL = 1e-6
+
+
+def _check_problem(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iter: int) -> None:
+    """Raise ValueError with the offending value for malformed Sinkhorn inputs (shapes, eps, n_iter, marginals
+    finite and >= 0 with equal total mass, cost finite wherever both marginals are > 0)."""
+    if cost.dim() != 3:
+        raise ValueError(f"sinkhorn: cost must be [B, n, m], got shape {tuple(cost.shape)}")
+    B, n, m = cost.shape
+    if tuple(a.shape) != (B, n) or tuple(b.shape) != (B, m):
+        raise ValueError(
+            f"sinkhorn: marginals must be a [{B}, {n}] and b [{B}, {m}] for cost {tuple(cost.shape)}, "
+            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"sinkhorn: eps must be a finite number > 0, got {eps!r}")
+    if not (isinstance(n_iter, int) and n_iter >= 1):
+        raise ValueError(f"sinkhorn: n_iter must be an int >= 1, got {n_iter!r}")
+    for name, marg in (("a", a), ("b", b)):
+        bad = ~torch.isfinite(marg) | (marg < 0)
+        if bad.any():
+            k, i = (int(t) for t in bad.nonzero()[0])
+            raise ValueError(f"sinkhorn: marginal {name}[{k}, {i}] = {marg[k, i].item()!r}; need finite and >= 0")
+    mass_a, mass_b = a.to(torch.float64).sum(1), b.to(torch.float64).sum(1)  # [B]
+    live = (mass_a > 0) & (mass_b > 0)
+    mismatch = live & ((mass_a - mass_b).abs() > _MASS_RTOL * torch.maximum(mass_a, mass_b))
+    if mismatch.any():
+        k = int(mismatch.nonzero()[0, 0])
+        raise ValueError(
+            f"sinkhorn: problem {k} has total mass sum(a) = {mass_a[k].item():.9g} but sum(b) = "
+            f"{mass_b[k].item():.9g}; balanced OT needs them equal"
+        )
+    if bool(torch.isfinite(cost).all()):  # the usual case, one pass; else find a non-finite entry at a valid pair
+        return
+    bad_cost = (a > 0)[:, :, None] & (b > 0)[:, None, :] & ~torch.isfinite(cost)  # [B, n, m]
+    if bad_cost.any():
+        k, i, j = (int(t) for t in bad_cost.nonzero()[0])
+        raise ValueError(f"sinkhorn: cost[{k}, {i}, {j}] = {cost[k, i, j].item()!r} at a valid pair; need finite")
+
+
 def _check_states(name: str, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Validate hidden states [B, n, D] and return the mask as bool [B, n] (all True when None)."""
     if h.dim() != 3:
@@ -252,85 +335,9 @@ def _check_states(name: str, h: torch.Tensor, mask: torch.Tensor | None) -> torc
     return mask.to(torch.bool)
 
 
-def _check_pair(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """x [B, n, D] and y [B, m, D] must agree on B and D."""
+def _check_pair(name: str, x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor,
+                y_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate x [B, n, D] and y [B, m, D] (same B and D) with their masks; return the masks as bool."""
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
         raise ValueError(f"{name}: need x [B, n, D] and y [B, m, D], got {tuple(x.shape)} and {tuple(y.shape)}")
-
-
-def _unit_rows(h: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm in float32 (float64 stays float64); near-zero rows become 0."""
-    h = h.to(torch.promote_types(h.dtype, torch.float32))
-    return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(_NORM_GUARD)
-
-
-def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """method.md §8, cost: C_jk = max(0, 1 - cos(x_j, y_k)), [B, n, D] x [B, m, D] -> [B, n, m].
-
-    One batched matmul in float32 (float64 inputs stay float64). A zero vector has cos = 0 with anything,
-    i.e. cost 1. Values are also clipped at 2, which only removes rounding beyond cos = -1.
-    Example: x = [[1, 0]], y = [[1, 0], [0, 3], [-2, 0]] gives [[0, 1, 2]].
-    """
-    _check_pair("cosine_cost", x, y)
-    cos = torch.bmm(_unit_rows(x), _unit_rows(y).transpose(1, 2))  # [B, n, m]
-    return (1.0 - cos).clamp_(0.0, 2.0)
-
-
-def norm_softmax_marginal(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """method.md §9, marginal: softmax over valid tokens of the hidden-state L2 norms, [B, n, D] -> [B, n].
-
-    float64; exactly 0 on padding; a row without valid tokens is all 0 (an empty side).
-    Example: norms [1, 2, 5] with mask [1, 1, 0] give [e^1, e^2, 0] / (e^1 + e^2) = [0.269, 0.731, 0].
-    """
-    mask = _check_states("norm_softmax_marginal", h, mask)
-    norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.promote_types(h.dtype, torch.float32))  # [B, n]
-    logits = torch.where(mask, norms.to(torch.float64), -math.inf)  # [B, n]
-    probs = torch.softmax(logits, dim=-1)  # [B, n]; NaN on rows that are all -inf
-    return torch.where(mask.any(dim=1, keepdim=True), probs, 0.0)
-
-
-def ot_distance(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor, y_mask: torch.Tensor | None,
-                eps: float = 0.08, n_iter: int = 50) -> torch.Tensor:
-    """method.md §11: W = <T, C> between hidden-state sequences, [B, n, D] vs [B, m, D] -> W [B] float64.
-
-    C = cosine_cost(x, y), marginals = norm_softmax_marginal on each side, T = sinkhorn(C, a, b, eps, n_iter)
-    (computed by `sinkhorn_fast`).
-    W is the transport cost only (no entropy term), in [0, 2]. A problem with no valid token on either side
-    gets W = 1 (the cost of two orthogonal sequences). No gradient flows (computed under no_grad).
-    Example: identical one-token sequences give W = 0; a token and its negation give W = 2.
-    """
-    x_mask = _check_states("ot_distance (x)", x, x_mask)
-    y_mask = _check_states("ot_distance (y)", y, y_mask)
-    _check_pair("ot_distance", x, y)
-    with torch.no_grad():
-        cost = cosine_cost(x, y)  # [B, n, m] float32; Sinkhorn converts it to float64 block by block
-        a = norm_softmax_marginal(x, x_mask)  # [B, n]
-        b = norm_softmax_marginal(y, y_mask)  # [B, m]
-        plan = sinkhorn_fast(cost, a, b, eps, n_iter).plan  # [B, n, m]; the iterates of `sinkhorn`
-        w = plan.mul_(torch.nan_to_num(cost)).sum(dim=(1, 2))  # [B]; padded cost may be NaN, its plan is 0
-        empty = ~(x_mask.any(1) & y_mask.any(1))  # [B]
-        return torch.where(empty, 1.0, w)
-
-
-def mean_pooled_cosine(x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor,
-                       y_mask: torch.Tensor | None) -> torch.Tensor:
-    """Cosine similarity of the mean-pooled valid tokens, [B, n, D] vs [B, m, D] -> [B] float64 in [-1, 1].
-
-    The "cosine instead of OT" ablation (method.md §19). Pooling is a plain mean over valid tokens, in
-    float32 (float64 inputs stay float64). An empty side, or a pooled vector of norm < 1e-12, gives 0, the
-    similarity of orthogonal vectors (matching W = 1 for OT).
-    Example: x tokens [1, 0], [0, 1] pool to [0.5, 0.5]; against y = [[1, 0]] the cosine is 1/sqrt(2).
-    """
-    x_mask = _check_states("mean_pooled_cosine (x)", x, x_mask)
-    y_mask = _check_states("mean_pooled_cosine (y)", y, y_mask)
-    _check_pair("mean_pooled_cosine", x, y)
-
-    def pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = h.to(torch.promote_types(h.dtype, torch.float32))
-        h = torch.where(mask[:, :, None], h, 0.0)  # [B, n, D]; padding may hold garbage
-        return h.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, D]
-
-    with torch.no_grad():
-        px = _unit_rows(pooled(x, x_mask)).to(torch.float64)  # [B, D]
-        py = _unit_rows(pooled(y, y_mask)).to(torch.float64)  # [B, D]
-        return (px * py).sum(-1).clamp(-1.0, 1.0)  # [B]
+    return _check_states(f"{name} (x)", x, x_mask), _check_states(f"{name} (y)", y, y_mask)

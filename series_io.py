@@ -49,13 +49,14 @@ import numpy as np
 import data_gen
 import expert_cot
 from expert_cot import interval_mask, runs
+from timerpo.cli import usage_error
 from timerpo.files import png_bytes, write_atomic
 from timerpo.metrics import to_events
 from timerpo.progress import progress_bar
 from timerpo.prompt import generic_cot
 
-DEFAULT_WINDOW = data_gen.SUITE_LENGTH["anomllm"]  # the training length: one pixel column per step
-MIN_WINDOW = 64  # expert_cot.StagedScan.MIN_LENGTH: the classical detector needs this many points
+DEFAULT_WINDOW = data_gen.SERIES_WINDOW  # the training length: one pixel column per step
+MIN_WINDOW = data_gen.SERIES_MIN_WINDOW  # expert_cot.StagedScan.MIN_LENGTH (the detector's minimum)
 SUFFIXES = (".csv", ".out")
 # UCR anomaly archive: values only, the one anomaly in the name: NNN_UCR_Anomaly_<name>_<train end>_<begin>_<end>.txt
 UCR_NAME = re.compile(r"_(\d+)_(\d+)_(\d+)\.txt$", re.IGNORECASE)
@@ -518,14 +519,16 @@ def check_names(series: list[RealSeries]) -> None:
         seen[s.name] = s.path
 
 
-def report_refusals(err: SeriesError | None, refused: list[dict], prefix: str) -> None:
-    """One stderr line per refused file (``refused:`` or, with --skip-bad, ``skipped:``), then the error."""
+def report_refusals(err: SeriesError | None, refused: list[dict], tool: str = "") -> None:
+    """One stderr line per refused file (``refused:`` or, with --skip-bad, ``skipped:``), then the error
+    (timerpo.cli.usage_error); each line after ``tool: `` when given."""
     import sys
 
     for r in getattr(err, "refused", refused):
-        print(f"{prefix}{'refused' if err is not None else 'skipped'}: {r['reason']}", file=sys.stderr)
+        print(f"{tool + ': ' if tool else ''}{'refused' if err is not None else 'skipped'}: {r['reason']}",
+              file=sys.stderr)
     if err is not None:
-        print(f"{prefix}error: {err}", file=sys.stderr)
+        usage_error(err, tool)
 
 
 # --------------------------------------------------------------------------------------------- windows
@@ -627,28 +630,9 @@ def timestamp_spans(intervals, timestamps) -> list | None:
 # --------------------------------------------------------------------------------------------- flags
 
 
-def add_window_flags(parser, what: str) -> None:
-    """--window/--stride/--column/--labels/--skip-bad, shared by data_gen.py --suite series and eval.py --series."""
-    parser.add_argument("--window", type=int, default=None,
-                        help=f"{what}: points per plot (default {DEFAULT_WINDOW}, the training length; at least "
-                             f"{MIN_WINDOW}); each window is min-max scaled to [-1, 1]")
-    parser.add_argument("--stride", type=int, default=None,
-                        help=f"{what}: offset between window starts, 1..window (default: window // 2); a last "
-                             f"window is added at the end, so every point lies in a window")
-    parser.add_argument("--column", default=None,
-                        help=f"{what}: the value column to read when a CSV header names several")
-    parser.add_argument("--labels", default=None,
-                        help=f"{what}: NAB-style JSON mapping file names to [[start_timestamp, end_timestamp], "
-                             f"...] windows (both ends inclusive); CSV files with an is_anomaly or label column "
-                             f"and .out files carry their own labels")
-    parser.add_argument("--skip-bad", action="store_true", default=None,
-                        help=f"{what}: of several files, use the readable ones and list the refused ones with "
-                             f"their reasons (default: one refused file stops everything, before anything is "
-                             f"written)")
-
-
 def check_window_flags(parser, args, series_mode: bool, what: str, extra=()) -> None:
-    """Argparse error for a series flag used outside series mode; fills in the default window and stride."""
+    """Argparse error for a series flag (data_gen.WindowFlags) used outside series mode; fills in the default
+    window and stride."""
     names = ("window", "stride", "column", "labels", "skip_bad") + tuple(extra)
     used = [f"--{name}" for name in names if getattr(args, name, None) is not None]
     if not series_mode and used:

@@ -38,6 +38,7 @@ import data_gen
 from timerpo.advantage import TSR_NORMS
 from timerpo.algorithm import (Prompt, compute_advantages, ground_completions, make_prompt, reference_logprobs,
                                rollout, score_outcomes, target_states, update_policy)
+from timerpo.cli import add_flags, usage_error
 from timerpo.checkpoint import (LATEST, STATE_FILE, CheckpointError, append_jsonl, checkpoint_names, is_checkpoint,
                                 latest_checkpoint, load_trainer_state, model_fingerprint, restore_optimizer,
                                 save_checkpoint, set_rng_state)
@@ -306,19 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field, typed by the field's annotation. Flags not given stay out of the namespace
     (argparse.SUPPRESS), so make_config can tell them from the preset's values."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    types = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        flag, kind = "--" + f.name.replace("_", "-"), types[f.name]
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=flag_help(f))
-            continue
-        if f.name == "resume":  # a switch that may take a path
-            p.add_argument(flag, nargs="?", const=True, default=argparse.SUPPRESS, metavar="PATH", help=flag_help(f))
-            continue
-        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
-        choices = f.metadata["choices"]
-        p.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=flag_help(f),
-                       metavar=None if choices else kind.__name__.upper())
+    add_flags(p, Config, help_of=flag_help, suppress=True,
+              extra={"resume": dict(nargs="?", const=True, metavar="PATH")})  # a switch that may take a path
     return p
 
 
@@ -1020,12 +1010,6 @@ def say_memory_mode(policy: Policy, config: Config, dist: Dist, say) -> None:
         total = sum(p.numel() for p in policy.model.parameters())
         say(f"[lora] rank {config.lora_rank}, alpha {config.lora_alpha:g}: {trained:,} of {total:,} parameters "
             f"trained ({100 * trained / total:.2f} %); the KL reference is the model with its adapters off")
-
-
-def usage_error(err: Exception) -> int:
-    """A data folder, model, checkpoint or setting that cannot be used: one line, exit code 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 def train(config: Config, dist: Dist, resume: Resume | None = None) -> int:

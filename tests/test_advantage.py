@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from timerpo.advantage import (AdvantageResult, group_advantage, grounded_reward, orthogonal_projection,
-                               projection_coefficient, timerpo_advantage)
+from timerpo.advantage import (AdvantageResult, group_advantage, grounded_advantage, grounded_reward,
+                               orthogonal_projection, projection_coefficient, timerpo_advantage)
 
 DELTA, EPS = 1e-6, 1e-8
 
@@ -77,6 +77,19 @@ def test_grounded_reward_values():
     np.testing.assert_allclose(grounded_reward(W, 0.5).numpy(), np.exp(-np.array([0.0, 0.5, 1.0, 1.7]) / 0.5),
                                rtol=1e-12)
     assert grounded_reward(torch.tensor([1.0]), 0.5).item() == pytest.approx(math.exp(-2), rel=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["std", "mean", "std-floor"])
+def test_grounded_advantage_against_numpy(norm):
+    rng = np.random.default_rng(3)
+    s = np.exp(-rng.uniform(0.0, 2.0, size=40) / 0.5)  # grounded rewards of 8 groups of 5
+    s[5:10] = s[5]  # one group with all s equal
+    s[10:15] = s[10] + rng.normal(0.0, 1e-3, size=5)  # one spread below the floor
+    A = grounded_advantage(torch.tensor(s), 5, norm=norm, floor=0.05)
+    np.testing.assert_allclose(A.numpy(), np_centre(s, 5, norm, floor=0.05), rtol=1e-12, atol=1e-15)
+    assert (A[5:10] == 0).all()
+    with pytest.raises(ValueError, match="tsr_floor"):
+        grounded_advantage(torch.tensor(s), 5, norm="std-floor")  # no floor given
 
 
 @pytest.mark.parametrize("call,match", [

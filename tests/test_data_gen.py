@@ -401,9 +401,9 @@ def test_cli_writes_subset_and_reports_errors(tmp_path, capsys):
     assert [r.id for r in rows] == ["tods-s9-shapelet-00000", "tods-s9-trend-00000"]
     assert dg.main(["--out", out, "--suite", "anomllm", "--families", "spike", "--no-progress"]) == 2
     assert "unknown family 'spike'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # --help shows the defaults (ArgumentDefaultsHelpFormatter)
+    with pytest.raises(SystemExit):  # --help shows the defaults, as train.py does (timerpo/cli.py)
         dg.parse_args(["--help"])
-    assert "(default: 400)" in capsys.readouterr().out
+    assert "[default: 400]" in capsys.readouterr().out
 
 
 def test_cli_refuses_an_out_that_holds_data_and_overwrite_replaces_it_whole(tmp_path, capsys):
