@@ -961,14 +961,19 @@ def sweep(jobs: int, log_dir: str, path: str = RESULTS) -> dict:
                     save_results(results, path)
                     print(f"[trace] {result['command']}: peak {result['peak']} GiB ({result['seconds']} s)", flush=True)
 
-    sizes = ("3b", "7b")
-    run_all([mode_setting(size, name, REFERENCE_BATCH) for size in sizes for name, _, _ in MODES])
-    run_all([s for size in sizes for pair in slope_pairs(size).values() for s in pair])
-    for _ in range(3):  # verify the per-card commands by tracing them
-        cells = [c for c in plan(results) if c["mode"] is not None]
-        run_all([Setting(c["size"], c["flags"], c["gpus"]) for c in cells])
-        if all(find(results, Setting(c["size"], c["flags"], c["gpus"])) for c in plan(results) if c["mode"]):
-            break  # every command plan() picks has been traced (and a traced one that did not fit was dropped)
+    # One model at a time, the per-card table's modes first, so that a sweep cut short still leaves the
+    # 3B's table whole; the modes no card needs (FSDP at 2 ranks, pure bf16 and LoRA without checkpointing) last.
+    laddered = [name for names in LADDER.values() for name in names]
+    order = laddered + [name for name, _, _ in MODES if name not in laddered]
+    for size in ("3b", "7b"):
+        run_all([mode_setting(size, name, REFERENCE_BATCH) for name in order if name in laddered])
+        run_all([s for pair in slope_pairs(size).values() for s in pair])
+        for _ in range(3):  # verify the per-card commands by tracing them
+            cells = [c for c in plan(results) if c["mode"] is not None and c["size"] == size]
+            run_all([Setting(c["size"], c["flags"], c["gpus"]) for c in cells])
+            if all(find(results, Setting(c["size"], c["flags"], c["gpus"])) for c in cells):
+                break  # every command plan() picks has been traced (a traced one that did not fit was dropped)
+        run_all([mode_setting(size, name, REFERENCE_BATCH) for name in order if name not in laddered])
     results["plan"] = plan(results)
     save_results(results, path)
     return results
