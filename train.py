@@ -499,6 +499,7 @@ def step_columns(episodes, adv) -> dict[str, np.ndarray]:
         "s": adv.grounded_reward.numpy() if adv.grounded_reward is not None else np.zeros(0),
         "advantage": adv.advantages.numpy(),
         "main": adv.main.numpy(),
+        "grounded": adv.grounded.numpy() if adv.grounded is not None else np.zeros(0),
         "projected": adv.projected.numpy() if adv.projected is not None else np.zeros(0),
         "coef": adv.coef.numpy() if adv.coef is not None else np.zeros(0),  # one per group
         "zero_std_groups": np.array([round(adv.zero_std_frac * n_groups)]),  # a count, so ranks can add it
@@ -512,6 +513,11 @@ def nan_mean(values: np.ndarray) -> float | None:
     return float(kept.mean()) if kept.size else None
 
 
+def abs_mean(values: np.ndarray) -> float | None:
+    """Mean of |values|; None without values (GRPO computes no grounded term)."""
+    return float(np.abs(values).mean()) if len(values) else None
+
+
 def group_std(values: np.ndarray, group_size: int) -> float | None:
     """Mean over groups of the sample std (ddof = 1) within each group of G values; None without values."""
     return float(values.reshape(-1, group_size).std(axis=1, ddof=1).mean()) if len(values) else None
@@ -523,7 +529,9 @@ def concat_columns(tables: list[dict]) -> dict[str, np.ndarray]:
 
 
 def step_metrics(step, cols, update, timer, group_size) -> dict:
-    """One metrics.jsonl row from the (gathered) step columns; the times are this process's (rank 0's)."""
+    """One metrics.jsonl row from the (gathered) step columns; the times are this process's (rank 0's).
+    docs/metrics.md explains every key. The update's clip fraction is not logged: with one update per rollout
+    ρ ≡ 1 (method.md §16), so it is always 0."""
     rewards, lengths, grounding = cols["reward"], cols["length"], cols["grounding"]
     sec = timer.seconds
     return {
@@ -532,23 +540,24 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
         "reward_fmt": float(cols["fmt"].mean()),
         "reward_cls": nan_mean(cols["cls"]),  # NaN for windows of unknown class: left out
         "reward_loc": float(cols["loc"].mean()),
-        "reward_std_in_group": float(rewards.reshape(-1, group_size).std(axis=1).mean()),
+        "reward_std_in_group": group_std(rewards, group_size),  # the std_G R that Â_main divides by
         "zero_std_frac": float(cols["zero_std_groups"].sum() / cols["groups"].sum()),
         "adv_mean": float(cols["advantage"].mean()),
         "adv_std": float(cols["advantage"].std()),
-        "adv_main_absmean": float(np.abs(cols["main"]).mean()),
-        "adv_grounded_absmean": float(np.abs(cols["projected"]).mean()) if len(cols["projected"]) else None,
+        "adv_main_absmean": abs_mean(cols["main"]),
+        "adv_tsr_absmean": abs_mean(cols["grounded"]),  # Â_TsR, before the projection
+        "adv_tsr_perp_absmean": abs_mean(cols["projected"]),  # Â⊥_TsR, the term α weighs
         "proj_coef": float(cols["coef"].mean()) if len(cols["coef"]) else None,
         "grounding_mean": float(grounding.mean()) if len(grounding) else None,
         # within-group spread of W and of s = exp(-W/tau): what A_TsR's normalisation divides by
         "W_std_in_group": group_std(grounding, group_size),
         "s_std_in_group": group_std(cols["s"], group_size),
-        "kl": update["kl"], "entropy": update["entropy"], "clip_frac": update["clip_frac"],
+        "kl": update["kl"], "entropy": update["entropy"],
         "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
         "completion_len": float(lengths.mean()),
         "truncated_frac": float(1.0 - cols["finished"].mean()),
         "unparsable_frac": float(cols["unparsable"].mean()),
-        "time_rollout": sec.get("rollout", 0.0), "time_forward": sec.get("forward", 0.0),
+        "time_rollout": sec.get("rollout", 0.0), "time_reference": sec.get("reference", 0.0),
         "time_grounding": sec.get("grounding", 0.0), "time_update": sec.get("update", 0.0),
         "time_step": sum(sec.values()),
         # the whole job's sampled tokens over rank 0's rollout time (ranks sample at the same time)
@@ -653,7 +662,7 @@ def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, con
             ground_completions(episodes, targets, micro_batch=c.micro_batch, grounding=c.grounding,
                                ot_eps=c.ot_eps, ot_iters=c.ot_iters)
     if ref_policy is not None:  # LoRA: the policy with its adapters off
-        with timer("forward"), full_params(ref_policy, dist), adapters_disabled(ref_policy):
+        with timer("reference"), full_params(ref_policy, dist), adapters_disabled(ref_policy):
             reference_logprobs(ref_policy, episodes, micro_batch=c.micro_batch)
     adv = compute_advantages(episodes, group_size=c.group_size, mode=c.advantage, alpha=c.alpha, norm=c.adv_norm,
                              tau=c.tau, grounding=c.grounding, tsr_norm=c.tsr_norm, tsr_floor=c.tsr_floor)
