@@ -1,7 +1,7 @@
 """TimerPO training: `python train.py` (tiny model, CPU, minutes) or `python train.py --model qwen2.5-vl-3b`.
 
-Reads top to bottom: configuration (Config: every setting, its paper default and doc; the tiny presets) →
-data → policy → (tiny only) supervised format warm-up → RL loop.
+Reads top to bottom: configuration (Config: every setting, its default and where that comes from, its doc;
+the presets) → data → policy → (tiny only) supervised format warm-up → RL loop.
 Each RL step is the five functions of timerpo/algorithm.py:
     rollout → score_outcomes → ground_completions (TimerPO) + reference_logprobs (β > 0) → compute_advantages
     → update_policy
@@ -57,18 +57,37 @@ from timerpo.rollout import decode_bytes_per_row, rollout_batch_for_memory
 from timerpo.warmup import supervised_warmup
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration: one dataclass. Every default is the paper's value for the Qwen models (method.md §18);
-# the tiny CPU preset below changes a few of them. Every field is the flag of the same name.
+# Configuration: one dataclass; every field is the flag of the same name. Each field says where its default
+# comes from: paper(...) the paper's value for the Qwen models (method.md §18), release(...) the public release's
+# value where the paper's text leaves the setting open, project(...) a setting this implementation adds (off by
+# default, or this project's choice), option(...) how the run is carried out or watched (paths, devices,
+# batching, evaluation and checkpoints), which the trained weights do not depend on. The presets below change a
+# few of them.
+SOURCES = ("paper", "release", "project", "run")
+
+
+def setting(value, doc: str, choices: tuple | None, source: str):
+    return field(default=value, metadata={"doc": doc, "choices": choices, "source": source})
 
 
 def paper(value, doc: str, choices: tuple | None = None):
     """A setting of the method: its default is the paper's value."""
-    return field(default=value, metadata={"doc": doc, "choices": choices, "paper": True})
+    return setting(value, doc, choices, "paper")
+
+
+def release(value, doc: str, choices: tuple | None = None):
+    """A setting of the method that the paper's text leaves open: its default is the public release's value."""
+    return setting(value, doc, choices, "release")
+
+
+def project(value, doc: str, choices: tuple | None = None):
+    """A setting the paper does not have: its default is this implementation's (off for an addition)."""
+    return setting(value, doc, choices, "project")
 
 
 def option(value, doc: str, choices: tuple | None = None):
-    """A setting of the run (paths, devices, logging): not a paper value."""
-    return field(default=value, metadata={"doc": doc, "choices": choices, "paper": False})
+    """A setting of the run (paths, devices, logging, batching, evaluation, checkpoints): not the method's."""
+    return setting(value, doc, choices, "run")
 
 
 @dataclass
@@ -87,8 +106,12 @@ class Config:
     eval_data: str = option("data/test", "held-out data folder (generated on first use: anomllm suite, seed 42)")
     out: str = option("runs", "parent folder of run folders")
     name: str | None = option(None, "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)")
-    preset: str | None = option(None, "the values below: paper (the defaults) or tiny (CPU, ~10 min on 2 cores); "
-                                      "default: tiny for --model tiny, paper otherwise", choices=("paper", "tiny"))
+    preset: str | None = option(None, "the values below: paper (the defaults), tiny (CPU, ~10 min on 2 cores) or "
+                                      "release (the defaults with the public release's choices where a flag "
+                                      "exists: --adv-norm mean --tsr-norm mean --loc-reward six-mean "
+                                      "--eval-temperature 0.4; its activation checkpointing on 4 GPUs changes no "
+                                      "number: add --grad-checkpointing and torchrun); default: tiny for --model "
+                                      "tiny, paper otherwise", choices=("paper", "tiny", "release"))
     seed: int = option(0, "seed of the run (prompt order, sampling streams, tiny weights)")
     resume: bool | str = option(False, "continue a run where its checkpoint left off, with the settings saved "
                                        "there: --resume alone continues <out>/<name> from its latest checkpoint, "
@@ -142,14 +165,15 @@ class Config:
                                "'w/o ExpCoT' ablation)", choices=("expcot", "gencot"))
     grounding: str = paper("ot", "ot (entropic OT cost W, s = exp(−W/τ)) | cosine (mean-pooled cosine similarity)",
                            choices=("ot", "cosine"))
-    adv_norm: str = paper("std", "group normalization: std (paper text: (R − mean)/(std + δ)) | mean (public "
-                                 "code: R − mean)", choices=("std", "mean"))
+    adv_norm: str = paper("std", "group normalization of Â_main, and of Â_TsR unless --tsr-norm is given: std "
+                                 "(paper text: (R − mean)/(std + δ)) | mean (public code: R − mean)",
+                          choices=("std", "mean"))
     tsr_norm: str = paper("std", "normalization of the grounded advantage Â_TsR: std (paper reading, as Â_main) | "
                                  "mean | std-floor (divide by max(std_G s, --tsr-floor), so Sinkhorn-noise spreads "
                                  "stay small)", choices=TSR_NORMS)
-    tsr_floor: float = paper(0.05, "floor on std_G s for --tsr-norm std-floor")
-    loc_reward: str = paper("six-mean", "localization reward: six-mean (public release) | aff-f1 (affiliation F1 "
-                                        "alone)", choices=LOC_MODES)
+    tsr_floor: float = project(0.05, "floor on std_G s for --tsr-norm std-floor")
+    loc_reward: str = release("six-mean", "localization reward: six-mean (public release) | aff-f1 (affiliation "
+                                          "F1 alone, one reading of the paper's text)", choices=LOC_MODES)
 
     # -- sizes and rates
     steps: int = paper(250, "RL steps (the paper's 250 are 10 epochs of 3,200 prompts at 128 per step)")
@@ -159,9 +183,9 @@ class Config:
     lr: float = paper(1e-6, "AdamW learning rate, constant")
     weight_decay: float = paper(0.01, "AdamW weight decay")
     max_grad_norm: float = paper(1.0, "gradient-norm clip")
-    micro_batch: int = paper(4, "completions per forward/backward; gradients accumulate exactly")
-    rollout_batch: int = paper(0, "completions sampled together per rank; 0 = auto: on CUDA as many as the free "
-                                  "memory holds, up to all of the rank's completions of a step; 64 on CPU")
+    micro_batch: int = option(4, "completions per forward/backward; gradients accumulate exactly")
+    rollout_batch: int = option(0, "completions sampled together per rank; 0 = auto: on CUDA as many as the "
+                                   "free memory holds, up to all of the rank's completions of a step; 64 on CPU")
 
     # -- the objective and the grounded advantage
     alpha: float = paper(0.3, "weight α of the projected grounded advantage (set to 0 by --advantage grpo)")
@@ -174,30 +198,33 @@ class Config:
     expcot_max_tokens: int = paper(512, "ExpCoT tokens kept for the OT")
 
     # -- supervised warm-up before RL (the tiny model only: Qwen Instruct already follows the format)
-    warmup_steps: int = paper(0, "supervised warm-up steps on the true answers before RL")
-    warmup_vision_steps: int = paper(0, "plot-reading warm-up steps before those, vision tower only")
-    warmup_aux_weight: float = paper(0.0, "weight of the plot-reading loss beside the answer loss in the warm-up")
-    warmup_lr: float = paper(0.0, "learning rate of the supervised warm-up")
-    warmup_targets: str = paper("exact", "warm-up answer intervals: exact (the true ones) | columns (widened to the "
-                                         "whole token columns they touch, the finest place the tiny model sees)",
-                                choices=("exact", "columns"))
-    warmup_pointer: float = paper(0.0, "weight of the pointing loss: one attention head of the language model's "
-                                       "layer 1 should look at the plot column each answer digit names (off at 0)")
+    warmup_steps: int = project(0, "supervised warm-up steps on the true answers before RL")
+    warmup_vision_steps: int = project(0, "plot-reading warm-up steps before those, vision tower only")
+    warmup_aux_weight: float = project(0.0, "weight of the plot-reading loss beside the answer loss in the warm-up")
+    warmup_lr: float = project(0.0, "learning rate of the supervised warm-up")
+    warmup_targets: str = project("exact", "warm-up answer intervals: exact (the true ones) | columns (widened to "
+                                           "the whole token columns they touch, the finest place the tiny model "
+                                           "sees)", choices=("exact", "columns"))
+    warmup_pointer: float = project(0.0, "weight of the pointing loss: one attention head of the language model's "
+                                         "layer 1 should look at the plot column each answer digit names (off at 0)")
 
     # -- held-out evaluation and checkpoints
-    eval_every: int = paper(25, "held-out evaluation every N steps, and once before RL")
-    eval_samples: int = paper(256, "held-out samples per evaluation, balanced over families")
+    eval_every: int = option(25, "held-out evaluation every N steps, and once before RL")
+    eval_samples: int = option(256, "held-out samples per evaluation, balanced over families")
     eval_temperature: float = paper(0.4, "sampling temperature of held-out evaluation (the paper's validation)")
-    save_every: int = paper(25, "checkpoint every N steps (and at the end)")
+    save_every: int = option(25, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = option(0, "keep the newest N checkpoints, delete older ones (0 keeps all)")
 
 
-# The tiny CPU preset: the only place where values differ from the paper's. Measured: 9.4 min of train.py on 2
-# cores, test Avg F1 64.7 / 67.3 / 68.1 over seeds 0-2 (README, Results).
+# The presets: the only places where values differ from the defaults. The tiny CPU preset, measured: 9.4 min of
+# train.py on 2 cores, test Avg F1 64.7 / 67.3 / 68.1 over seeds 0-2 (README, Results).
 TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_steps=400, warmup_vision_steps=200,
             warmup_aux_weight=1.0, warmup_lr=2e-3, warmup_targets="columns", eval_every=50, eval_samples=128,
             save_every=50, micro_batch=20, rollout_batch=20)
-PRESETS = {"paper": {}, "tiny": TINY}
+# The public release's choices wherever a flag exists for one (method.md §23): its advantages only subtract the
+# group mean; the last two equal the defaults, and are spelled out so that the preset keeps them.
+RELEASE = dict(adv_norm="mean", tsr_norm="mean", loc_reward="six-mean", eval_temperature=0.4)
+PRESETS = {"paper": {}, "tiny": TINY, "release": RELEASE}
 
 
 # What a saved run's settings (a checkpoint's on --resume, a run_config.json given to --config) do, by field.
@@ -217,21 +244,29 @@ def experiment_settings() -> list[str]:
 
 
 def make_config(given: dict, saved: dict | None = None) -> Config:
-    """The run's Config: paper defaults, then the preset's values, then the saved settings (--config FILE, or
+    """The run's Config: the defaults, then the preset's values, then the saved settings (--config FILE, or
     the checkpoint's on --resume), then the flags given on the command line. The preset is --preset, else the
     saved one, else tiny for --model tiny and paper for every other model; a --preset given on the command line
-    counts as its flags."""
+    counts as its flags. --adv-norm sets --tsr-norm too, unless a later (or the same) layer sets that."""
     saved = dict(saved or {})
     if saved.get("advantage") == "grpo":
         saved.pop("alpha", None)  # forced to 0 below, not chosen: a switch to timerpo gets its default back
     model = given.get("model", saved.get("model", Config.model))
     preset = given.get("preset") or saved.get("preset") or ("tiny" if model == "tiny" else "paper")
     flags_preset = PRESETS[preset] if "preset" in given else {}
-    config = Config(**{**PRESETS[preset], **saved, **flags_preset, **given})
+    layers = [PRESETS[preset], saved, flags_preset, given]  # a later layer wins
+    config = Config(**{key: value for layer in layers for key, value in layer.items()})
     config.preset = preset
+    if last_layer_setting(layers, "adv_norm") > last_layer_setting(layers, "tsr_norm"):
+        config.tsr_norm = config.adv_norm  # one flag for both: --adv-norm mean is the release's reading of both
     if config.advantage == "grpo":
         config.alpha = 0.0  # GRPO is TimerPO without the grounded term
     return config
+
+
+def last_layer_setting(layers: list[dict], key: str) -> int:
+    """Index of the last layer that sets `key` (-1 when none does)."""
+    return max((i for i, layer in enumerate(layers) if key in layer), default=-1)
 
 
 def fits(value, kind) -> bool:
@@ -290,17 +325,15 @@ def resolve_defaults(config: Config) -> Config:
 
 
 def flag_help(f) -> str:
-    """A field's --help line: its doc, then its paper default and the presets' values (or its default)."""
-    doc = f.metadata["doc"]
-    if not f.metadata["paper"]:
-        return doc if f.default is None or f.default is False else f"{doc} [default: {f.default}]"
-    values, last = [], f.default
-    for name, preset in PRESETS.items():  # paper, tiny: each value that differs from the one before
-        value = preset.get(f.name, f.default)
-        if name == "paper" or value != last:
-            values.append(f"{name}: {value}")
-        last = value
-    return f"{doc} [{'; '.join(values)}]"
+    """A field's --help line: its doc, then its default named after its source (paper: the paper's value,
+    release: the public release's, default: this implementation's) and each preset's value that differs."""
+    doc, source = f.metadata["doc"], f.metadata["source"]
+    label = source if source in ("paper", "release") else "default"
+    values = [f"{name}: {preset[f.name]}" for name, preset in PRESETS.items()
+              if f.name in preset and preset[f.name] != f.default]
+    if source == "paper" or source == "release" or not (f.default is None or f.default is False):
+        values.insert(0, f"{label}: {f.default}")
+    return f"{doc} [{'; '.join(values)}]" if values else doc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -456,6 +489,7 @@ def step_columns(episodes, adv) -> dict[str, np.ndarray]:
         "s": adv.grounded_reward.numpy() if adv.grounded_reward is not None else np.zeros(0),
         "advantage": adv.advantages.numpy(),
         "main": adv.main.numpy(),
+        "grounded": adv.grounded.numpy() if adv.grounded is not None else np.zeros(0),
         "projected": adv.projected.numpy() if adv.projected is not None else np.zeros(0),
         "coef": adv.coef.numpy() if adv.coef is not None else np.zeros(0),  # one per group
         "zero_std_groups": np.array([round(adv.zero_std_frac * n_groups)]),  # a count, so ranks can add it
@@ -469,6 +503,11 @@ def nan_mean(values: np.ndarray) -> float | None:
     return float(kept.mean()) if kept.size else None
 
 
+def abs_mean(values: np.ndarray) -> float | None:
+    """Mean of |values|; None without values (GRPO computes no grounded term)."""
+    return float(np.abs(values).mean()) if len(values) else None
+
+
 def group_std(values: np.ndarray, group_size: int) -> float | None:
     """Mean over groups of the sample std (ddof = 1) within each group of G values; None without values."""
     return float(values.reshape(-1, group_size).std(axis=1, ddof=1).mean()) if len(values) else None
@@ -480,7 +519,9 @@ def concat_columns(tables: list[dict]) -> dict[str, np.ndarray]:
 
 
 def step_metrics(step, cols, update, timer, group_size) -> dict:
-    """One metrics.jsonl row from the (gathered) step columns; the times are this process's (rank 0's)."""
+    """One metrics.jsonl row from the (gathered) step columns; the times are this process's (rank 0's).
+    docs/metrics.md explains every key. The update's clip fraction is not logged: with one update per rollout
+    ρ ≡ 1 (method.md §16), so it is always 0."""
     rewards, lengths, grounding = cols["reward"], cols["length"], cols["grounding"]
     sec = timer.seconds
     return {
@@ -489,23 +530,24 @@ def step_metrics(step, cols, update, timer, group_size) -> dict:
         "reward_fmt": float(cols["fmt"].mean()),
         "reward_cls": nan_mean(cols["cls"]),  # NaN for windows of unknown class: left out
         "reward_loc": float(cols["loc"].mean()),
-        "reward_std_in_group": float(rewards.reshape(-1, group_size).std(axis=1).mean()),
+        "reward_std_in_group": group_std(rewards, group_size),  # the std_G R that Â_main divides by
         "zero_std_frac": float(cols["zero_std_groups"].sum() / cols["groups"].sum()),
         "adv_mean": float(cols["advantage"].mean()),
         "adv_std": float(cols["advantage"].std()),
-        "adv_main_absmean": float(np.abs(cols["main"]).mean()),
-        "adv_grounded_absmean": float(np.abs(cols["projected"]).mean()) if len(cols["projected"]) else None,
+        "adv_main_absmean": abs_mean(cols["main"]),
+        "adv_tsr_absmean": abs_mean(cols["grounded"]),  # Â_TsR, before the projection
+        "adv_tsr_perp_absmean": abs_mean(cols["projected"]),  # Â⊥_TsR, the term α weighs
         "proj_coef": float(cols["coef"].mean()) if len(cols["coef"]) else None,
         "grounding_mean": float(grounding.mean()) if len(grounding) else None,
         # within-group spread of W and of s = exp(-W/tau): what A_TsR's normalisation divides by
         "W_std_in_group": group_std(grounding, group_size),
         "s_std_in_group": group_std(cols["s"], group_size),
-        "kl": update["kl"], "entropy": update["entropy"], "clip_frac": update["clip_frac"],
+        "kl": update["kl"], "entropy": update["entropy"],
         "loss": update["loss"], "grad_norm": update["grad_norm"], "skipped": update["skipped"],
         "completion_len": float(lengths.mean()),
         "truncated_frac": float(1.0 - cols["finished"].mean()),
         "unparsable_frac": float(cols["unparsable"].mean()),
-        "time_rollout": sec.get("rollout", 0.0), "time_forward": sec.get("forward", 0.0),
+        "time_rollout": sec.get("rollout", 0.0), "time_reference": sec.get("reference", 0.0),
         "time_grounding": sec.get("grounding", 0.0), "time_update": sec.get("update", 0.0),
         "time_step": sum(sec.values()),
         # the whole job's sampled tokens over rank 0's rollout time (ranks sample at the same time)
@@ -610,7 +652,7 @@ def rl_step(policy, ref_policy, optimizer, prompts: list[Prompt], step: int, con
             ground_completions(episodes, targets, micro_batch=c.micro_batch, grounding=c.grounding,
                                ot_eps=c.ot_eps, ot_iters=c.ot_iters)
     if ref_policy is not None:  # LoRA: the policy with its adapters off
-        with timer("forward"), full_params(ref_policy, dist), adapters_disabled(ref_policy):
+        with timer("reference"), full_params(ref_policy, dist), adapters_disabled(ref_policy):
             reference_logprobs(ref_policy, episodes, micro_batch=c.micro_batch)
     adv = compute_advantages(episodes, group_size=c.group_size, mode=c.advantage, alpha=c.alpha, norm=c.adv_norm,
                              tau=c.tau, grounding=c.grounding, tsr_norm=c.tsr_norm, tsr_floor=c.tsr_floor)

@@ -5,7 +5,7 @@
 
 Runs TimerPO (the default) and `--advantage grpo` on the same warmed-up tiny model (bench/common.py),
 alternating repetitions so that both see the same machine. Phases per step: rollout (sampling with the
-KV cache; TimerPO also keeps the states), forward (the reference forward for the KL), grounding (ExpCoT states
+KV cache; TimerPO also keeps the states), reference (the reference forward for the KL), grounding (ExpCoT states
 of the current policy + Sinkhorn; TimerPO only), update (forward + backward + AdamW), other (building prompts,
 parsing and scoring, advantages). The first step of each repetition is left out.
 
@@ -30,7 +30,7 @@ from common import OurLoop, machine_load, peak_rss_mb, step_bench_parser, warm_t
 from timerpo.files import write_atomic  # noqa: E402
 
 MODES = {"timerpo": [], "grpo": ["--advantage", "grpo"]}
-PHASES = ("rollout", "forward", "grounding", "update", "other")
+PHASES = ("rollout", "reference", "grounding", "update", "other")
 
 
 def profile(records) -> dict:

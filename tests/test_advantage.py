@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from timerpo.advantage import (AdvantageResult, group_advantage, grounded_advantage, grounded_reward,
                                orthogonal_projection, projection_coefficient, timerpo_advantage)
 
+pytestmark = pytest.mark.math  # the fast math subset: python -m pytest -m math
+
 DELTA, EPS = 1e-6, 1e-8
 
 

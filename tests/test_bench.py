@@ -32,7 +32,7 @@ def test_bench_step_smoke(tiny_data, tmp_path):
     for mode, p in prof.items():
         assert p["steps"] == 1  # the first step of the repetition is left out
         for key in ("", "_cpu"):  # wall and CPU seconds: the phases account for the whole step
-            phases = sum(p[f"{ph}{key}_s"] for ph in ("rollout", "forward", "grounding", "update", "other"))
+            phases = sum(p[f"{ph}{key}_s"] for ph in ("rollout", "reference", "grounding", "update", "other"))
             assert math.isclose(phases, p[f"step{key}_s"], rel_tol=1e-6)
         assert 0 < p["step_cpu_s"]
         assert 1 <= p["completion_tokens"] <= 72

@@ -28,7 +28,7 @@ from timerpo.distributed import Dist, DistError, rank_slice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR = 2e-5  # the tiny preset's; the weights move by ~LR in one step
-COMPARED = ("reward", "loss", "grad_norm", "entropy", "kl", "clip_frac", "adv_std", "adv_main_absmean",
+COMPARED = ("reward", "loss", "grad_norm", "entropy", "kl", "adv_tsr_perp_absmean", "adv_std", "adv_main_absmean",
             "grounding_mean", "completion_len", "zero_std_frac")
 
 

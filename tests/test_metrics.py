@@ -20,6 +20,8 @@ from timerpo.metrics import (
     to_events,
 )
 
+pytestmark = pytest.mark.math  # the fast math subset: python -m pytest -m math
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 

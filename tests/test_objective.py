@@ -6,6 +6,8 @@ import torch
 
 from timerpo.objective import clipped_surrogate, k3_kl, timerpo_objective
 
+pytestmark = pytest.mark.math  # the fast math subset: python -m pytest -m math
+
 
 def hand_loss(logp, old, ref, ent, adv, mask, n_total, eps, beta, c_h):
     """L = −(1/N) Σ m [min(ρA, clip(ρ)A) − β(e^r − r − 1) + c_H H], written out token by token."""

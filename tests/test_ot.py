@@ -20,6 +20,8 @@ from scipy.stats import wasserstein_distance
 
 import ot
 
+pytestmark = pytest.mark.math  # the fast math subset: python -m pytest -m math
+
 
 # ---------------------------------------------------------------- oracles (numpy / scipy only)
 

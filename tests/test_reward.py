@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from timerpo.prompt import format_completion, parse_completion
 from timerpo.reward import LOC_MODES, RewardParts, outcome_reward, score_completion
 
+pytestmark = pytest.mark.math  # the fast math subset: python -m pytest -m math
+
 # The first check of method.md §21 (values from the metric's authors): L = 10, pred [(4, 5), (8, 9)], gt [(3, 4), (7, 10)].
 CHECK_L, CHECK_PRED, CHECK_GT = 10, [(4, 5), (8, 9)], [(3, 4), (7, 10)]
 CHECK_AFF_P, CHECK_AFF_R = 0.818182, 0.844276

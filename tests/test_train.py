@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from timerpo.checkpoint import latest_checkpoint, load_trainer_state, model_fing
 from timerpo.distributed import SINGLE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = {"time_rollout", "time_forward", "time_grounding", "time_update", "time_step", "tokens_per_s"}
+TIMING_KEYS = {"time_rollout", "time_reference", "time_grounding", "time_update", "time_step", "tokens_per_s"}
 
 
 def small_args(data, out, name, steps, extra=()):
@@ -63,8 +64,8 @@ def test_short_run_writes_logs_curves_and_checkpoints(full_run):
     rows = read_jsonl(full_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward", "reward_fmt", "reward_cls", "reward_loc", "zero_std_frac", "adv_std", "proj_coef",
-                "grounding_mean", "kl", "entropy", "clip_frac", "completion_len", "unparsable_frac", "time_rollout",
-                "time_forward", "time_grounding", "time_update"):
+                "grounding_mean", "kl", "entropy", "adv_tsr_perp_absmean", "completion_len", "unparsable_frac", "time_rollout",
+                "time_reference", "time_grounding", "time_update"):
         assert key in rows[0], key
     evals = read_jsonl(full_run / "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2, 3]  # start of RL, every 2 steps, and the end
@@ -74,6 +75,23 @@ def test_short_run_writes_logs_curves_and_checkpoints(full_run):
     assert latest_checkpoint(str(full_run)).endswith("ckpt-000003")
     # --keep-checkpoints 0 (the default) keeps every checkpoint
     assert sorted(p.name for p in full_run.glob("ckpt-*")) == ["ckpt-000001", "ckpt-000002", "ckpt-000003"]
+
+
+def documented_keys(log: str) -> set[str]:
+    """The keys of the table in docs/metrics.md's section on `log` ("## metrics.jsonl: ..."), one `key` a row."""
+    with open(os.path.join(ROOT, "docs", "metrics.md"), encoding="utf-8") as f:
+        sections = f.read().split("\n## ")
+    section = next(s for s in sections if s.startswith(log))
+    return set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+
+
+@pytest.mark.parametrize("log", ["metrics.jsonl", "eval.jsonl"])
+def test_every_logged_key_is_documented(full_run, log):
+    """docs/metrics.md has a line for every key the short run wrote, and none for a key it no longer writes."""
+    logged = {key for row in read_jsonl(full_run / log) for key in row}
+    documented = documented_keys(log)
+    assert not logged - documented, f"logged in {log} but not in docs/metrics.md: {sorted(logged - documented)}"
+    assert not documented - logged, f"in docs/metrics.md but not logged in {log}: {sorted(documented - logged)}"
 
 
 def test_training_can_be_watched(full_run):

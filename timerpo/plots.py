@@ -148,11 +148,23 @@ def curve_panels(train: list[dict], held: list[dict]) -> list[tuple[str, str, di
         ("unparsable answers", "share", {"train": column(train, "unparsable_frac"), "held-out": held_unparsable}),
         ("groups with zero reward spread", "share", {"train": column(train, "zero_std_frac")}),
         ("gradient norm before clipping", "norm", {"train": column(train, "grad_norm")}),
-        ("PPO clip fraction", "share", {"train": column(train, "clip_frac")}),
+        ("advantage terms (mean |.| over completions)", "|A|", advantage_terms(train)),
     ]
     if any(finite(v) for v in grounding[1]):  # TimerPO; GRPO computes no grounding
         panels.append(("grounding W (OT cost; cosine with --grounding cosine)", "W", {"mean": grounding}))
     return panels
+
+
+def advantage_terms(train: list[dict]) -> dict:
+    """The sizes of the two terms of A = Â_main + α·Â⊥_TsR (the second before α; absent under GRPO): how much
+    the grounded term weighs beside the outcome's. A clip-fraction panel would be flat at 0: with one update
+    per rollout the ratio is 1."""
+    steps = [r["step"] for r in train]
+    terms = {"A_main": (steps, [r.get("adv_main_absmean") for r in train])}
+    perp = [r.get("adv_tsr_perp_absmean") for r in train]
+    if any(finite(v) for v in perp):
+        terms["A_TsR projected"] = (steps, perp)
+    return terms
 
 
 def save_png(img: Image.Image, path: str) -> None:
