@@ -125,6 +125,22 @@ def test_deviations_table_states_what_the_code_does():
         assert train.parse_args(["--model", model]).eval_temperature == 0.4  # the paper's validation
 
 
+def test_deviations_of_the_prompt_and_parser_state_what_the_code_does():
+    """The §1/§2 rows of the deviations table and §17's four forbidden tokens; the token-mean row is
+    tests/test_algorithm.py: test_accumulation_equals_one_big_batch."""
+    from timerpo.policy import FORBIDDEN_TOKENS
+    from timerpo.prompt import build_prompt, parse_completion
+
+    twice = "<think>a</think><answer>[]</answer><class>normal</class> <class>trend</class>"
+    assert parse_completion(twice, 100).label == "trend"  # the last <class>, not the first
+    assert parse_completion("<think>a</think><answer>[3, 10]</answer><class>trend</class>", 100).intervals == \
+        [(3, 10)]  # a bare pair is one interval
+    assert parse_completion("<answer>__import__('os')</answer>", 100).intervals is None  # never evaluated
+    prompt = build_prompt(100)
+    assert "0 <= s < e <= 100" in prompt and "global point (values far outside the usual range)" in prompt
+    assert len(FORBIDDEN_TOKENS) == 4 and "<|vision_end|>" in FORBIDDEN_TOKENS
+
+
 # --------------------------------------------------------------------------------------- one copy of each table
 
 DOC_PAGES = ["README.md"] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
