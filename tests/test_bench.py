@@ -172,15 +172,22 @@ def test_bench_data_gen_smoke(tmp_path):
 
 
 def test_answer_figure_smoke(tiny_data, tmp_path):
-    evald = tmp_path / "eval"
-    run_script(["eval.py", "--model", "baseline:full", "--data", tiny_data, "--out", str(evald), "--no-progress"])
-    png = tmp_path / "answer.png"
-    stdout = run_script(["bench/answer_figure.py", "--eval-dir", str(evald), "--data", tiny_data,
-                         "--family", "range", "--out", str(png)])
-    assert "-range-" in stdout  # a sample of the asked family
+    """One tile, then the same sample's answer from a second eval folder drawn below it under its label."""
     from PIL import Image
-    with Image.open(png) as img:
-        assert img.size[0] >= 1000  # the whole plot, not a thumbnail
+    for name in ("full", "random"):
+        run_script(["eval.py", "--model", f"baseline:{name}", "--data", tiny_data, "--out", str(tmp_path / name),
+                    "--no-progress"])
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    stdout = run_script(["bench/answer_figure.py", "--eval-dir", str(tmp_path / "full"), "--data", tiny_data,
+                         "--family", "range", "--out", str(one)])
+    assert "-range-" in stdout  # a sample of the asked family
+    stdout = run_script(["bench/answer_figure.py", "--eval-dir", str(tmp_path / "full"), "--beside",
+                         str(tmp_path / "random"), "--label", "whole series", "--beside-label", "random windows",
+                         "--data", tiny_data, "--family", "range", "--out", str(two)])
+    assert stdout.count("aff-F1") == 2  # both answers of the same sample were scored
+    with Image.open(one) as a, Image.open(two) as b:
+        assert a.size[0] >= 1000  # the whole plot, not a thumbnail
+        assert b.size[0] == a.size[0] and b.size[1] > 2 * a.size[1]  # two labelled tiles, one below the other
 
 
 def test_gpu_bench_smoke(tiny_data, tmp_path):
