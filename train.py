@@ -217,7 +217,7 @@ class Config:
 
 
 # The presets: the only places where values differ from the defaults. The tiny CPU preset, measured: 9.4 min of
-# train.py on 2 cores, test Avg F1 64.7 / 67.3 / 68.1 over seeds 0-2 (README, Results).
+# train.py on 2 cores, test Avg F1 64.7 / 67.3 / 68.1 over seeds 0-2 (docs/results.md).
 TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_steps=400, warmup_vision_steps=200,
             warmup_aux_weight=1.0, warmup_lr=2e-3, warmup_targets="columns", eval_every=50, eval_samples=128,
             save_every=50, micro_batch=20, rollout_batch=20)
