@@ -1016,7 +1016,8 @@ def short_command(cell: dict) -> str:
 
 def card_table(results: dict) -> str:
     """Markdown: for each card and GPU count, the command for 3B and for 7B that fits by the trace."""
-    cells = {(c["size"], c["gpus"], c["card"]): c for c in results.get("plan", [])}
+    cells = {(c["size"], c["gpus"], c["card"]): c for c in plan(results)}
+    traced_sizes = {r["size"] for r in results["traces"]}
     lines = ["| card | GPUs | 3B: `train.py --model qwen2.5-vl-3b` ... | peak GiB | 7B: `... qwen2.5-vl-7b` ... "
              "| peak GiB |", "|---|---|---|---|---|---|"]
     for card in CARDS:
@@ -1025,7 +1026,10 @@ def card_table(results: dict) -> str:
             for size in ("3b", "7b"):
                 cell = cells.get((size, gpus, card))
                 if cell is None or cell["mode"] is None:
-                    row += ["does not fit", ""]
+                    # without a size's unit costs only its traced settings count, not smaller batches of them
+                    why = "not traced" if size not in traced_sizes else "does not fit" \
+                        if len(unit_costs(results, size)) == len(slope_pairs(size)) else "no traced setting fits"
+                    row += [why, ""]
                     continue
                 traced = find(results, Setting(size, cell["flags"], gpus))
                 peak = f"{traced['peak']:.1f}" if traced else f"{cell['predicted']:.1f} (predicted)"

@@ -284,6 +284,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-layers", type=int, default=2, help="decoder layers of the train.py model")
     p.add_argument("--train-vision-depth", type=int, default=4, help="vision blocks of the train.py model")
     p.add_argument("--skip-train", action="store_true", help="only the numerics (step 2)")
+    p.add_argument("--skip-numerics", action="store_true", help="only the train.py step and eval.py (step 3); the "
+                                                                "numerics of an earlier run in --out are kept")
     p.add_argument("--out", default=RESULTS)
     return p.parse_args(argv)
 
@@ -303,6 +305,15 @@ def main(argv=None) -> int:
         import train
 
         samples = train.ensure_data(args.data, 3407, progress=False)
+        if args.skip_numerics:
+            earlier = json.load(open(args.out)) if os.path.isfile(args.out) else {}
+            result.update({k: earlier[k] for k in ("model", "numerics") if k in earlier})
+            result["seconds_numerics"] = {k: v for k, v in earlier.get("seconds", {}).items()
+                                          if k not in ("build cut-depth folder", "train.py step",
+                                                       "eval.py on the checkpoint", "total")}
+            result["train_eval"] = train_and_eval(work, args.data, args.eval_data, args.train_layers,
+                                                  args.train_vision_depth, clock)
+            return finish(args, result, clock, t0)
         folder = os.path.join(work, "qwen3b")
         config = real_3b_config(args.layers, args.vision_depth)
         with clock("build folder"):
@@ -327,9 +338,14 @@ def main(argv=None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    return finish(args, result, clock, t0)
+
+
+def finish(args, result: dict, clock, t0: float) -> int:
+    """Time, memory and the verdict into --out (atomically) and on stdout."""
     result["seconds"] = clock.seconds | {"total": round(time.perf_counter() - t0, 1)}
     result["peak_rss_gb"] = peak_rss_gb()
-    result["ok"] = result["numerics"]["ok"] and result.get("train_eval", {"ok": True})["ok"]
+    result["ok"] = result.get("numerics", {"ok": False})["ok"] and result.get("train_eval", {"ok": True})["ok"]
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     print(f"[realwidth] {'all checks passed' if result['ok'] else 'SOME CHECKS FAILED'}; wrote {args.out}")
