@@ -172,18 +172,24 @@ def test_planted_payload_runs_code_when_unpickled(tmp_path):
 
 
 def test_resume_with_more_steps_continues_exactly_and_reads_no_pickle(tmp_path, cut_run, full_run, capsys):
-    """`--resume RUN --steps 3` alone: every other setting comes back from the checkpoint."""
+    """`--resume RUN --steps 3 --keep-checkpoints 2`: every other setting comes back from the checkpoint, and
+    the run now keeps its newest 2 checkpoints."""
     shutil.copytree(cut_run, tmp_path / "cut")
     marker = tmp_path / "pwned"
     plant_pickles(tmp_path / "cut", marker)
-    assert train.main(["--resume", str(tmp_path / "cut"), "--steps", "3", "--no-progress"]) == 0
+    assert train.main(["--resume", str(tmp_path / "cut"), "--steps", "3", "--keep-checkpoints", "2",
+                       "--no-progress"]) == 0
     assert not marker.exists()
     assert_resumed_exactly(tmp_path / "cut", full_run)
-    assert "[resume] --steps: 2 -> 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[resume] --steps: 2 -> 3" in out and "[resume] --keep-checkpoints: 0 -> 2" in out
+    assert sorted(p.name for p in (tmp_path / "cut").glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003"]
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "0.5"), ("--data", "elsewhere"), ("--advantage", "grpo")])
 def test_resume_refuses_a_changed_experiment_and_leaves_the_run_untouched(tmp_path, cut_run, capsys, flag, value):
+    if flag == "--data":  # a folder outside the checkout: a resume that went on must leave nothing here
+        value = str(cut_run.parent)
     run = tmp_path / "cut"
     shutil.copytree(cut_run, run)
     before = folder_bytes(run)
