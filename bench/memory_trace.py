@@ -953,7 +953,10 @@ def sweep(jobs: int, log_dir: str, path: str = RESULTS) -> dict:
     os.makedirs(log_dir, exist_ok=True)
 
     def run_all(settings):
-        todo = [s for s in settings if find(results, s) is None and available(s)]
+        todo = []  # several cards' commands can be one setting: traced once
+        for s in settings:
+            if find(results, s) is None and available(s) and all(key(s) != key(t) for t in todo):
+                todo.append(s)
         with ThreadPoolExecutor(jobs) as pool:
             for result in pool.map(lambda s: run_in_child(s, log_dir), todo):
                 if result is not None:
