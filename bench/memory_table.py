@@ -1,7 +1,8 @@
 """Per-GPU memory of TimerPO full fine-tuning of Qwen2.5-VL-3B / 7B (one GPU, or FSDP2), computed from the configs.
 
     python bench/memory_table.py                      # print the table (markdown)
-    python bench/memory_table.py --out docs/memory.md
+    python bench/memory_table.py --out /tmp/memory_estimate.md
+docs/memory.md holds the traced figures (bench/memory_trace.py), with this estimate as a cross-check column.
 
 Where the numbers come from:
   * parameter counts: the real 3B / 7B configs (written out below; nothing is downloaded) built on the meta

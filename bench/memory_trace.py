@@ -1134,6 +1134,10 @@ def document(results: dict) -> str:
         "- Left out: the CUDA context, NCCL buffers, cuBLAS workspaces, kernels' scratch memory and fragmentation "
         f"(the {100 * MARGIN:.0f} % margin); with `--offload`, the copies of one FSDP unit on their way to and from "
         "the GPU.",
+        "- Counted too high: under `--offload` the load phase counts the model, which `train.py` loads into host "
+        "memory, as device memory, since the tracker cannot tell the two apart before FSDP shards the model. An "
+        "offload row's load figure is therefore an upper bound, and so is its peak where the load phase is the "
+        "largest.",
         "",
     ]
     return "\n".join(lines)
