@@ -36,11 +36,11 @@ def bf16_config():
 
 
 @contextmanager
-def gloo_group(store: str):
+def gloo_group(store: str, offload: bool = False):
     """A one-rank gloo process group in this process, torn down on the way out."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
-        yield Dist(mode="fsdp", world_size=1)
+        yield Dist(mode="fsdp", world_size=1, offload=offload)
     finally:
         dist.destroy_process_group()
 
@@ -83,6 +83,31 @@ def fsdp_gathered(folder, tmp_path):
 
 
 @contextmanager
+def offload_gathered(folder, tmp_path):
+    with gloo_group(str(tmp_path / "store"), offload=True) as d:
+        policy = load_policy(folder)
+        prepare_policy(policy, d, grad_checkpointing=True, dtype=BF16)  # --offload: shards in host memory
+        with full_params(policy, d):
+            yield policy.model
+
+
+@contextmanager
+def pure_bf16(folder, tmp_path):
+    policy = load_policy(folder)
+    prepare_policy(policy, SINGLE, dtype=BF16, pure=True)  # --pure-bf16: bf16 weights, no master copy
+    yield policy.model
+
+
+@contextmanager
+def fsdp_pure_bf16(folder, tmp_path):
+    with gloo_group(str(tmp_path / "store")) as d:
+        policy = load_policy(folder)
+        prepare_policy(policy, d, dtype=BF16, pure=True)
+        with full_params(policy, d):
+            yield policy.model
+
+
+@contextmanager
 def fsdp_reference(folder, tmp_path):
     with gloo_group(str(tmp_path / "store")) as d:
         ref = train.make_reference(load_policy(folder), folder, bf16_config(), d)
@@ -98,6 +123,9 @@ BF16_MODELS = {
     "bf16 KL reference": kl_reference,
     "FSDP gathered bf16 parameters": fsdp_gathered,
     "FSDP bf16 KL reference": fsdp_reference,
+    "--offload gathered bf16 parameters": offload_gathered,
+    "--pure-bf16": pure_bf16,
+    "--pure-bf16 under FSDP": fsdp_pure_bf16,
 }
 
 
