@@ -890,10 +890,11 @@ def resume_settings(parser: argparse.ArgumentParser, config: Config, given: dict
     run_dir, ckpt = resume_target(config, given)
     later = [os.path.join(run_dir, n) for n in checkpoint_names(run_dir) if n > os.path.basename(ckpt)]
     names = ", ".join(map(os.path.basename, later))
-    if later and ckpt != latest_checkpoint(run_dir) and not config.overwrite:
+    from_latest = ckpt == latest_checkpoint(run_dir)
+    if later and not from_latest and not config.overwrite:
         raise SettingsError(f"--resume {ckpt}: the run has later checkpoints ({names}) that going on from here "
                             f"would replace; pass --overwrite to delete them")
-    if later and ckpt == latest_checkpoint(run_dir):  # renamed into place, then cut before `latest` moved
+    if later and from_latest:  # renamed into place, then cut before `latest` moved
         say(f"[resume] {names}: written after the latest checkpoint but never named by `latest` (a write cut "
             f"short); the redone steps replace it")
     state = load_trainer_state(ckpt, trust_pickle=config.trust_checkpoint)
