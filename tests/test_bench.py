@@ -66,9 +66,31 @@ def test_ablation_smoke(tiny_data, tmp_path):
     for arm in report["arms"].values():
         assert len(arm["Avg F1"]["values"]) == 1 and arm["Avg F1"]["std"] == 0
     assert (results / "ablation_curves.png").stat().st_size > 0
+    grpo = report["paired"]["grpo"]
+    assert set(grpo) == {"Avg F1", "Loc gain", "Cls Acc"}
+    for d in grpo.values():  # one seed: the interval is that seed's difference
+        assert len(d["per_seed"]) == 1 and d["ci95"] == [d["mean"]] * 2 == [d["per_seed"][0]] * 2
     # the grpo arm started from the timerpo arm's post-warm-up model
     config = json.loads((tmp_path / "runs" / "grpo-s0" / "run_config.json").read_text())
     assert config["model"].endswith(os.path.join("timerpo-s0", "reference")) and config["warmup_steps"] == 0
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    """Oracle: for 5 values every one of the 5^5 equally likely resamples enumerated, and the 2.5 / 97.5 %
+    quantiles of their means; 40,000 random resamples must land within 2 % of the values' range of them."""
+    import itertools
+
+    from bench.ablation import bootstrap_interval
+
+    values = [3.0, -1.5, 7.25, 0.5, 12.0]
+    means = sorted(sum(values[i] for i in pick) / 5 for pick in itertools.product(range(5), repeat=5))
+    exact = (means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1])
+    lo, hi = bootstrap_interval(values, resamples=40_000)
+    width = max(values) - min(values)
+    assert abs(lo - exact[0]) < 0.02 * width and abs(hi - exact[1]) < 0.02 * width
+    assert bootstrap_interval([2.0] * 8) == (2.0, 2.0)  # no spread, no interval
+    wide, narrow = bootstrap_interval(values, level=0.99), bootstrap_interval(values, level=0.5)
+    assert wide[0] < lo < narrow[0] < narrow[1] < hi < wide[1]
 
 
 def test_bench_sinkhorn_smoke(tmp_path):

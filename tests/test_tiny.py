@@ -13,6 +13,8 @@ from timerpo.prompt import build_prompt
 from timerpo.rollout import collate, completion_forward
 from types import SimpleNamespace
 
+from timerpo.prompt import format_completion
+from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer
 from timerpo.warmup import (attention_loss, boundary_columns, captured_attention, snap_to_columns, supervised_warmup,
                             warmup_completion)
 
@@ -44,6 +46,38 @@ def test_saved_folder_keeps_the_normalisation(tiny_policy, tiny_data, tmp_path):
     a = plot_prompt(tiny_policy, tiny_data, sample).encoded
     b = plot_prompt(loaded, tiny_data, sample).encoded
     assert torch.equal(a.pixel_values, b.pixel_values) and a.input_ids == b.input_ids
+
+
+def test_whole_numbers_are_one_token_each_and_decode_back():
+    """Every integer 0..L is one token and decodes to itself, alone and inside an answer; any other text
+    (bigger numbers, decimals, leading zeros) still decodes to itself."""
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=1000)
+    for i in range(1001):
+        ids = tok(str(i), add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.decode(ids) == str(i), i
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        ends = sorted(rng.choice(1001, size=4, replace=False).tolist())
+        answer = format_completion("", [ends[:2], ends[2:]], "seasonal")
+        tokens = tok.convert_ids_to_tokens(tok(answer, add_special_tokens=False)["input_ids"])
+        assert [t for t in tokens if t.isdigit()] == [str(e) for e in ends]
+        text = format_completion("a dip at 0.52 of 12345 near 007", [ends[:2], ends[2:]], "seasonal")
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_digit_tokens_stay_the_default():
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus())
+    assert tok.convert_ids_to_tokens(tok("1000", add_special_tokens=False)["input_ids"]) == ["1", "0", "0", "0"]
+
+
+def test_saved_whole_number_policy_keeps_its_tokens(tmp_path):
+    policy = build_tiny_policy(seed=0, numbers="whole")
+    assert policy.model.config.text_config.vocab_size == len(policy.tokenizer)
+    save_policy(policy, str(tmp_path / "model"))
+    loaded = load_policy(str(tmp_path / "model"))
+    text = "<answer>[[188, 356], [776, 1000]]</answer>"
+    assert loaded.tokenizer(text)["input_ids"] == policy.tokenizer(text)["input_ids"]
+    assert loaded.tokenizer.convert_ids_to_tokens(loaded.tokenizer(" 776")["input_ids"])[-1] == "776"
 
 
 def batch_loss(policy, prompts):
@@ -135,6 +169,21 @@ def test_boundary_columns_point_each_digit_at_its_ends_pixel_column(tiny_policy)
         assert digits == "".join(str(b) for iv in intervals for b in iv)
     assert boundary_columns(warmup_completion(SimpleNamespace(label="normal", intervals=[], length=1000)),
                             tok, 1000) == []
+
+
+def test_boundary_columns_point_each_whole_number_end_once():
+    """With whole-number tokens every end is one token, pointed at its pixel column (same oracle as above)."""
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=1000)
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        ends = sorted(rng.choice(1001, size=2 * rng.integers(1, 4), replace=False).tolist())
+        intervals = snap_to_columns([ends[i:i + 2] for i in range(0, len(ends), 2)], 1000)
+        text = warmup_completion(SimpleNamespace(label="seasonal", intervals=intervals, length=1000))
+        pointers = boundary_columns(text, tok, 1000)
+        expected = [pixel_column(b if k == 0 else b - 1, 1000) for iv in intervals for k, b in enumerate(iv)]
+        assert [c for _, c in pointers] == expected
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert [tok.decode([ids[j]]) for j, _ in pointers] == [str(b) for iv in intervals for b in iv]
 
 
 def test_attention_loss_is_minus_mean_log_mass_on_the_pointed_column():

@@ -137,28 +137,40 @@ def captured_attention(policy: Policy, layer: int):
 def attention_loss(weights: torch.Tensor, batch, targets: list[list[tuple[int, int]]], image_id: int,
                    head: int) -> torch.Tensor:
     """−mean log(attention mass of `head` on the pointed column's visual tokens), over every position that
-    predicts a digit of an answer boundary. weights [B, H, T, T]; targets from boundary_columns."""
-    terms = []
+    predicts a token of an answer boundary. weights [B, H, T, T]; targets from boundary_columns.
+
+    One gather for all targets: indexing `weights` once per target would give its backward one full-size
+    [B, H, T, T] gradient per target."""
+    rows, queries, masks = [], [], []
     for i, pointers in enumerate(targets):
         if not pointers:
             continue
         image = (batch.input_ids[i] == image_id).nonzero().squeeze(-1)  # [rows * cols] in row-major order
-        rows, cols = batch.image_grid_thw[i, 1].item() // 2, batch.image_grid_thw[i, 2].item() // 2
-        grid = image.view(rows, cols)  # [rows, cols] sequence positions
+        grid = image.view(batch.image_grid_thw[i, 1].item() // 2, -1)  # [rows, cols] sequence positions
         for j, column in pointers:
-            query = batch.prompt_len - 1 + j  # the position that predicts completion token j
-            terms.append(weights[i, head, query, grid[:, column]].sum().clamp_min(1e-9).log())
-    return -torch.stack(terms).mean() if terms else weights.new_zeros(())
+            rows.append(i)
+            queries.append(batch.prompt_len - 1 + j)  # the position that predicts completion token j
+            mask = torch.zeros(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+            masks.append(mask.index_fill_(0, grid[:, column], 1.0))
+    if not rows:
+        return weights.new_zeros(())
+    attention = weights[rows, head, queries]  # [N, T]
+    mass = (attention * torch.stack(masks)).sum(-1)  # [N]
+    return -mass.clamp_min(1e-9).log().mean()
 
 
 class PlotHeads(torch.nn.Module):
     """The plot-reading target's two linear heads on the visual tokens; used in the warm-up only."""
 
-    def __init__(self, dim: int, families: list[str]):
+    def __init__(self, dim: int, families: list[str], position_weight: float = 0.0):
         super().__init__()
         self.families = list(families)
         self.column = torch.nn.Linear(dim, 1)
         self.family = torch.nn.Linear(2 * dim, len(families))
+        # Optional third head: every visual token names its own token column (a value the language model's
+        # pointing head can carry to the answer). Made last, so the other heads' init does not depend on it.
+        self.position_weight = position_weight
+        self.position = torch.nn.Linear(dim, data_gen.DEFAULT_WIDTH // data_gen.CELL) if position_weight > 0 else None
 
     def loss(self, tokens: torch.Tensor, grids: torch.Tensor, samples: list) -> torch.Tensor:
         """BCE of the column head (per token column, rows averaged) + CE of the family head (mean and std
@@ -175,6 +187,10 @@ class PlotHeads(torch.nn.Module):
             pooled = torch.cat([plot.mean((0, 1)), plot.std((0, 1))])  # [2D]
             family = torch.tensor(self.families.index(sample.family))
             total = total + torch.nn.functional.cross_entropy(self.family(pooled)[None], family[None])
+            if self.position is not None:
+                named = self.position(plot).flatten(0, 1)  # [rows * cols, columns]
+                own = torch.arange(cols).repeat(rows)  # [rows * cols], row-major like `plot`
+                total = total + self.position_weight * torch.nn.functional.cross_entropy(named, own)
         return total / len(samples)
 
 
@@ -189,7 +205,7 @@ def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Pro
 def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, batch_size: int, lr: float,
                       seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
                       progress: bool = True, pointer_weight: float = 0.0, pointer_layer: int = 1,
-                      pointer_head: int = 0) -> list[float]:
+                      pointer_head: int = 0, position_weight: float = 0.0) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
     loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
@@ -199,7 +215,8 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     visual = policy.model.model.visual
     with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
         torch.manual_seed(seed)
-        heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}))
+        heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}),
+                          position_weight)
     heads.to(policy.device)
     order = torch.Generator().manual_seed(seed)
 
