@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 from timerpo.prompt import format_completion
 from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer
-from timerpo.warmup import (attention_loss, boundary_columns, captured_attention, snap_to_columns, supervised_warmup,
-                            warmup_completion)
+from timerpo.warmup import (COLUMN_POS_WEIGHT, PlotHeads, attention_loss, boundary_columns, captured_attention,
+                            column_targets, snap_to_columns, supervised_warmup, warmup_completion)
 
 
 def plot_prompt(policy, folder, sample, index=0):
@@ -236,3 +236,42 @@ def test_pointing_loss_reaches_the_pointing_layer_and_restores_sdpa(tiny_data):
                                pointer_weight=1.0, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert policy.model.config._attn_implementation == "sdpa"
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_plot_heads_loss_by_hand():
+    """Oracle: numpy over two plots of 2 x 3 and 3 x 4 tokens; the position head adds w · CE of each token
+    naming its own column (columns of a row-major grid), and without it the loss is the other two terms."""
+    torch.manual_seed(0)
+    samples = [SimpleNamespace(family="point", intervals=[[300, 420]], length=1000),
+               SimpleNamespace(family="trend", intervals=[], length=1000)]
+    grids = torch.tensor([[1, 4, 6], [1, 6, 8]])  # 14 px patches: 2 x 3 and 3 x 4 merged tokens
+    tokens = torch.randn(6 + 12, 5, dtype=torch.float64)
+    heads = PlotHeads(5, ["point", "trend"], position_weight=0.7).double()
+    W = {k: v.detach().numpy() for k, v in heads.state_dict().items()}
+    total, start = 0.0, 0
+    for (_, r2, c2), sample in zip(grids.tolist(), samples):
+        rows, cols = r2 // 2, c2 // 2
+        plot = tokens[start:start + rows * cols].numpy().reshape(rows, cols, 5)
+        start += rows * cols
+        z = plot.mean(0) @ W["column.weight"][0] + W["column.bias"][0]  # [cols]
+        y = column_targets(sample, cols).numpy()
+        sig = 1 / (1 + np.exp(-z))
+        total += -np.mean(COLUMN_POS_WEIGHT * y * np.log(sig) + (1 - y) * np.log(1 - sig))
+        pooled = np.concatenate([plot.mean((0, 1)), plot.reshape(-1, 5).std(0, ddof=1)])
+        fam = log_softmax(pooled @ W["family.weight"].T + W["family.bias"])
+        total += -fam[heads.families.index(sample.family)]
+        named = log_softmax(plot @ W["position.weight"].T + W["position.bias"])  # [rows, cols, 38]
+        total += 0.7 * -np.mean([named[r, c, c] for r in range(rows) for c in range(cols)])
+    got = heads.loss(tokens, grids, samples).item()
+    assert np.isclose(got, total / 2, rtol=1e-10)
+    without = PlotHeads(5, ["point", "trend"]).double()
+    without.load_state_dict({k: v for k, v in heads.state_dict().items() if not k.startswith("position")})
+    position = 0.7 * np.mean([-np.mean([log_softmax(tokens[a:b].numpy().reshape(r, c, 5) @ W["position.weight"].T
+                                                    + W["position.bias"])[i, j, j] for i in range(r) for j in range(c)])
+                              for a, b, r, c in ((0, 6, 2, 3), (6, 18, 3, 4))])
+    assert np.isclose(without.loss(tokens, grids, samples).item(), total / 2 - position, rtol=1e-10)

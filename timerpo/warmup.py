@@ -14,10 +14,11 @@ attention that starts out uniform over ~420 tokens, so the language model learns
 interval, and, from the pooled tokens, the series' family. It runs alone for `vision_steps` (cheap: the
 vision tower only), then beside the answer loss with weight `aux_weight`.
 
-An optional *pointing* target (`pointer_weight`, off by default) asks one attention head of the language
-model to look, at every position that writes a digit of an answer boundary, at the plot column that
+An optional *pointing* target (`pointer_weight`; on in the tiny preset) asks one attention head of the language
+model to look, at every position that writes a token of an answer boundary, at the plot column that
 boundary lies in: a column is where the tiny model has to read a position off the plot, and the answer
-loss alone never routes it there (method.md §18).
+loss alone never routes it there. An optional *column-position* head (`position_weight`) asks every visual
+token to name its own column, so that what the pointing head copies says where it looked (method.md §18).
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def attention_loss(weights: torch.Tensor, batch, targets: list[list[tuple[int, i
 
 
 class PlotHeads(torch.nn.Module):
-    """The plot-reading target's two linear heads on the visual tokens; used in the warm-up only."""
+    """The plot-reading target's linear heads on the visual tokens (column, family, and with `position_weight`
+    the column-position head); used in the warm-up only."""
 
     def __init__(self, dim: int, families: list[str], position_weight: float = 0.0):
         super().__init__()
@@ -174,7 +176,8 @@ class PlotHeads(torch.nn.Module):
 
     def loss(self, tokens: torch.Tensor, grids: torch.Tensor, samples: list) -> torch.Tensor:
         """BCE of the column head (per token column, rows averaged) + CE of the family head (mean and std
-        of the plot's tokens). tokens [sum of tokens, D] in image order, grids [B, 3] in 14 px patches."""
+        of the plot's tokens) [+ position_weight · CE of each token naming its own column], averaged over the
+        plots. tokens [sum of tokens, D] in image order, grids [B, 3] in 14 px patches."""
         total = tokens.new_zeros(())
         start = 0
         for grid, sample in zip(grids.tolist(), samples):
