@@ -209,6 +209,9 @@ class Config:
                                          "layer 1 should look at the plot column each answer digit names (off at 0)")
     warmup_position: float = project(0.0, "weight of a plot-reading head that asks every visual token to name its "
                                           "own token column, a position the pointing head can copy (off at 0)")
+    warmup_copy: float = project(0.0, "weight of the copy target: what the pointing head alone adds to the "
+                                      "residual stream must name each boundary's number through the LM head "
+                                      "(off at 0)")
     tiny_numbers: str = project("digits", "number tokens of the tiny model's tokenizer: digits (one per digit, as "
                                           "Qwen's) | whole (one token per integer 0..1000, so an interval end is "
                                           "one decision); other models keep their own tokenizer",
@@ -384,7 +387,7 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
         if not getattr(config, key) > 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(config, key)}")
     for key in ("rollout_batch", "keep_checkpoints", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight",
-                "warmup_pointer", "warmup_position",
+                "warmup_pointer", "warmup_position", "warmup_copy",
                 "beta", "entropy_coef", "alpha", "weight_decay", "eval_temperature", "warmup_lr"):
         if getattr(config, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
@@ -574,7 +577,7 @@ def format_warmup(policy: Policy, config: Config, train_samples: list, progress:
                              lr=config.warmup_lr, seed=config.seed, vision_steps=config.warmup_vision_steps,
                              aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
                              pointer_weight=config.warmup_pointer, position_weight=config.warmup_position,
-                             progress=progress)
+                             copy_weight=config.warmup_copy, progress=progress)
 
 
 def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:
@@ -1028,7 +1031,7 @@ def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list,
         record = {"sha256": model_fingerprint(folder), "made_by": {
             k: getattr(config, k) for k in ("model", "data", "seed", "warmup_steps", "warmup_vision_steps",
                                             "warmup_aux_weight", "warmup_lr", "warmup_targets", "warmup_pointer",
-                                            "warmup_position", "tiny_numbers")}}
+                                            "warmup_position", "warmup_copy", "tiny_numbers")}}
     dist.barrier()  # the reference folder is complete before any rank reads it
     return Reference(source=folder, record=record)
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from timerpo.prompt import format_completion
 from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer
 from timerpo.warmup import (COLUMN_POS_WEIGHT, PlotHeads, attention_loss, boundary_columns, captured_attention,
-                            column_targets, snap_to_columns, supervised_warmup, warmup_completion)
+                            column_targets, copy_loss, snap_to_columns, supervised_warmup, warmup_completion)
 
 
 def plot_prompt(policy, folder, sample, index=0):
@@ -275,3 +275,27 @@ def test_plot_heads_loss_by_hand():
                                                     + W["position.bias"])[i, j, j] for i in range(r) for j in range(c)])
                               for a, b, r, c in ((0, 6, 2, 3), (6, 18, 3, 4))])
     assert np.isclose(without.loss(tokens, grids, samples).item(), total / 2 - position, rtol=1e-10)
+
+
+def test_copy_loss_by_hand():
+    """Oracle: numpy. 2 rows, T = 7, prompt of 4, 4 query heads over 2 key/value heads of 3 dims, D = 5,
+    V = 6; head 3 reads key/value head 1; the RMSNorm is the identity-weighted x / rms(x)."""
+    rng = np.random.default_rng(0)
+    weights = torch.tensor(rng.dirichlet(np.ones(7), size=(2, 4, 7)))  # [B, H, T, T]
+    values = torch.tensor(rng.normal(size=(2, 7, 6)))  # [B, T, KV·hd]
+    o_proj = torch.nn.Linear(12, 5, bias=False).double()
+    lm_head = torch.nn.Linear(5, 6, bias=False).double()
+    norm = lambda x: x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
+    batch = SimpleNamespace(prompt_len=4, input_ids=torch.tensor([[9, 9, 9, 9, 2, 5, 1], [9, 9, 9, 9, 3, 0, 4]]))
+    targets = [[(0, 7), (2, 9)], [(1, 3)]]  # (completion token index, column): tokens 2, 1 and 0
+    got = copy_loss(weights, values, batch, targets, 3, o_proj, norm, lm_head).item()
+    W, V, O, L = weights.numpy(), values.numpy(), o_proj.weight.detach().numpy(), lm_head.weight.detach().numpy()
+    terms = []
+    for i, j in ((0, 0), (0, 2), (1, 1)):
+        q = 4 + j - 1
+        read = W[i, 3, q] @ V[i, :, 3:6]  # head 3 -> kv head 1: dims 3..5
+        added = O[:, 9:12] @ read  # head 3's slice of o_proj
+        x = added / np.sqrt((added ** 2).mean() + 1e-6)
+        terms.append(-log_softmax(L @ x)[batch.input_ids[i, 4 + j]])
+    assert np.isclose(got, np.mean(terms), rtol=1e-10)
+    assert copy_loss(weights, values, batch, [[], []], 3, o_proj, norm, lm_head).item() == 0

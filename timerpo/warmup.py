@@ -35,7 +35,7 @@ from timerpo.algorithm import Prompt
 from timerpo.policy import Policy, encode_prompt
 from timerpo.progress import progress_bar
 from timerpo.prompt import build_prompt, format_completion
-from timerpo.rollout import capture_output, collate, completion_forward
+from timerpo.rollout import capture_output, collate, completion_forward, final_norm
 
 # A short reasoning per class keeps warm-up completions at ~40-70 tokens, which the tiny model's
 # rollouts can afford; it names what the plot shows, not the answer's numbers.
@@ -160,6 +160,28 @@ def attention_loss(weights: torch.Tensor, batch, targets: list[list[tuple[int, i
     return -mass.clamp_min(1e-9).log().mean()
 
 
+def copy_loss(weights: torch.Tensor, values: torch.Tensor, batch, targets: list[list[tuple[int, int]]], head: int,
+              o_proj: torch.nn.Linear, norm: torch.nn.Module, lm_head: torch.nn.Linear) -> torch.Tensor:
+    """−mean log π(boundary token | what `head` alone adds to the residual stream), over the positions that
+    predict a token of an answer boundary: the pointing head's own output, through its slice of o_proj, the
+    final norm and the LM head, must name the number written there.
+
+    weights [B, H, T, T] (the layer's attention), values [B, T, KV·hd] (its v_proj output, KV heads shared
+    by H / KV query heads each); targets from boundary_columns (only their token indices are used here)."""
+    n_heads, hd = weights.shape[1], o_proj.in_features // weights.shape[1]
+    kv = head // (n_heads // (values.shape[-1] // hd))  # the key/value head `head` reads
+    rows = [i for i, pointers in enumerate(targets) for _ in pointers]
+    cols = [batch.prompt_len + j for pointers in targets for j, _ in pointers]  # the boundary tokens' positions
+    if not rows:
+        return weights.new_zeros(())
+    queries = torch.tensor(cols) - 1  # the positions that predict them
+    attention = weights[rows, head, queries]  # [N, T]
+    read = torch.bmm(attention[:, None], values[rows][..., kv * hd:(kv + 1) * hd]).squeeze(1)  # [N, hd]
+    added = read @ o_proj.weight[:, head * hd:(head + 1) * hd].T  # [N, D]
+    logits = lm_head(norm(added))  # [N, V]
+    return torch.nn.functional.cross_entropy(logits, batch.input_ids[rows, cols])
+
+
 class PlotHeads(torch.nn.Module):
     """The plot-reading target's linear heads on the visual tokens (column, family, and with `position_weight`
     the column-position head); used in the warm-up only."""
@@ -208,7 +230,7 @@ def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Pro
 def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, batch_size: int, lr: float,
                       seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
                       progress: bool = True, pointer_weight: float = 0.0, pointer_layer: int = 1,
-                      pointer_head: int = 0, position_weight: float = 0.0) -> list[float]:
+                      pointer_head: int = 0, position_weight: float = 0.0, copy_weight: float = 0.0) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
     loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
@@ -239,8 +261,10 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     optimizer = torch.optim.AdamW([*policy.model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
     losses = []
     bar = progress_bar(range(steps), desc="warm-up (answers)", disable=not progress)
-    pointer = Pointer(pointer_weight, pointer_head, policy.token_id("<|image_pad|>"))
-    with captured_attention(policy, pointer_layer) if pointer_weight > 0 else nullcontext() as pointer.attention:
+    pointer = Pointer(pointer_weight, pointer_head, policy.token_id("<|image_pad|>"), pointer_layer, copy_weight)
+    layer = policy.model.model.language_model.layers[pointer_layer].self_attn
+    with captured_attention(policy, pointer_layer) if pointer_weight or copy_weight else nullcontext() as \
+            pointer.attention, capture_output(layer.v_proj) if copy_weight else nullcontext() as pointer.values:
         for _ in bar:
             losses.append(answer_step(policy, optimizer, heads, draw(), end, snap, aux_weight, pointer))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # shown with the next update
@@ -255,7 +279,10 @@ class Pointer:
     weight: float
     head: int
     image_id: int
+    layer: int = 1
+    copy_weight: float = 0.0  # weight of copy_loss: the head's own output must name the boundary's number
     attention: object = None  # captured_attention's record, set while the warm-up runs
+    values: object = None  # the layer's v_proj output, captured while the warm-up runs with copy_weight
 
 
 def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointer: Pointer) -> float:
@@ -277,6 +304,12 @@ def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointe
         columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
         loss = loss + pointer.weight * attention_loss(pointer.attention.output[1], batch, columns, pointer.image_id,
                                                       pointer.head)
+    if pointer.copy_weight > 0:
+        columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
+        o_proj = policy.model.model.language_model.layers[pointer.layer].self_attn.o_proj
+        loss = loss + pointer.copy_weight * copy_loss(pointer.attention.output[1], pointer.values.output, batch,
+                                                      columns, pointer.head, o_proj, final_norm(policy),
+                                                      policy.model.lm_head)
     step_optimizer(optimizer, loss, policy)
     return float(answer.detach())
 
