@@ -586,7 +586,8 @@ def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SIN
     the policy itself, whose forwards rl_step runs with the adapters off (no second copy)."""
     if policy.adapters is not None:
         return dataclasses.replace(policy, wrapper=None)
-    ref_model = load_policy(source, device=load_device(config), seed=config.seed).model.eval()
+    ref_model = load_policy(source, device=load_device(config), seed=config.seed,
+                            tiny_numbers=config.tiny_numbers).model.eval()
     ref_policy = dataclasses.replace(policy, model=ref_model, wrapper=None, autocast_dtype=None, rollout_model=None,
                                      decoder=None)
     ref_policy.model.requires_grad_(False)
