@@ -744,8 +744,7 @@ def trace(setting: Setting, fake: bool = True) -> dict:
         # train.train's set-up, in its order, traced as the "load" phase
         load = loading.tracker = tracker_class(False)(host=host)
         with tensors(), load:
-            policy = train.load_policy(config.model, device=train.load_device(config), seed=config.seed,
-                                       tiny_numbers=config.tiny_numbers)
+            policy = train.load_policy(config.model, device=train.load_device(config), seed=config.seed)
             prompts = [train.make_prompt(policy, config.data, samples, i, config.cot) for i in indices]
             if config.lora_rank:
                 train.add_lora(policy, config, None, train.Reference(source=config.model, record=None))
