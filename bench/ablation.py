@@ -121,16 +121,42 @@ def last50(log: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in log[-50:]])) if log else float("nan")
 
 
-def paired_rows(rows: dict, seeds: list[int]) -> list[str]:
-    """Per-seed paired differences of Avg F1 (points): TimerPO − each other row, e.g. TimerPO − GRPO and
-    TimerPO − warm-up (what the RL phase adds)."""
-    out = ["", "| paired difference, Avg F1 points | per seed | mean ± std |", "|---|---|---|"]
+def bootstrap_interval(values: list[float], level: float = 0.95, resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (the seeds resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(values), size=(resamples, len(values)))  # [resamples, n]
+    means = np.asarray(values, dtype=float)[picks].mean(axis=1)  # [resamples]
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+PAIRED = (("Avg F1", "avg_group_f1"), ("Loc gain", "loc_gain"), ("Cls Acc", "cls_acc"))
+
+
+def paired_differences(rows: dict) -> dict:
+    """TimerPO − each other row, per seed, in points, for Avg F1, the localization gain and Cls Acc:
+    {other: {metric: {"per_seed", "mean", "ci95"}}}, ci95 the 95 % percentile bootstrap interval of the mean."""
+    out = {}
     for other in rows:
         if other == "timerpo" or "timerpo" not in rows:
             continue
-        diff = [100 * (a["avg_group_f1"] - b["avg_group_f1"]) for a, b in zip(rows["timerpo"], rows[other])]
-        out.append(f"| timerpo − {other} | " + ", ".join(f"{d:+.1f}" for d in diff)
-                   + " | {:+.1f} ± {:.1f} |".format(*spread(diff)))
+        out[other] = {}
+        for label, key in PAIRED:
+            diff = [100 * (a[key] - b[key]) for a, b in zip(rows["timerpo"], rows[other])]
+            out[other][label] = {"per_seed": diff, "mean": float(np.mean(diff)), "ci95": bootstrap_interval(diff)}
+    return out
+
+
+def paired_rows(paired: dict) -> list[str]:
+    out = ["", "| paired difference (points) | metric | per seed | mean | 95 % bootstrap interval |",
+           "|---|---|---|---|---|"]
+    for other, metrics in paired.items():
+        for label, d in metrics.items():
+            lo, hi = d["ci95"]
+            out.append(f"| timerpo − {other} | {label} | " + ", ".join(f"{x:+.1f}" for x in d["per_seed"])
+                       + f" | {d['mean']:+.1f} | [{lo:+.1f}, {hi:+.1f}] |")
     return out
 
 
@@ -140,7 +166,7 @@ def smooth(values: np.ndarray, k: int = 10) -> np.ndarray:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (3 in the report)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="seeds (8 in the report)")
     p.add_argument("--arms", nargs="+", default=list(ARMS) + list(CONTROLS), choices=list(ARMS) + list(CONTROLS),
                    help="arms to run; warm-up and sft-more are the no-RL reference and the more-SFT control")
     p.add_argument("--steps", type=int, default=train.TINY["steps"], help="RL steps per arm (equal budget)")
@@ -184,12 +210,14 @@ def main() -> int:
 
     # held-out: Cls Acc, the four groups, Avg F1 (%), outcome reward; training: the last 50 steps' mean
     # reward and share of groups whose G rewards were all equal (no learning signal from Â_main)
-    table = ["| arm | Cls Acc | " + " | ".join(GROUPS) + " | Avg F1 | held-out reward | train reward, last 50 "
-             "| zero-std groups, last 50 |", "|---" * (len(GROUPS) + 6) + "|"]
+    table = ["| arm | Cls Acc | " + " | ".join(GROUPS) + " | Avg F1 | Loc gain | PW-F1 anom. | distinct answers "
+             "| held-out reward | train reward, last 50 | zero-std groups, last 50 |", "|---" * (len(GROUPS) + 9) + "|"]
     report = {}
     for arm in arms:
         summ = rows[arm]
         cells = {"Cls Acc": [s["cls_acc"] for s in summ], "Avg F1": [s["avg_group_f1"] for s in summ],
+                 "Loc gain": [s["loc_gain"] for s in summ], "PW-F1 anom.": [s["pw_f1_anomalous"] for s in summ],
+                 "distinct": [s["distinct_intervals"] for s in summ],
                  "reward": [s["reward"] for s in summ],
                  "train reward last 50": [last50(log, "reward") for log in logs[arm]],
                  "zero-std last 50": [last50(log, "zero_std_frac") for log in logs[arm]]}
@@ -197,10 +225,12 @@ def main() -> int:
         report[arm] = {k: dict(zip(("mean", "std"), spread(v)), values=v) for k, v in cells.items()}
         pct = lambda k: "{:.1f} ± {:.1f}".format(*(100 * x for x in spread(cells[k])))  # noqa: E731
         raw = lambda k: "" if np.isnan(cells[k]).all() else "{:.3f} ± {:.3f}".format(*spread(cells[k]))  # noqa: E731
+        distinct = "{:.0f} ± {:.0f}".format(*spread(cells["distinct"]))
         table.append(f"| {arm} | {pct('Cls Acc')} | " + " | ".join(pct(g) for g in GROUPS)
-                     + f" | {pct('Avg F1')} | {raw('reward')} | {raw('train reward last 50')} "
-                       f"| {raw('zero-std last 50')} |")
-    table += paired_rows(rows, args.seeds)
+                     + f" | {pct('Avg F1')} | {pct('Loc gain')} | {pct('PW-F1 anom.')} | {distinct} "
+                       f"| {raw('reward')} | {raw('train reward last 50')} | {raw('zero-std last 50')} |")
+    paired = paired_differences(rows)
+    table += paired_rows(paired)
     print("\n".join(table))
     series = {}
     for arm, arm_logs in logs.items():
@@ -211,7 +241,7 @@ def main() -> int:
     line_chart(series, os.path.join(args.results, "ablation_curves.png"),
                title=f"training reward (mean of {len(args.seeds)} seeds, 10-step moving average)")
     write_atomic(os.path.join(args.results, "ablation.json"),
-                 json.dumps({"args": vars(args), "table": table, "arms": report,
+                 json.dumps({"args": vars(args), "table": table, "arms": report, "paired": paired,
                              "wall_s_this_invocation": time.time() - started}, indent=1))
     return 0
 

@@ -2,7 +2,7 @@
 
 Both bench_step.py and bench_trl.py start from the same model: the embedded tiny Qwen2.5-VL after the
 supervised format warm-up that `python train.py` runs first (so completions look like answers and the
-reward is not zero everywhere). It is built once and kept in runs/bench/warm-tiny-s<seed>/.
+reward is not zero everywhere). It is built once and kept in runs/bench/warm-tiny-<numbers>-s<seed>-…/.
 """
 from __future__ import annotations
 
@@ -54,13 +54,13 @@ def warm_tiny(data: str, seed: int, warmup_steps: int, cache: str = os.path.join
               vision_steps: int = train.TINY["warmup_vision_steps"]) -> str:
     """The tiny model after train.py's warm-up (`vision_steps` plot-reading, `warmup_steps` answer steps),
     saved once and reused."""
-    folder = os.path.join(cache, f"warm-tiny-s{seed}-v{vision_steps}-w{warmup_steps}")
+    folder = os.path.join(cache, f"warm-tiny-{train.TINY['tiny_numbers']}-s{seed}-v{vision_steps}-w{warmup_steps}")
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     args = train.parse_args(["--data", data, "--seed", str(seed), "--warmup-steps", str(warmup_steps),
                              "--warmup-vision-steps", str(vision_steps)])
     samples = train.ensure_data(data, 3407, progress=True)
-    policy = load_policy("tiny", seed=seed)
+    policy = load_policy("tiny", seed=seed, tiny_numbers=args.tiny_numbers)
     t0 = time.time()
     train.format_warmup(policy, args, samples, progress=True)
     print(f"[warm-up] {warmup_steps} steps in {time.time() - t0:.0f} s -> {folder}", flush=True)

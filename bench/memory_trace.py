@@ -475,7 +475,7 @@ def model_loader(mode: ShadowFakeMode | None, size: str, tokenizer, holder):
 
     from timerpo.policy import Policy, make_image_processor
 
-    def load_policy(name, dtype=torch.float32, device="cpu", seed=0):
+    def load_policy(name, dtype=torch.float32, device="cpu", seed=0, tiny_numbers="digits"):  # the real width only
         with _disable_current_modes():
             if mode is None:
                 torch.manual_seed(seed)

@@ -27,6 +27,19 @@ from timerpo.warmup import supervised_warmup  # noqa: E402
 PROBE_STEPS = 10
 
 
+def warmup_recipe(model: str) -> dict:
+    """supervised_warmup's settings of the run that made `model` (its run_config.json, one folder up), else
+    the tiny preset's."""
+    config = os.path.join(os.path.dirname(os.path.abspath(model)), "run_config.json")
+    settings = dict(train.TINY, warmup_pointer=0.0, warmup_position=0.0)
+    if os.path.exists(config):
+        with open(config) as f:
+            settings.update(json.load(f))
+    return dict(lr=settings["warmup_lr"], aux_weight=settings["warmup_aux_weight"],
+                snap=settings["warmup_targets"] == "columns", pointer_weight=settings["warmup_pointer"],
+                position_weight=settings["warmup_position"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="post-warm-up model folder")
@@ -40,15 +53,14 @@ def main(argv=None) -> int:
         return 0
     samples = data_gen.load_samples(args.data)
     policy = load_policy(args.model, seed=args.seed)
-    lr, aux = train.TINY["warmup_lr"], train.TINY["warmup_aux_weight"]
-    snap = train.TINY["warmup_targets"] == "columns"  # the same targets as the warm-up it continues
+    recipe = warmup_recipe(args.model)  # the same targets and weights as the warm-up it continues
     t0 = time.time()
-    losses = supervised_warmup(policy, args.data, samples, PROBE_STEPS, 8, lr, seed=args.seed + 100,
-                               aux_weight=aux, snap=snap, progress=False)
+    losses = supervised_warmup(policy, args.data, samples, PROBE_STEPS, 8, seed=args.seed + 100, progress=False,
+                               **recipe)
     per_step = (time.time() - t0) / PROBE_STEPS
     more = max(0, round(args.seconds / per_step) - PROBE_STEPS)
-    losses += supervised_warmup(policy, args.data, samples, more, 8, lr, seed=args.seed + 101, aux_weight=aux,
-                                snap=snap, progress=False)
+    losses += supervised_warmup(policy, args.data, samples, more, 8, seed=args.seed + 101, progress=False,
+                                **recipe)
     save_policy(policy, args.out)
     info = {"steps": PROBE_STEPS + more, "seconds": time.time() - t0, "target_seconds": args.seconds,
             "final_loss": losses[-1] if losses else None}

@@ -21,6 +21,16 @@ def tiny_policy():
 
 
 @pytest.fixture(scope="session")
+def preset_tiny_policy():
+    """The tiny model as `python train.py` builds it (the tiny preset's number tokens), built once per session:
+    what a run's weights start from."""
+    import train
+    from timerpo.tiny import build_tiny_policy
+
+    return build_tiny_policy(seed=0, numbers=train.TINY["tiny_numbers"])
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small generated anomllm set (3 per family) with images, as train.py would read it."""
     import data_gen

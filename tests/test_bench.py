@@ -8,8 +8,10 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,9 +68,54 @@ def test_ablation_smoke(tiny_data, tmp_path):
     for arm in report["arms"].values():
         assert len(arm["Avg F1"]["values"]) == 1 and arm["Avg F1"]["std"] == 0
     assert (results / "ablation_curves.png").stat().st_size > 0
+    grpo = report["paired"]["grpo"]
+    assert set(grpo) == {"Avg F1", "Loc gain", "Cls Acc"}
+    for d in grpo.values():  # one seed: the interval is that seed's difference
+        assert len(d["per_seed"]) == 1 and d["ci95"] == [d["mean"]] * 2 == [d["per_seed"][0]] * 2
     # the grpo arm started from the timerpo arm's post-warm-up model
     config = json.loads((tmp_path / "runs" / "grpo-s0" / "run_config.json").read_text())
     assert config["model"].endswith(os.path.join("timerpo-s0", "reference")) and config["warmup_steps"] == 0
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    """Oracle: for 5 values every one of the 5^5 equally likely resamples enumerated, and the 2.5 / 97.5 %
+    quantiles of their means; 40,000 random resamples must land within 2 % of the values' range of them."""
+    import itertools
+
+    from bench.ablation import bootstrap_interval
+
+    values = [3.0, -1.5, 7.25, 0.5, 12.0]
+    means = sorted(sum(values[i] for i in pick) / 5 for pick in itertools.product(range(5), repeat=5))
+    exact = (means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1])
+    lo, hi = bootstrap_interval(values, resamples=40_000)
+    width = max(values) - min(values)
+    assert abs(lo - exact[0]) < 0.02 * width and abs(hi - exact[1]) < 0.02 * width
+    assert bootstrap_interval([2.0] * 8) == (2.0, 2.0)  # no spread, no interval
+    wide, narrow = bootstrap_interval(values, level=0.99), bootstrap_interval(values, level=0.5)
+    assert wide[0] < lo < narrow[0] < narrow[1] < hi < wide[1]
+
+
+def test_pointing_probe_sums_each_columns_rows():
+    """Oracle: a hand-built batch, 2 rows x 3 columns of image tokens at positions 2..7 (row-major)."""
+    from bench.pointing_probe import column_attention
+
+    weights = torch.arange(100, dtype=torch.float64).view(10, 10)  # [T, T]
+    ids = torch.tensor([[1, 1, 7, 7, 7, 7, 7, 7, 1, 1]])
+    batch = SimpleNamespace(input_ids=ids, image_grid_thw=torch.tensor([[1, 4, 6]]))
+    expected = [weights[8, 2 + c] + weights[8, 5 + c] for c in range(3)]
+    assert column_attention(weights, batch, 8, image_id=7).tolist() == [float(x) for x in expected]
+
+
+def test_pointing_probe_smoke(tiny_data, tiny_policy, tmp_path):
+    from timerpo.policy import save_policy
+
+    save_policy(tiny_policy, str(tmp_path / "model"))
+    out = tmp_path / "probe.json"
+    run_script(["bench/pointing_probe.py", "--model", str(tmp_path / "model"), "--data", tiny_data, "--limit", "4",
+                "--max-new-tokens", "8", "--results", str(out)])
+    report = json.loads(out.read_text())
+    assert report["plots"] == 4 and report["boundary_tokens"] >= 0
+    assert set(report) >= {"looks_at_written_column", "looks_at_a_true_boundary_column", "chance_truth"}
 
 
 def test_bench_sinkhorn_smoke(tmp_path):

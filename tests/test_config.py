@@ -36,12 +36,13 @@ PAPER = {
 RELEASE_DEFAULTS = {"loc_reward": "six-mean"}  # the mean of six scores (the text may mean affiliation F1 alone)
 # Settings the paper does not have (the tiny model's warm-up, the floor of --tsr-norm std-floor): project().
 PROJECT = {"tsr_floor", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "warmup_lr", "warmup_targets",
-           "warmup_pointer"}
+           "warmup_pointer", "warmup_position", "warmup_copy", "tiny_numbers"}
 # Batching, evaluation and checkpoint cadence are settings of the run, not values of the paper.
 NOT_THE_PAPERS = {"micro_batch", "rollout_batch", "eval_every", "eval_samples", "save_every"}
 # The tiny CPU preset: every value it changes, and nothing else.
 TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_steps=400, warmup_vision_steps=200,
-            warmup_aux_weight=1.0, warmup_lr=2e-3, warmup_targets="columns", eval_every=50, eval_samples=128,
+            warmup_aux_weight=1.0, warmup_lr=2e-3, warmup_targets="columns", warmup_pointer=1.0, warmup_position=1.0,
+            tiny_numbers="whole", eval_every=50, eval_samples=128,
             save_every=50, micro_batch=20, rollout_batch=20)
 # The release preset: the public release's choices where a flag exists (method.md §23).
 RELEASE = dict(adv_norm="mean", tsr_norm="mean", loc_reward="six-mean", eval_temperature=0.4)

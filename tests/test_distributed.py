@@ -89,9 +89,9 @@ def runs(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_make_the_one_process_update(runs, mode, tiny_policy):
+def test_two_ranks_make_the_one_process_update(runs, mode, preset_tiny_policy):
     single, dist = weights(runs / "single", 1), weights(runs / mode, 1)
-    start = {k: v for k, v in tiny_policy.model.state_dict().items()}
+    start = {k: v for k, v in preset_tiny_policy.model.state_dict().items()}
     assert max_diff(single, start) > 0.5 * LR  # the step moved the weights
     assert max_diff(dist, single) <= 1e-5
     assert_same_metrics(read_metrics(runs / mode)[0], read_metrics(runs / "single")[0])

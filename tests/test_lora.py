@@ -150,7 +150,7 @@ def lora_run(tiny_data, tmp_path_factory):
     return out / "lora"
 
 
-def test_two_step_lora_run_saves_adapters_and_trains_nothing_else(lora_run, tiny_policy):
+def test_two_step_lora_run_saves_adapters_and_trains_nothing_else(lora_run, tiny_policy, preset_tiny_policy):
     ckpt = lora_run / "ckpt-000002"
     assert sorted(os.listdir(ckpt / "adapter")) == ["adapter_config.json", ADAPTER_FILE]
     assert not (ckpt / "model").exists()
@@ -163,7 +163,8 @@ def test_two_step_lora_run_saves_adapters_and_trains_nothing_else(lora_run, tiny
         n for n, p in with_adapters(tiny_policy).model.named_parameters() if p.requires_grad}
     # the tiny base is kept in the run (it is built, not loaded), equal to the model the run started from
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(lora_run / "reference").state_dict()
-    assert all(torch.equal(base[k], v) for k, v in tiny_policy.model.state_dict().items())
+    started = preset_tiny_policy.model.state_dict()
+    assert base.keys() == started.keys() and all(torch.equal(base[k], v) for k, v in started.items())
     rows = read_metrics(lora_run)
     assert rows[0]["kl"] == 0.0 < rows[1]["kl"]  # B = 0 at step 1: adapters on and off agree; then they differ
 

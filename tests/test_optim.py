@@ -147,7 +147,7 @@ def pure_run(tiny_data, tmp_path_factory):
     return out
 
 
-def test_pure_bf16_run_keeps_bf16_state_and_resumes_exactly(pure_run, tiny_data, tiny_policy):
+def test_pure_bf16_run_keeps_bf16_state_and_resumes_exactly(pure_run, tiny_data, preset_tiny_policy):
     import shutil
 
     from safetensors.torch import load_file
@@ -162,7 +162,7 @@ def test_pure_bf16_run_keeps_bf16_state_and_resumes_exactly(pure_run, tiny_data,
     model, state = saved(pure_run / "pure", 2)
     assert {t.dtype for t in model.values()} == {torch.bfloat16}
     assert {t.dtype for k, t in state.items() if not k.endswith("/step")} == {torch.bfloat16}
-    start = tiny_policy.model.state_dict()
+    start = preset_tiny_policy.model.state_dict()
     assert any(not torch.equal(model[k].float(), start[k].to(torch.bfloat16).float()) for k in model)  # trained
     shutil.copytree(pure_run / "pure", pure_run / "resumed")
     shutil.rmtree(pure_run / "resumed" / "ckpt-000002")

@@ -13,8 +13,10 @@ from timerpo.prompt import build_prompt
 from timerpo.rollout import collate, completion_forward
 from types import SimpleNamespace
 
-from timerpo.warmup import (attention_loss, boundary_columns, captured_attention, snap_to_columns, supervised_warmup,
-                            warmup_completion)
+from timerpo.prompt import format_completion
+from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer
+from timerpo.warmup import (COLUMN_POS_WEIGHT, PlotHeads, attention_loss, boundary_columns, captured_attention,
+                            column_targets, copy_loss, snap_to_columns, supervised_warmup, warmup_completion)
 
 
 def plot_prompt(policy, folder, sample, index=0):
@@ -44,6 +46,38 @@ def test_saved_folder_keeps_the_normalisation(tiny_policy, tiny_data, tmp_path):
     a = plot_prompt(tiny_policy, tiny_data, sample).encoded
     b = plot_prompt(loaded, tiny_data, sample).encoded
     assert torch.equal(a.pixel_values, b.pixel_values) and a.input_ids == b.input_ids
+
+
+def test_whole_numbers_are_one_token_each_and_decode_back():
+    """Every integer 0..L is one token and decodes to itself, alone and inside an answer; any other text
+    (bigger numbers, decimals, leading zeros) still decodes to itself."""
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=1000)
+    for i in range(1001):
+        ids = tok(str(i), add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tok.decode(ids) == str(i), i
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        ends = sorted(rng.choice(1001, size=4, replace=False).tolist())
+        answer = format_completion("", [ends[:2], ends[2:]], "seasonal")
+        tokens = tok.convert_ids_to_tokens(tok(answer, add_special_tokens=False)["input_ids"])
+        assert [t for t in tokens if t.isdigit()] == [str(e) for e in ends]
+        text = format_completion("a dip at 0.52 of 12345 near 007", [ends[:2], ends[2:]], "seasonal")
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_digit_tokens_stay_the_default():
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus())
+    assert tok.convert_ids_to_tokens(tok("1000", add_special_tokens=False)["input_ids"]) == ["1", "0", "0", "0"]
+
+
+def test_saved_whole_number_policy_keeps_its_tokens(tmp_path):
+    policy = build_tiny_policy(seed=0, numbers="whole")
+    assert policy.model.config.text_config.vocab_size == len(policy.tokenizer)
+    save_policy(policy, str(tmp_path / "model"))
+    loaded = load_policy(str(tmp_path / "model"))
+    text = "<answer>[[188, 356], [776, 1000]]</answer>"
+    assert loaded.tokenizer(text)["input_ids"] == policy.tokenizer(text)["input_ids"]
+    assert loaded.tokenizer.convert_ids_to_tokens(loaded.tokenizer(" 776")["input_ids"])[-1] == "776"
 
 
 def batch_loss(policy, prompts):
@@ -137,6 +171,21 @@ def test_boundary_columns_point_each_digit_at_its_ends_pixel_column(tiny_policy)
                             tok, 1000) == []
 
 
+def test_boundary_columns_point_each_whole_number_end_once():
+    """With whole-number tokens every end is one token, pointed at its pixel column (same oracle as above)."""
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=1000)
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        ends = sorted(rng.choice(1001, size=2 * rng.integers(1, 4), replace=False).tolist())
+        intervals = snap_to_columns([ends[i:i + 2] for i in range(0, len(ends), 2)], 1000)
+        text = warmup_completion(SimpleNamespace(label="seasonal", intervals=intervals, length=1000))
+        pointers = boundary_columns(text, tok, 1000)
+        expected = [pixel_column(b if k == 0 else b - 1, 1000) for iv in intervals for k, b in enumerate(iv)]
+        assert [c for _, c in pointers] == expected
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert [tok.decode([ids[j]]) for j, _ in pointers] == [str(b) for iv in intervals for b in iv]
+
+
 def test_attention_loss_is_minus_mean_log_mass_on_the_pointed_column():
     """Oracle: numpy over a hand-built batch (2 rows of 3 image columns, prompt of 10, image at 2..7)."""
     rng = np.random.default_rng(3)
@@ -187,3 +236,66 @@ def test_pointing_loss_reaches_the_pointing_layer_and_restores_sdpa(tiny_data):
                                pointer_weight=1.0, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert policy.model.config._attn_implementation == "sdpa"
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_plot_heads_loss_by_hand():
+    """Oracle: numpy over two plots of 2 x 3 and 3 x 4 tokens; the position head adds w · CE of each token
+    naming its own column (columns of a row-major grid), and without it the loss is the other two terms."""
+    torch.manual_seed(0)
+    samples = [SimpleNamespace(family="point", intervals=[[300, 420]], length=1000),
+               SimpleNamespace(family="trend", intervals=[], length=1000)]
+    grids = torch.tensor([[1, 4, 6], [1, 6, 8]])  # 14 px patches: 2 x 3 and 3 x 4 merged tokens
+    tokens = torch.randn(6 + 12, 5, dtype=torch.float64)
+    heads = PlotHeads(5, ["point", "trend"], position_weight=0.7).double()
+    W = {k: v.detach().numpy() for k, v in heads.state_dict().items()}
+    total, start = 0.0, 0
+    for (_, r2, c2), sample in zip(grids.tolist(), samples):
+        rows, cols = r2 // 2, c2 // 2
+        plot = tokens[start:start + rows * cols].numpy().reshape(rows, cols, 5)
+        start += rows * cols
+        z = plot.mean(0) @ W["column.weight"][0] + W["column.bias"][0]  # [cols]
+        y = column_targets(sample, cols).numpy()
+        sig = 1 / (1 + np.exp(-z))
+        total += -np.mean(COLUMN_POS_WEIGHT * y * np.log(sig) + (1 - y) * np.log(1 - sig))
+        pooled = np.concatenate([plot.mean((0, 1)), plot.reshape(-1, 5).std(0, ddof=1)])
+        fam = log_softmax(pooled @ W["family.weight"].T + W["family.bias"])
+        total += -fam[heads.families.index(sample.family)]
+        named = log_softmax(plot @ W["position.weight"].T + W["position.bias"])  # [rows, cols, 38]
+        total += 0.7 * -np.mean([named[r, c, c] for r in range(rows) for c in range(cols)])
+    got = heads.loss(tokens, grids, samples).item()
+    assert np.isclose(got, total / 2, rtol=1e-10)
+    without = PlotHeads(5, ["point", "trend"]).double()
+    without.load_state_dict({k: v for k, v in heads.state_dict().items() if not k.startswith("position")})
+    position = 0.7 * np.mean([-np.mean([log_softmax(tokens[a:b].numpy().reshape(r, c, 5) @ W["position.weight"].T
+                                                    + W["position.bias"])[i, j, j] for i in range(r) for j in range(c)])
+                              for a, b, r, c in ((0, 6, 2, 3), (6, 18, 3, 4))])
+    assert np.isclose(without.loss(tokens, grids, samples).item(), total / 2 - position, rtol=1e-10)
+
+
+def test_copy_loss_by_hand():
+    """Oracle: numpy. 2 rows, T = 7, prompt of 4, 4 query heads over 2 key/value heads of 3 dims, D = 5,
+    V = 6; head 3 reads key/value head 1; the RMSNorm is the identity-weighted x / rms(x)."""
+    rng = np.random.default_rng(0)
+    weights = torch.tensor(rng.dirichlet(np.ones(7), size=(2, 4, 7)))  # [B, H, T, T]
+    values = torch.tensor(rng.normal(size=(2, 7, 6)))  # [B, T, KV·hd]
+    o_proj = torch.nn.Linear(12, 5, bias=False).double()
+    lm_head = torch.nn.Linear(5, 6, bias=False).double()
+    norm = lambda x: x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
+    batch = SimpleNamespace(prompt_len=4, input_ids=torch.tensor([[9, 9, 9, 9, 2, 5, 1], [9, 9, 9, 9, 3, 0, 4]]))
+    targets = [[(0, 7), (2, 9)], [(1, 3)]]  # (completion token index, column): tokens 2, 1 and 0
+    got = copy_loss(weights, values, batch, targets, 3, o_proj, norm, lm_head).item()
+    W, V, O, L = weights.numpy(), values.numpy(), o_proj.weight.detach().numpy(), lm_head.weight.detach().numpy()
+    terms = []
+    for i, j in ((0, 0), (0, 2), (1, 1)):
+        q = 4 + j - 1
+        read = W[i, 3, q] @ V[i, :, 3:6]  # head 3 -> kv head 1: dims 3..5
+        added = O[:, 9:12] @ read  # head 3's slice of o_proj
+        x = added / np.sqrt((added ** 2).mean() + 1e-6)
+        terms.append(-log_softmax(L @ x)[batch.input_ids[i, 4 + j]])
+    assert np.isclose(got, np.mean(terms), rtol=1e-10)
+    assert copy_loss(weights, values, batch, [[], []], 3, o_proj, norm, lm_head).item() == 0

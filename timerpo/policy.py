@@ -240,7 +240,8 @@ def find_model(name: str) -> str:
                         f"(--model takes {known}; fetch a hub model once with `hf download {name}`).")
 
 
-def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Policy:
+def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+                tiny_numbers: str = "digits") -> Policy:
     """Load `tiny` (built here, no download), a short name, a hub id from the local cache, a model folder, or
     a folder of LoRA adapters (its base model with the adapters merged in: timerpo/lora.py).
 
@@ -257,7 +258,7 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, device: str = "cp
     if path == "tiny":
         from timerpo.tiny import build_tiny_policy
 
-        return _to(build_tiny_policy(seed=seed), dtype, device)
+        return _to(build_tiny_policy(seed=seed, numbers=tiny_numbers), dtype, device)
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                                    use_safetensors=True)

@@ -34,8 +34,15 @@ TINY_IMAGE_STD = (0.5, 0.5, 0.5)
 TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1])
 
 
-def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with one token per digit (as Qwen does), plus the Qwen special tokens."""
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB,
+                         whole_numbers: int | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with one token per digit (as Qwen does), plus the Qwen special tokens.
+
+    `whole_numbers` = L adds one token for every integer 0..L (NUMBER_TOKENS): an interval end is then one
+    decision, not three digits. They are matched before the BPE (longest first), so "[[188, 356]]" gives the
+    tokens "188" and "356"; a larger number falls back to its longest leading match ("1234" → "123", "4")
+    and decoding stays the identity on any text.
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -46,10 +53,13 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB) -> Pre
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=list(SPECIAL_TOKENS[1:2] + SPECIAL_TOKENS[3:]),
     )
+    if whole_numbers is not None:
+        tokenizer.add_tokens([str(i) for i in range(whole_numbers + 1)])
+    return tokenizer
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
@@ -74,9 +84,12 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
     )
 
 
-def build_tiny_policy(seed: int = 0) -> Policy:
-    """The default `--model tiny`: built on the spot, no files, no network, same seed → same weights."""
-    tokenizer = build_tiny_tokenizer(data_gen.tokenizer_corpus())
+def build_tiny_policy(seed: int = 0, numbers: str = "digits") -> Policy:
+    """The default `--model tiny`: built on the spot, no files, no network, same seed → same weights.
+    `numbers`: digits (one token per digit, as Qwen) | whole (one token per integer 0..L, L the longest series
+    of the generated suites)."""
+    whole = max(data_gen.SUITE_LENGTH.values()) if numbers == "whole" else None
+    tokenizer = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=whole)
     config = tiny_config(tokenizer)
     devices = []  # fork_rng needs an explicit list on CPU-only machines to stay quiet
     with torch.random.fork_rng(devices=devices):

@@ -14,10 +14,11 @@ attention that starts out uniform over ~420 tokens, so the language model learns
 interval, and, from the pooled tokens, the series' family. It runs alone for `vision_steps` (cheap: the
 vision tower only), then beside the answer loss with weight `aux_weight`.
 
-An optional *pointing* target (`pointer_weight`, off by default) asks one attention head of the language
-model to look, at every position that writes a digit of an answer boundary, at the plot column that
+An optional *pointing* target (`pointer_weight`; on in the tiny preset) asks one attention head of the language
+model to look, at every position that writes a token of an answer boundary, at the plot column that
 boundary lies in: a column is where the tiny model has to read a position off the plot, and the answer
-loss alone never routes it there (method.md §18).
+loss alone never routes it there. An optional *column-position* head (`position_weight`) asks every visual
+token to name its own column, so that what the pointing head copies says where it looked (method.md §18).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from timerpo.algorithm import Prompt
 from timerpo.policy import Policy, encode_prompt
 from timerpo.progress import progress_bar
 from timerpo.prompt import build_prompt, format_completion
-from timerpo.rollout import capture_output, collate, completion_forward
+from timerpo.rollout import capture_output, collate, completion_forward, final_norm
 
 # A short reasoning per class keeps warm-up completions at ~40-70 tokens, which the tiny model's
 # rollouts can afford; it names what the plot shows, not the answer's numbers.
@@ -137,32 +138,68 @@ def captured_attention(policy: Policy, layer: int):
 def attention_loss(weights: torch.Tensor, batch, targets: list[list[tuple[int, int]]], image_id: int,
                    head: int) -> torch.Tensor:
     """−mean log(attention mass of `head` on the pointed column's visual tokens), over every position that
-    predicts a digit of an answer boundary. weights [B, H, T, T]; targets from boundary_columns."""
-    terms = []
+    predicts a token of an answer boundary. weights [B, H, T, T]; targets from boundary_columns.
+
+    One gather for all targets: indexing `weights` once per target would give its backward one full-size
+    [B, H, T, T] gradient per target."""
+    rows, queries, masks = [], [], []
     for i, pointers in enumerate(targets):
         if not pointers:
             continue
         image = (batch.input_ids[i] == image_id).nonzero().squeeze(-1)  # [rows * cols] in row-major order
-        rows, cols = batch.image_grid_thw[i, 1].item() // 2, batch.image_grid_thw[i, 2].item() // 2
-        grid = image.view(rows, cols)  # [rows, cols] sequence positions
+        grid = image.view(batch.image_grid_thw[i, 1].item() // 2, -1)  # [rows, cols] sequence positions
         for j, column in pointers:
-            query = batch.prompt_len - 1 + j  # the position that predicts completion token j
-            terms.append(weights[i, head, query, grid[:, column]].sum().clamp_min(1e-9).log())
-    return -torch.stack(terms).mean() if terms else weights.new_zeros(())
+            rows.append(i)
+            queries.append(batch.prompt_len - 1 + j)  # the position that predicts completion token j
+            mask = torch.zeros(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+            masks.append(mask.index_fill_(0, grid[:, column], 1.0))
+    if not rows:
+        return weights.new_zeros(())
+    attention = weights[rows, head, queries]  # [N, T]
+    mass = (attention * torch.stack(masks)).sum(-1)  # [N]
+    return -mass.clamp_min(1e-9).log().mean()
+
+
+def copy_loss(weights: torch.Tensor, values: torch.Tensor, batch, targets: list[list[tuple[int, int]]], head: int,
+              o_proj: torch.nn.Linear, norm: torch.nn.Module, lm_head: torch.nn.Linear) -> torch.Tensor:
+    """−mean log π(boundary token | what `head` alone adds to the residual stream), over the positions that
+    predict a token of an answer boundary: the pointing head's own output, through its slice of o_proj, the
+    final norm and the LM head, must name the number written there.
+
+    weights [B, H, T, T] (the layer's attention), values [B, T, KV·hd] (its v_proj output, KV heads shared
+    by H / KV query heads each); targets from boundary_columns (only their token indices are used here)."""
+    n_heads, hd = weights.shape[1], o_proj.in_features // weights.shape[1]
+    kv = head // (n_heads // (values.shape[-1] // hd))  # the key/value head `head` reads
+    rows = [i for i, pointers in enumerate(targets) for _ in pointers]
+    cols = [batch.prompt_len + j for pointers in targets for j, _ in pointers]  # the boundary tokens' positions
+    if not rows:
+        return weights.new_zeros(())
+    queries = torch.tensor(cols) - 1  # the positions that predict them
+    attention = weights[rows, head, queries]  # [N, T]
+    read = torch.bmm(attention[:, None], values[rows][..., kv * hd:(kv + 1) * hd]).squeeze(1)  # [N, hd]
+    added = read @ o_proj.weight[:, head * hd:(head + 1) * hd].T  # [N, D]
+    logits = lm_head(norm(added))  # [N, V]
+    return torch.nn.functional.cross_entropy(logits, batch.input_ids[rows, cols])
 
 
 class PlotHeads(torch.nn.Module):
-    """The plot-reading target's two linear heads on the visual tokens; used in the warm-up only."""
+    """The plot-reading target's linear heads on the visual tokens (column, family, and with `position_weight`
+    the column-position head); used in the warm-up only."""
 
-    def __init__(self, dim: int, families: list[str]):
+    def __init__(self, dim: int, families: list[str], position_weight: float = 0.0):
         super().__init__()
         self.families = list(families)
         self.column = torch.nn.Linear(dim, 1)
         self.family = torch.nn.Linear(2 * dim, len(families))
+        # Optional third head: every visual token names its own token column (a value the language model's
+        # pointing head can carry to the answer). Made last, so the other heads' init does not depend on it.
+        self.position_weight = position_weight
+        self.position = torch.nn.Linear(dim, data_gen.DEFAULT_WIDTH // data_gen.CELL) if position_weight > 0 else None
 
     def loss(self, tokens: torch.Tensor, grids: torch.Tensor, samples: list) -> torch.Tensor:
         """BCE of the column head (per token column, rows averaged) + CE of the family head (mean and std
-        of the plot's tokens). tokens [sum of tokens, D] in image order, grids [B, 3] in 14 px patches."""
+        of the plot's tokens) [+ position_weight · CE of each token naming its own column], averaged over the
+        plots. tokens [sum of tokens, D] in image order, grids [B, 3] in 14 px patches."""
         total = tokens.new_zeros(())
         start = 0
         for grid, sample in zip(grids.tolist(), samples):
@@ -175,6 +212,10 @@ class PlotHeads(torch.nn.Module):
             pooled = torch.cat([plot.mean((0, 1)), plot.std((0, 1))])  # [2D]
             family = torch.tensor(self.families.index(sample.family))
             total = total + torch.nn.functional.cross_entropy(self.family(pooled)[None], family[None])
+            if self.position is not None:
+                named = self.position(plot).flatten(0, 1)  # [rows * cols, columns]
+                own = torch.arange(cols).repeat(rows)  # [rows * cols], row-major like `plot`
+                total = total + self.position_weight * torch.nn.functional.cross_entropy(named, own)
         return total / len(samples)
 
 
@@ -189,7 +230,7 @@ def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Pro
 def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, batch_size: int, lr: float,
                       seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
                       progress: bool = True, pointer_weight: float = 0.0, pointer_layer: int = 1,
-                      pointer_head: int = 0) -> list[float]:
+                      pointer_head: int = 0, position_weight: float = 0.0, copy_weight: float = 0.0) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
     loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
@@ -199,7 +240,8 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     visual = policy.model.model.visual
     with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
         torch.manual_seed(seed)
-        heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}))
+        heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}),
+                          position_weight)
     heads.to(policy.device)
     order = torch.Generator().manual_seed(seed)
 
@@ -219,8 +261,10 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     optimizer = torch.optim.AdamW([*policy.model.parameters(), *heads.parameters()], lr=lr, weight_decay=0.0)
     losses = []
     bar = progress_bar(range(steps), desc="warm-up (answers)", disable=not progress)
-    pointer = Pointer(pointer_weight, pointer_head, policy.token_id("<|image_pad|>"))
-    with captured_attention(policy, pointer_layer) if pointer_weight > 0 else nullcontext() as pointer.attention:
+    pointer = Pointer(pointer_weight, pointer_head, policy.token_id("<|image_pad|>"), pointer_layer, copy_weight)
+    layer = policy.model.model.language_model.layers[pointer_layer].self_attn
+    with captured_attention(policy, pointer_layer) if pointer_weight or copy_weight else nullcontext() as \
+            pointer.attention, capture_output(layer.v_proj) if copy_weight else nullcontext() as pointer.values:
         for _ in bar:
             losses.append(answer_step(policy, optimizer, heads, draw(), end, snap, aux_weight, pointer))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # shown with the next update
@@ -235,7 +279,10 @@ class Pointer:
     weight: float
     head: int
     image_id: int
+    layer: int = 1
+    copy_weight: float = 0.0  # weight of copy_loss: the head's own output must name the boundary's number
     attention: object = None  # captured_attention's record, set while the warm-up runs
+    values: object = None  # the layer's v_proj output, captured while the warm-up runs with copy_weight
 
 
 def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointer: Pointer) -> float:
@@ -257,6 +304,12 @@ def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointe
         columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
         loss = loss + pointer.weight * attention_loss(pointer.attention.output[1], batch, columns, pointer.image_id,
                                                       pointer.head)
+    if pointer.copy_weight > 0:
+        columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
+        o_proj = policy.model.model.language_model.layers[pointer.layer].self_attn.o_proj
+        loss = loss + pointer.copy_weight * copy_loss(pointer.attention.output[1], pointer.values.output, batch,
+                                                      columns, pointer.head, o_proj, final_norm(policy),
+                                                      policy.model.lm_head)
     step_optimizer(optimizer, loss, policy)
     return float(answer.detach())
 
