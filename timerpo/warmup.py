@@ -274,8 +274,9 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
 
 @dataclass
 class Pointer:
-    """The optional pointing target of the answer warm-up (off at weight 0): `head` of the captured layer
-    should look at the plot column each boundary digit names (attention_loss)."""
+    """The optional pointing targets of the answer warm-up (each off at weight 0): `head` of layer `layer`
+    should look at the plot column each boundary token names (attention_loss), and its own output should name
+    that token (copy_loss)."""
     weight: float
     head: int
     image_id: int
@@ -300,12 +301,12 @@ def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointe
     if aux_weight > 0:
         tokens = merged_tokens(seen.output)  # [sum of tokens, D]
         loss = loss + aux_weight * heads.loss(tokens, batch.image_grid_thw, [p.sample for p in prompts])
-    if pointer.weight > 0:
+    if pointer.weight > 0 or pointer.copy_weight > 0:
         columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
+    if pointer.weight > 0:
         loss = loss + pointer.weight * attention_loss(pointer.attention.output[1], batch, columns, pointer.image_id,
                                                       pointer.head)
     if pointer.copy_weight > 0:
-        columns = [boundary_columns(t, policy.tokenizer, p.sample.length) for t, p in zip(texts, prompts)]
         o_proj = policy.model.model.language_model.layers[pointer.layer].self_attn.o_proj
         loss = loss + pointer.copy_weight * copy_loss(pointer.attention.output[1], pointer.values.output, batch,
                                                       columns, pointer.head, o_proj, final_norm(policy),
