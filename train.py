@@ -225,8 +225,8 @@ class Config:
     keep_checkpoints: int = option(0, "keep the newest N checkpoints, delete older ones (0 keeps all)")
 
 
-# The presets: the only places where values differ from the defaults. The tiny CPU preset, measured: 10-12 min
-# of train.py with one thread per run, two runs on 2 cores; test Avg F1 68.3 ± 7.9 over seeds 0-7
+# The presets: the only places where values differ from the defaults. The tiny CPU preset, measured: 9.2 min
+# of train.py on 2 cores (10-12 min with two runs side by side); test Avg F1 68.3 ± 7.9 over seeds 0-7
 # (docs/results.md).
 TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_steps=400, warmup_vision_steps=200,
             warmup_aux_weight=1.0, warmup_lr=2e-3, warmup_targets="columns", warmup_pointer=1.0, warmup_position=1.0,
