@@ -574,11 +574,15 @@ def format_warmup(policy: Policy, config: Config, train_samples: list, progress:
         raise data_gen.DataError(f"{config.data}: no window of known class for the supervised warm-up; mix in "
                                  f"generated data (--data data/train,{config.data}) or pass --warmup-steps 0 "
                                  f"--warmup-vision-steps 0")
-    return supervised_warmup(policy, config.data, known, config.warmup_steps, batch_size=8,
-                             lr=config.warmup_lr, seed=config.seed, vision_steps=config.warmup_vision_steps,
-                             aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
-                             pointer_weight=config.warmup_pointer, position_weight=config.warmup_position,
-                             copy_weight=config.warmup_copy, progress=progress)
+    return supervised_warmup(policy, config.data, known, config.warmup_steps, batch_size=8, seed=config.seed,
+                             vision_steps=config.warmup_vision_steps, progress=progress, **warmup_targets(config))
+
+
+def warmup_targets(config: Config) -> dict:
+    """supervised_warmup's rate, targets and weights as `config` sets them (bench/sft_control.py reuses them)."""
+    return dict(lr=config.warmup_lr, aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
+                pointer_weight=config.warmup_pointer, position_weight=config.warmup_position,
+                copy_weight=config.warmup_copy)
 
 
 def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:

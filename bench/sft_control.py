@@ -31,13 +31,11 @@ def warmup_recipe(model: str) -> dict:
     """supervised_warmup's settings of the run that made `model` (its run_config.json, one folder up), else
     the tiny preset's."""
     config = os.path.join(os.path.dirname(os.path.abspath(model)), "run_config.json")
-    settings = dict(train.TINY, warmup_pointer=0.0, warmup_position=0.0)
+    saved = {}
     if os.path.exists(config):
-        with open(config) as f:
-            settings.update(json.load(f))
-    return dict(lr=settings["warmup_lr"], aux_weight=settings["warmup_aux_weight"],
-                snap=settings["warmup_targets"] == "columns", pointer_weight=settings["warmup_pointer"],
-                position_weight=settings["warmup_position"])
+        with open(config) as f:  # a run older than a warm-up target ran without it
+            saved = {"warmup_position": 0.0, "warmup_copy": 0.0, **json.load(f)}
+    return train.warmup_targets(train.make_config({"model": "tiny"} if not saved else {}, saved))
 
 
 def main(argv=None) -> int:

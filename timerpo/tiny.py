@@ -38,7 +38,7 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB,
                          whole_numbers: int | None = None) -> PreTrainedTokenizerFast:
     """Byte-level BPE with one token per digit (as Qwen does), plus the Qwen special tokens.
 
-    `whole_numbers` = L adds one token for every integer 0..L (NUMBER_TOKENS): an interval end is then one
+    `whole_numbers` = L adds one token for every integer 0..L: an interval end is then one
     decision, not three digits. They are matched before the BPE (longest first), so "[[188, 356]]" gives the
     tokens "188" and "356"; a larger number falls back to its longest leading match ("1234" → "123", "4")
     and decoding stays the identity on any text.
