@@ -186,6 +186,30 @@ def test_boundary_columns_point_each_whole_number_end_once():
         assert [tok.decode([ids[j]]) for j, _ in pointers] == [str(b) for iv in intervals for b in iv]
 
 
+def test_reasoning_with_positions_names_each_middle_and_points_it_at_its_pixel_column():
+    """Oracle: the renderer's step-to-pixel map; a middle step t lies in column x(t) // 28. The answer's
+    pointers are those of the reasoning without positions."""
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=1000)
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        ends = sorted(rng.choice(1001, size=2 * rng.integers(1, 4), replace=False).tolist())
+        sample = SimpleNamespace(label="seasonal", intervals=[ends[i:i + 2] for i in range(0, len(ends), 2)],
+                                 length=1000)
+        intervals = snap_to_columns(sample.intervals, 1000)
+        middles = [(s + e) // 2 for s, e in intervals]
+        text = warmup_completion(sample, snap=True, positions=True)
+        assert text.startswith("<think>") and " and ".join(map(str, middles)) + ".</think>" in text
+        pointers = boundary_columns(text, tok, 1000)
+        plain = boundary_columns(warmup_completion(sample, snap=True), tok, 1000)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        answer, reasoning = pointers[:len(plain)], pointers[len(plain):]
+        assert [c for _, c in answer] == [c for _, c in plain]
+        assert [c for _, c in reasoning] == [pixel_column(t, 1000) for t in middles]
+        assert [tok.decode([ids[j]]) for j, _ in reasoning] == [str(t) for t in middles]
+    normal = SimpleNamespace(label="normal", intervals=[], length=1000)
+    assert warmup_completion(normal, positions=True) == warmup_completion(normal)
+
+
 def test_attention_loss_is_minus_mean_log_mass_on_the_pointed_column():
     """Oracle: numpy over a hand-built batch (2 rows of 3 image columns, prompt of 10, image at 2..7)."""
     rng = np.random.default_rng(3)

@@ -52,11 +52,16 @@ SHORT_REASONING = {
 COLUMN_POS_WEIGHT = 8.0
 
 
-def warmup_completion(sample, snap: bool = False) -> str:
+def warmup_completion(sample, snap: bool = False, positions: bool = False) -> str:
     """The supervised target for one sample: short reasoning, the true intervals (widened to whole token
-    columns when `snap`), the true class."""
+    columns when `snap`), the true class. With `positions` the reasoning also names where the evidence is:
+    the middle step of each target interval, a place on the plot written before the answer's ends."""
     intervals = snap_to_columns(sample.intervals, sample.length) if snap else sample.intervals
-    return format_completion(SHORT_REASONING[sample.label], intervals, sample.label)
+    reasoning = SHORT_REASONING[sample.label]
+    if positions and intervals:
+        middles = " and ".join(str((s + e) // 2) for s, e in intervals)
+        reasoning = f"{reasoning[:-1]}, around step{'s' if len(intervals) > 1 else ''} {middles}."
+    return format_completion(reasoning, intervals, sample.label)
 
 
 def column_edges(length: int, columns: int = data_gen.DEFAULT_WIDTH // data_gen.CELL) -> torch.Tensor:
@@ -99,27 +104,32 @@ def column_targets(sample, columns: int) -> torch.Tensor:
 
 
 def boundary_columns(completion: str, tokenizer, length: int) -> list[tuple[int, int]]:
-    """(token index, token column) for each digit token of the <answer> block's numbers: a start s points at
-    the column whose left edge is nearest s, an end e at the column whose right edge is nearest e.
+    """(token index, token column) for each number token that names a place on the plot: in the <answer>
+    block a start s points at the column whose left edge is nearest s, an end e at the column whose right
+    edge is nearest e; in the <think> block a step t points at the column that holds t.
 
-    These are the plot columns the model has to look at to write that digit (the pointer target of
+    These are the plot columns the model has to look at to write that token (the pointer target of
     `attention_loss`). Example (L = 1000, left edges 28c − 36): "<answer>[[20, 48]]</answer>" → the
     digit tokens of 20 point at column 2, those of 48 at column 2 too (its right edge is 48).
     """
     enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    edges = column_edges(length)  # [columns + 1]
+    columns = len(edges) - 1
+    spans = []  # (character span of a number, its column)
     lo, hi = completion.find("<answer>"), completion.find("</answer>")
     if lo < 0 or hi < 0:
         return []
-    edges = column_edges(length)  # [columns + 1]
-    columns = len(edges) - 1
-    out = []
     for k, number in enumerate(re.finditer(r"\d+", completion[lo:hi])):
         value = float(number.group())
         nearest = int((edges - value).abs().argmin())
         column = min(max(nearest if k % 2 == 0 else nearest - 1, 0), columns - 1)
-        span = (lo + number.start(), lo + number.end())
-        out += [(j, column) for j, (a, b) in enumerate(enc["offset_mapping"]) if a >= span[0] and b <= span[1]]
-    return out
+        spans.append(((lo + number.start(), lo + number.end()), column))
+    think_lo, think_hi = completion.find("<think>"), completion.find("</think>")
+    for number in re.finditer(r"\d+", completion[think_lo:think_hi] if 0 <= think_lo < think_hi else ""):
+        column = min(max(int((edges <= float(number.group())).sum()) - 1, 0), columns - 1)
+        spans.append(((think_lo + number.start(), think_lo + number.end()), column))
+    return [(j, column) for span, column in spans
+            for j, (a, b) in enumerate(enc["offset_mapping"]) if a >= span[0] and b <= span[1]]
 
 
 @contextmanager
@@ -230,12 +240,14 @@ def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Pro
 def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, batch_size: int, lr: float,
                       seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
                       progress: bool = True, pointer_weight: float = 0.0, pointer_layer: int = 1,
-                      pointer_head: int = 0, position_weight: float = 0.0, copy_weight: float = 0.0) -> list[float]:
+                      pointer_head: int = 0, position_weight: float = 0.0, copy_weight: float = 0.0,
+                      positions: bool = False) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
     loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
     drawn with replacement from all of `samples`; `snap` widens the target intervals to whole token columns
-    (snap_to_columns). Returns the answer losses."""
+    (snap_to_columns); `positions` names each interval's middle step in the reasoning (warmup_completion).
+    Returns the answer losses."""
     end = policy.tokenizer.convert_ids_to_tokens(policy.end_ids[0])
     visual = policy.model.model.visual
     with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
@@ -266,7 +278,8 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     with captured_attention(policy, pointer_layer) if pointer_weight or copy_weight else nullcontext() as \
             pointer.attention, capture_output(layer.v_proj) if copy_weight else nullcontext() as pointer.values:
         for _ in bar:
-            losses.append(answer_step(policy, optimizer, heads, draw(), end, snap, aux_weight, pointer))
+            losses.append(answer_step(policy, optimizer, heads, draw(), end, snap, aux_weight, pointer,
+                                      positions))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # shown with the next update
     policy.model.eval()
     return losses
@@ -286,11 +299,12 @@ class Pointer:
     values: object = None  # the layer's v_proj output, captured while the warm-up runs with copy_weight
 
 
-def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointer: Pointer) -> float:
+def answer_step(policy, optimizer, heads, prompts, end, snap, aux_weight, pointer: Pointer,
+                positions: bool = False) -> float:
     """One answer warm-up step: answer loss + aux_weight · plot-reading loss (+ the pointing loss); returns
     the answer loss."""
     visual = policy.model.model.visual
-    texts = [warmup_completion(p.sample, snap) + end for p in prompts]
+    texts = [warmup_completion(p.sample, snap, positions) + end for p in prompts]
     targets = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     batch = collate(policy, [p.encoded for p in prompts], targets)
     with capture_output(visual) as seen:
