@@ -212,6 +212,11 @@ class Config:
     warmup_copy: float = project(0.0, "weight of the copy target: what the pointing head alone adds to the "
                                       "residual stream must name each boundary's number through the LM head "
                                       "(off at 0)")
+    warmup_position_names: str = project("columns", "what the column-position head asks each visual token to "
+                                                    "name: columns (a linear head over the token columns) | "
+                                                    "numbers (its column's edge numbers, through the language "
+                                                    "model's own LM head: needs --tiny-numbers whole)",
+                                         choices=("columns", "numbers"))
     tiny_numbers: str = project("digits", "number tokens of the tiny model's tokenizer: digits (one per digit, as "
                                           "Qwen's) | whole (one token per integer 0..1000, so an interval end is "
                                           "one decision); other models keep their own tokenizer",
@@ -582,7 +587,7 @@ def warmup_targets(config: Config) -> dict:
     """supervised_warmup's rate, targets and weights as `config` sets them (bench/sft_control.py reuses them)."""
     return dict(lr=config.warmup_lr, aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
                 pointer_weight=config.warmup_pointer, position_weight=config.warmup_position,
-                copy_weight=config.warmup_copy)
+                copy_weight=config.warmup_copy, position_numbers=config.warmup_position_names == "numbers")
 
 
 def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:
@@ -1037,7 +1042,8 @@ def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list,
         record = {"sha256": model_fingerprint(folder), "made_by": {
             k: getattr(config, k) for k in ("model", "data", "seed", "warmup_steps", "warmup_vision_steps",
                                             "warmup_aux_weight", "warmup_lr", "warmup_targets", "warmup_pointer",
-                                            "warmup_position", "warmup_copy", "tiny_numbers")}}
+                                            "warmup_position", "warmup_copy", "warmup_position_names",
+                                            "tiny_numbers")}}
     dist.barrier()  # the reference folder is complete before any rank reads it
     return Reference(source=folder, record=record)
 
