@@ -215,6 +215,11 @@ class Config:
     warmup_reasoning: str = project("class", "warm-up reasoning: class (one sentence per class) | positions (the "
                                              "sentence names each anomaly's middle step, a place on the plot the "
                                              "pointing head also targets)", choices=("class", "positions"))
+    warmup_position_names: str = project("columns", "what the column-position head asks each visual token to "
+                                                    "name: columns (a linear head over the token columns) | "
+                                                    "numbers (its column's edge numbers, through the language "
+                                                    "model's own LM head: needs --tiny-numbers whole)",
+                                         choices=("columns", "numbers"))
     tiny_numbers: str = project("digits", "number tokens of the tiny model's tokenizer: digits (one per digit, as "
                                           "Qwen's) | whole (one token per integer 0..1000, so an interval end is "
                                           "one decision); other models keep their own tokenizer",
@@ -397,6 +402,9 @@ def check_config(parser: argparse.ArgumentParser, config: Config) -> None:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(config, key)}")
     if config.group_size < 2:
         parser.error("--group-size must be at least 2: group-relative advantages need a group")
+    if config.warmup_position_names == "numbers" and (config.model != "tiny" or config.tiny_numbers != "whole"):
+        parser.error("--warmup-position-names numbers names whole-number tokens: use it with --model tiny "
+                     "--tiny-numbers whole")
     check_memory_modes(parser, config)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if config.prompts_per_step % world:
@@ -585,7 +593,8 @@ def warmup_targets(config: Config) -> dict:
     """supervised_warmup's rate, targets and weights as `config` sets them (bench/sft_control.py reuses them)."""
     return dict(lr=config.warmup_lr, aux_weight=config.warmup_aux_weight, snap=config.warmup_targets == "columns",
                 pointer_weight=config.warmup_pointer, position_weight=config.warmup_position,
-                copy_weight=config.warmup_copy, positions=config.warmup_reasoning == "positions")
+                copy_weight=config.warmup_copy, positions=config.warmup_reasoning == "positions",
+                position_numbers=config.warmup_position_names == "numbers")
 
 
 def make_reference(policy: Policy, source: str, config: Config, dist: Dist = SINGLE) -> Policy:
@@ -1041,6 +1050,7 @@ def start_fresh(policy: Policy, config: Config, dist: Dist, train_samples: list,
             k: getattr(config, k) for k in ("model", "data", "seed", "warmup_steps", "warmup_vision_steps",
                                             "warmup_aux_weight", "warmup_lr", "warmup_targets", "warmup_pointer",
                                             "warmup_position", "warmup_copy", "warmup_reasoning",
+                                            "warmup_position_names",
                                             "tiny_numbers")}}
     dist.barrier()  # the reference folder is complete before any rank reads it
     return Reference(source=folder, record=record)

@@ -36,7 +36,8 @@ PAPER = {
 RELEASE_DEFAULTS = {"loc_reward": "six-mean"}  # the mean of six scores (the text may mean affiliation F1 alone)
 # Settings the paper does not have (the tiny model's warm-up, the floor of --tsr-norm std-floor): project().
 PROJECT = {"tsr_floor", "warmup_steps", "warmup_vision_steps", "warmup_aux_weight", "warmup_lr", "warmup_targets",
-           "warmup_pointer", "warmup_position", "warmup_copy", "tiny_numbers"}
+           "warmup_pointer", "warmup_position", "warmup_copy", "warmup_reasoning", "warmup_position_names",
+           "tiny_numbers"}
 # Batching, evaluation and checkpoint cadence are settings of the run, not values of the paper.
 NOT_THE_PAPERS = {"micro_batch", "rollout_batch", "eval_every", "eval_samples", "save_every"}
 # The tiny CPU preset: every value it changes, and nothing else.

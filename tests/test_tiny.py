@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from timerpo.prompt import format_completion
 from timerpo.tiny import build_tiny_policy, build_tiny_tokenizer
 from timerpo.warmup import (COLUMN_POS_WEIGHT, PlotHeads, attention_loss, boundary_columns, captured_attention,
-                            column_targets, copy_loss, snap_to_columns, supervised_warmup, warmup_completion)
+                            column_edges, column_targets, copy_loss, snap_to_columns, supervised_warmup, warmup_completion)
 
 
 def plot_prompt(policy, folder, sample, index=0):
@@ -208,6 +208,39 @@ def test_reasoning_with_positions_names_each_middle_and_points_it_at_its_pixel_c
         assert [tok.decode([ids[j]]) for j, _ in reasoning] == [str(t) for t in middles]
     normal = SimpleNamespace(label="normal", intervals=[], length=1000)
     assert warmup_completion(normal, positions=True) == warmup_completion(normal)
+
+
+def test_plot_heads_number_target_by_hand():
+    """Oracle: numpy. With `numbers`, the position term is w · CE of each visual token against its column's
+    two edge numbers, ½ each, over the LM head's rows of the plot's edge numbers; a column's numbers are those
+    snap_to_columns writes for a step inside it (column 0 lies left of the plot: 0 and 0)."""
+    tok = build_tiny_tokenizer(data_gen.tokenizer_corpus(), whole_numbers=1000)
+    lm_head = torch.nn.Linear(5, len(tok), bias=False).double()
+    samples = [SimpleNamespace(family="point", intervals=[[300, 420]], length=1000),
+               SimpleNamespace(family="trend", intervals=[], length=1000)]
+    grids = torch.tensor([[1, 4, 6], [1, 6, 8]])  # 2 x 3 and 3 x 4 merged tokens
+    tokens = torch.randn(6 + 12, 5, dtype=torch.float64)
+    torch.manual_seed(1)
+    with_numbers = PlotHeads(5, ["point", "trend"], 0.7, numbers=(lm_head, tok)).double()
+    torch.manual_seed(1)
+    without = PlotHeads(5, ["point", "trend"]).double()
+    edges = column_edges(1000, 4)
+    pairs = [(0, 0)] + [tuple(snap_to_columns([[int(edges[c].ceil()) + 1, int(edges[c].ceil()) + 2]], 1000)[0])
+                        for c in range(1, 4)]
+    total, start = 0.0, 0
+    for _, r2, c2 in grids.tolist():
+        rows, cols = r2 // 2, c2 // 2
+        values = sorted({v for pair in pairs[:cols] for v in pair})  # the plot's own columns' numbers
+        rows_W = lm_head.weight.detach().numpy()[tok.convert_tokens_to_ids([str(v) for v in values])]
+        plot = tokens[start:start + rows * cols].numpy().reshape(rows, cols, 5)
+        start += rows * cols
+        named = log_softmax(plot @ rows_W.T)  # [rows, cols, len(values)]
+        total += 0.7 * -np.mean([0.5 * named[r, c, values.index(pairs[c][0])]
+                                 + 0.5 * named[r, c, values.index(pairs[c][1])]
+                                 for r in range(rows) for c in range(cols)])
+    got = (with_numbers.loss(tokens, grids, samples) - without.loss(tokens, grids, samples)).item()
+    assert np.isclose(got, total / 2, rtol=1e-9)
+    assert with_numbers.position is None and not any(p is lm_head.weight for p in with_numbers.parameters())
 
 
 def test_attention_loss_is_minus_mean_log_mass_on_the_pointed_column():

@@ -455,6 +455,15 @@ def test_bad_flag_is_rejected_clearly(capsys):
     assert "--steps must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--tiny-numbers", "digits"], ["--model", "qwen2.5-vl-3b"]])
+def test_number_names_need_whole_number_tokens(capsys, flags):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--warmup-position-names", "numbers", *flags])
+    assert exc.value.code == 2
+    assert "--warmup-position-names numbers" in capsys.readouterr().err
+    assert train.parse_args(["--warmup-position-names", "numbers"]).warmup_position_names == "numbers"
+
+
 def test_saved_checkpoint_loads_and_trains_again(tiny_data, tmp_path, full_run, monkeypatch, capfd):
     """... and --no-progress silences transformers' own loading and saving bars too, on a terminal as well."""
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -196,15 +196,19 @@ class PlotHeads(torch.nn.Module):
     """The plot-reading target's linear heads on the visual tokens (column, family, and with `position_weight`
     the column-position head); used in the warm-up only."""
 
-    def __init__(self, dim: int, families: list[str], position_weight: float = 0.0):
+    def __init__(self, dim: int, families: list[str], position_weight: float = 0.0, numbers=None):
         super().__init__()
         self.families = list(families)
         self.column = torch.nn.Linear(dim, 1)
         self.family = torch.nn.Linear(2 * dim, len(families))
         # Optional third head: every visual token names its own token column (a value the language model's
         # pointing head can carry to the answer). Made last, so the other heads' init does not depend on it.
+        # With `numbers` = (lm_head, tokenizer) it names the column's two edge numbers through the language
+        # model's own output rows instead: what the pointing head copies is then already the number token.
         self.position_weight = position_weight
-        self.position = torch.nn.Linear(dim, data_gen.DEFAULT_WIDTH // data_gen.CELL) if position_weight > 0 else None
+        self.numbers = numbers  # a tuple, so the LM head is not registered as one of these heads' parameters
+        self.position = (torch.nn.Linear(dim, data_gen.DEFAULT_WIDTH // data_gen.CELL)
+                         if position_weight > 0 and numbers is None else None)
 
     def loss(self, tokens: torch.Tensor, grids: torch.Tensor, samples: list) -> torch.Tensor:
         """BCE of the column head (per token column, rows averaged) + CE of the family head (mean and std
@@ -226,7 +230,33 @@ class PlotHeads(torch.nn.Module):
                 named = self.position(plot).flatten(0, 1)  # [rows * cols, columns]
                 own = torch.arange(cols).repeat(rows)  # [rows * cols], row-major like `plot`
                 total = total + self.position_weight * torch.nn.functional.cross_entropy(named, own)
+            elif self.numbers is not None and self.position_weight > 0:
+                total = total + self.position_weight * self.number_loss(plot, sample.length)
         return total / len(samples)
+
+
+    def number_loss(self, plot: torch.Tensor, length: int) -> torch.Tensor:
+        """CE of every visual token against its column's two edge numbers (½ each), scored by the LM head's
+        rows of all the edge numbers. plot [rows, cols, D]"""
+        lm_head, tokenizer = self.numbers
+        starts, ends = column_numbers(length, plot.shape[1])  # [cols] each
+        values = sorted(set(starts) | set(ends))
+        ids = tokenizer.convert_tokens_to_ids([str(v) for v in values])
+        named = plot.flatten(0, 1) @ lm_head.weight.detach()[ids].T  # [rows * cols, len(values)]
+        target = torch.zeros(plot.shape[1], len(values))  # [cols, len(values)]
+        for c, (a, b) in enumerate(zip(starts, ends)):
+            target[c, values.index(a)] += 0.5
+            target[c, values.index(b)] += 0.5
+        return torch.nn.functional.cross_entropy(named, target.repeat(plot.shape[0], 1))
+
+
+def column_numbers(length: int, columns: int) -> tuple[list[int], list[int]]:
+    """The start and the end a snapped interval writes for each token column (snap_to_columns' rule, clipped
+    to [0, L]: the columns left and right of the plot area name its first and last step)."""
+    edges = column_edges(length, columns)  # [columns + 1]
+    starts = [min(max(0, int(e.floor())), length) for e in edges[:-1]]
+    ends = [min(max(0, int(e.ceil())), length) for e in edges[1:]]
+    return starts, ends
 
 
 def warmup_prompt(policy: Policy, folder: str, samples: list, index: int) -> Prompt:
@@ -241,7 +271,7 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
                       seed: int, vision_steps: int = 0, aux_weight: float = 0.0, snap: bool = False,
                       progress: bool = True, pointer_weight: float = 0.0, pointer_layer: int = 1,
                       pointer_head: int = 0, position_weight: float = 0.0, copy_weight: float = 0.0,
-                      positions: bool = False) -> list[float]:
+                      positions: bool = False, position_numbers: bool = False) -> list[float]:
     """`vision_steps` plot-reading steps (vision tower + heads), then `steps` steps of
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
     loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
@@ -253,7 +283,7 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
         torch.manual_seed(seed)
         heads = PlotHeads(policy.model.config.text_config.hidden_size, sorted({s.family for s in samples}),
-                          position_weight)
+                          position_weight, (policy.model.lm_head, policy.tokenizer) if position_numbers else None)
     heads.to(policy.device)
     order = torch.Generator().manual_seed(seed)
 
