@@ -97,7 +97,7 @@ def test_release_preset_sets_exactly_the_releases_choices():
     assert train.parse_args(["--preset", "release"]).adv_norm == "mean"  # from the command line, on the tiny model
     assert train.parse_args(["--preset", "release"]).steps == PAPER["steps"]  # the release's sizes are the paper's
     long = train.parse_args(["--preset", "tiny-long"])
-    assert {k: getattr(long, k) for k in TINY} == dict(TINY, warmup_steps=1200)  # tiny, with a longer warm-up
+    assert {k: getattr(long, k) for k in TINY} == dict(TINY, warmup_steps=2400)  # tiny, with a longer warm-up
 
 
 def test_help_names_the_values_of_each_preset():
@@ -107,7 +107,7 @@ def test_help_names_the_values_of_each_preset():
         assert f"--{key.replace('_', '-')} {value}" in preset_help
     assert train.flag_help(FIELDS["adv_norm"]).endswith("[paper: std; release: mean]")
     assert train.flag_help(FIELDS["steps"]).endswith("[paper: 250; tiny: 100]")
-    assert train.flag_help(FIELDS["warmup_steps"]).endswith("[default: 0; tiny: 400; tiny-long: 1200]")
+    assert train.flag_help(FIELDS["warmup_steps"]).endswith("[default: 0; tiny: 400; tiny-long: 2400]")
     assert train.flag_help(FIELDS["loc_reward"]).endswith("[release: six-mean]")
     assert train.flag_help(FIELDS["micro_batch"]).endswith("[default: 4; tiny: 20]")
     assert "--preset {paper,tiny,tiny-long,release}" in train.build_parser().format_help()
