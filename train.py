@@ -107,7 +107,7 @@ class Config:
     out: str = option("runs", "parent folder of run folders")
     name: str | None = option(None, "run name (default: <model>-<advantage>-<cot>-<grounding>-s<seed>)")
     preset: str | None = option(None, "the values below: paper (the defaults), tiny (CPU, ~10 min on 2 cores), "
-                                      "tiny-long (tiny with a 6x longer answer warm-up, ~35 min) or "
+                                      "tiny-long (tiny with a 6x longer answer warm-up, ~36 min) or "
                                       "release (the defaults with the public release's choices where a flag "
                                       "exists: --adv-norm mean --tsr-norm mean --loc-reward six-mean "
                                       "--eval-temperature 0.4; its activation checkpointing on 4 GPUs changes no "
@@ -245,7 +245,7 @@ TINY = dict(steps=100, prompts_per_step=4, max_new_tokens=72, lr=1e-4, warmup_st
 # group mean; the last two equal the defaults, and are spelled out so that the preset keeps them.
 RELEASE = dict(adv_norm="mean", tsr_norm="mean", loc_reward="six-mean", eval_temperature=0.4)
 # The tiny preset with six times the answer warm-up, the one lever that made the tiny model localize (loc gain
-# > 0 on validation); 36 min with two runs side by side on 2 cores (docs/results.md, "A longer warm-up").
+# > 0); 36 min with two runs side by side on 2 cores (docs/results.md, "More levers, and a longer warm-up").
 TINY_LONG = dict(TINY, warmup_steps=2400)
 PRESETS = {"paper": {}, "tiny": TINY, "tiny-long": TINY_LONG, "release": RELEASE}
 EXTENDS = {"tiny-long": "tiny"}  # --help shows only where a preset differs from the one it extends
