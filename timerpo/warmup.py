@@ -234,7 +234,6 @@ class PlotHeads(torch.nn.Module):
                 total = total + self.position_weight * self.number_loss(plot, sample.length)
         return total / len(samples)
 
-
     def number_loss(self, plot: torch.Tensor, length: int) -> torch.Tensor:
         """CE of every visual token against its column's two edge numbers (½ each), scored by the LM head's
         rows of all the edge numbers. plot [rows, cols, D]"""
@@ -276,8 +275,9 @@ def supervised_warmup(policy: Policy, folder: str, samples: list, steps: int, ba
     −mean log π(target token) over the completion tokens (end token included) + aux_weight · plot-reading
     loss (+ pointer_weight · attention_loss of head `pointer_head` in layer `pointer_layer`). Batches are
     drawn with replacement from all of `samples`; `snap` widens the target intervals to whole token columns
-    (snap_to_columns); `positions` names each interval's middle step in the reasoning (warmup_completion).
-    Returns the answer losses."""
+    (snap_to_columns); `positions` names each interval's middle step in the reasoning (warmup_completion);
+    `position_numbers` makes the column-position head name numbers (PlotHeads.number_loss). Returns the answer
+    losses."""
     end = policy.tokenizer.convert_ids_to_tokens(policy.end_ids[0])
     visual = policy.model.model.visual
     with torch.random.fork_rng(devices=[]):  # the heads' init comes from `seed`, not from whatever ran before
