@@ -207,6 +207,7 @@ class PlotHeads(torch.nn.Module):
         # model's own output rows instead: what the pointing head copies is then already the number token.
         self.position_weight = position_weight
         self.numbers = numbers  # a tuple, so the LM head is not registered as one of these heads' parameters
+        self._number_targets = {}  # (length, columns) → number_targets' result
         self.position = (torch.nn.Linear(dim, data_gen.DEFAULT_WIDTH // data_gen.CELL)
                          if position_weight > 0 and numbers is None else None)
 
@@ -237,16 +238,24 @@ class PlotHeads(torch.nn.Module):
     def number_loss(self, plot: torch.Tensor, length: int) -> torch.Tensor:
         """CE of every visual token against its column's two edge numbers (½ each), scored by the LM head's
         rows of all the edge numbers. plot [rows, cols, D]"""
-        lm_head, tokenizer = self.numbers
-        starts, ends = column_numbers(length, plot.shape[1])  # [cols] each
-        values = sorted(set(starts) | set(ends))
-        ids = tokenizer.convert_tokens_to_ids([str(v) for v in values])
-        named = plot.flatten(0, 1) @ lm_head.weight.detach()[ids].T  # [rows * cols, len(values)]
-        target = torch.zeros(plot.shape[1], len(values))  # [cols, len(values)]
-        for c, (a, b) in enumerate(zip(starts, ends)):
-            target[c, values.index(a)] += 0.5
-            target[c, values.index(b)] += 0.5
+        lm_head, _ = self.numbers
+        ids, target = self.number_targets(length, plot.shape[1])  # [n], [cols, n]
+        named = plot.flatten(0, 1) @ lm_head.weight.detach()[ids].T  # [rows * cols, n]
         return torch.nn.functional.cross_entropy(named, target.repeat(plot.shape[0], 1))
+
+    def number_targets(self, length: int, columns: int) -> tuple[list[int], torch.Tensor]:
+        """The token ids of the plot's edge numbers, and each column's target over them (½ on its start, ½ on
+        its end). [n], [columns, n]; made once per (length, columns), not at every step."""
+        cache = self._number_targets
+        if (length, columns) not in cache:
+            starts, ends = column_numbers(length, columns)  # [columns] each
+            values = sorted(set(starts) | set(ends))
+            target = torch.zeros(columns, len(values))  # [columns, n]
+            for c, (a, b) in enumerate(zip(starts, ends)):
+                target[c, values.index(a)] += 0.5
+                target[c, values.index(b)] += 0.5
+            cache[length, columns] = (self.numbers[1].convert_tokens_to_ids([str(v) for v in values]), target)
+        return cache[length, columns]
 
 
 def column_numbers(length: int, columns: int) -> tuple[list[int], list[int]]:
